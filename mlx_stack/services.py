@@ -65,17 +65,24 @@ class ServiceSpec:
         return {**os.environ, **self.env, **self.secret_env}
 
 
-def _bin(name: str) -> str:
-    """A console script installed next to this Python (the venv's bin folder)."""
+def _script(name: str) -> tuple[str, ...]:
+    """Run a console script of this Python's environment through this Python.
+
+    Spelling the interpreter out makes the child's command line equal to what we record, which
+    is how a later `down` recognises the process (a shebang script's cmdline starts with the
+    interpreter).
+    """
     candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
+    if candidate.exists():
+        return (sys.executable, str(candidate))
+    return (name,)
 
 
 def _mlx_child_env() -> dict[str, str]:
     """Environment for MLX children: offline hub, and the fast BLAS on Linux CPUs."""
     from mlx_stack.embeddings.blas import child_env
 
-    return {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **child_env()}
+    return {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **child_env({})}
 
 
 def weights_path(entry: CatalogEntry, quant: str) -> Path | None:
@@ -101,7 +108,7 @@ def missing_weights_message(name: str, entry: CatalogEntry, quant: str) -> str:
 def chat_service(tier: ChatTier, model_path: Path) -> ServiceSpec:
     if tier.backend == "vllm-mlx":
         argv = (
-            _bin("vllm-mlx"),
+            *_script("vllm-mlx"),
             "serve",
             str(model_path),
             "--host",
@@ -185,7 +192,9 @@ def proxy_service(
     cfg = paths.litellm_config
     text = render_config(build_config(stack, served_paths))
     argv = (
-        _bin("litellm"),
+        sys.executable,
+        "-m",
+        "mlx_stack.litellm_launch",
         "--config",
         str(cfg),
         "--host",

@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny chat model built once per session, and real stacks in temp folders."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stackenv import StackEnv, write_stack
+from tinymodel import build_tiny_chat_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_chat_model(tmp_path_factory.mktemp("models") / "tiny-chat")
+
+
+@pytest.fixture(scope="module")
+def live_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[StackEnv]:
+    """A whole stack (two chat tiers, embeddings, proxy) brought up once for a test module."""
+    env = write_stack(tmp_path_factory.mktemp("stack"), tiny_model)
+    try:
+        env.cli("up", check=True, timeout=900)
+        yield env
+    finally:
+        env.cli("down", timeout=120)
+        env.kill_everything()

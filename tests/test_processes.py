@@ -1,0 +1,97 @@
+"""Process groups, identity and stopping, on real child processes (small Python programs)."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import replace
+
+import psutil
+import pytest
+
+from helpers import SLEEPER, STUBBORN, WITH_GRANDCHILD
+from mlx_stack import logs, processes
+
+
+@pytest.fixture
+def started():
+    """Records of everything a test spawns; their groups are killed at the end whatever happens."""
+    recs: list[processes.ProcessRecord] = []
+    yield recs
+    processes.stop_all(recs, timeout_s=0.5)
+
+
+def wait_for(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_spawn_runs_in_its_own_group_and_logs(tmp_path, started):
+    log = tmp_path / "svc.log"
+    rec = processes.spawn([*SLEEPER[:2], "print('hello from child', flush=True)\n" + SLEEPER[2]],
+                          os.environ, log)
+    started.append(rec)
+    assert os.getpgid(rec.pid) == rec.pid != os.getpgid(0)
+    assert processes.is_running(rec)
+    assert wait_for(lambda: re.search("^hello from child$", log.read_text(), re.M))
+    assert "mlx-stack: starting" in log.read_text()
+
+
+def test_restart_appends_to_the_log(tmp_path, started):
+    log = tmp_path / "svc.log"
+    for word in ("first", "second"):
+        rec = processes.spawn([SLEEPER[0], "-c", f"print('{word}', flush=True)"], os.environ, log)
+        started.append(rec)
+        assert wait_for(lambda rec=rec: not processes.is_running(rec))
+    text = log.read_text()
+    assert text.index("first") < text.index("second")
+    assert len(re.findall("mlx-stack: starting", text)) == 2
+
+
+def test_stop_ends_the_whole_group(tmp_path, started):
+    log = tmp_path / "g.log"
+    rec = processes.spawn(WITH_GRANDCHILD, os.environ, log)
+    started.append(rec)
+    assert wait_for(lambda: re.search(r"^grandchild \d+$", log.read_text(), re.M))
+    grandchild = int(re.search(r"^grandchild (\d+)$", log.read_text(), re.M).group(1))
+    assert psutil.pid_exists(grandchild)
+    out = processes.stop_all([rec], timeout_s=5)
+    assert out[rec.pid] == "terminated"
+    assert wait_for(lambda: not psutil.pid_exists(grandchild) or
+                    psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE, 5)
+
+
+def test_a_child_ignoring_sigterm_is_killed_after_the_timeout(tmp_path, started):
+    log = tmp_path / "s.log"
+    rec = processes.spawn(STUBBORN, os.environ, log)
+    started.append(rec)
+    assert wait_for(lambda: re.search("^ignoring SIGTERM$", log.read_text(), re.M))
+    t0 = time.monotonic()
+    out = processes.stop_all([rec], timeout_s=1.0)
+    assert out[rec.pid] == "killed after timeout"
+    assert 0.9 <= time.monotonic() - t0 < 6
+    assert not processes.is_running(rec)
+
+
+def test_a_reused_pid_is_never_signalled(tmp_path, started):
+    """A record whose start time differs from the live process is treated as gone."""
+    rec = processes.spawn(SLEEPER, os.environ, tmp_path / "x.log")
+    started.append(rec)
+    impostor = replace(rec, create_time=rec.create_time - 1000)  # same pid, another process
+    assert not processes.is_running(impostor)
+    assert processes.stop_all([impostor], timeout_s=0.5) == {rec.pid: "not running"}
+    assert processes.is_running(rec)  # the real process was left alone
+    other_cmd = replace(rec, argv=("something", "else"))
+    assert not processes.is_running(other_cmd)
+
+
+def test_log_tail_reads_the_end(tmp_path):
+    p = tmp_path / "big.log"
+    p.write_text("".join(f"line {i}\n" for i in range(20000)))
+    assert logs.tail(p, 3) == ["line 19997", "line 19998", "line 19999"]
+    assert logs.tail(tmp_path / "none.log", 5) == []

@@ -1,0 +1,148 @@
+"""The whole stack, for real: `mlx-stack up` starts mlx_lm.server tiers, the embeddings server
+and the LiteLLM proxy as processes; clients talk to the proxy over HTTP; `down` leaves nothing.
+
+Nothing is mocked. The chat model is a tiny random llama built by a fixture (no chat weights
+reach this machine), so chat answers are gibberish: the tests check the protocol, not the prose.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import numpy as np
+import openai
+import psutil
+import pytest
+
+from mlx_stack import ports
+
+pytestmark = pytest.mark.e2e
+
+
+def proxy_client(env, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=env.url("proxy") + "/v1", api_key=env.key(), max_retries=0, **kw)
+
+
+def test_status_json_shows_every_service_ready(live_stack):
+    st = live_stack.status()
+    by_name = {s["name"]: s for s in st["services"]}
+    assert set(by_name) == {"standard", "fast", "embeddings", "proxy"}
+    for name, s in by_name.items():
+        assert s["state"] == "ready", s
+        assert s["port"] == live_stack.ports[name]
+        assert psutil.pid_exists(s["pid"])
+        assert s["uptime_s"] >= 0 and s["rss_mb"] > 0
+    assert by_name["embeddings"]["model"] == "all-minilm-l6-v2"
+    assert by_name["standard"]["model"] == "tiny-chat"
+
+
+def test_curl_style_embedding_through_the_proxy(live_stack):
+    """The README's curl: a JSON body with no Content-Type header (curl -d)."""
+    r = httpx.post(live_stack.url("proxy") + "/v1/embeddings",
+                   content=json.dumps({"model": "local-embed", "input": "test query"}),
+                   headers={"Authorization": f"Bearer {live_stack.key()}",
+                            "Content-Type": "application/x-www-form-urlencoded"}, timeout=60)
+    assert r.status_code == 200, r.text
+    vec = np.array(r.json()["data"][0]["embedding"])
+    assert vec.shape == (384,)
+    assert abs(np.linalg.norm(vec) - 1) < 1e-4
+
+
+def test_openai_client_embeddings_base64_and_float(live_stack):
+    client = proxy_client(live_stack)
+    texts = ["How do I reduce API latency?", "Tips to make endpoints respond faster",
+             "A recipe for banana bread"]
+    default = client.embeddings.create(model="local-embed", input=texts)  # SDK sends base64
+    floats = client.embeddings.create(model="local-embed", input=texts, encoding_format="float")
+    a = np.array([d.embedding for d in default.data])
+    b = np.array([d.embedding for d in floats.data])
+    assert a.shape == b.shape == (3, 384)
+    assert np.allclose(a, b, atol=1e-6)
+    assert np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-4)
+    sims = a @ a.T
+    assert sims[0, 1] > sims[0, 2] + 0.2  # a paraphrase is nearer than an unrelated text
+    assert floats.usage.prompt_tokens > 0
+
+
+def test_raw_base64_is_little_endian_float32(live_stack):
+    r = httpx.post(live_stack.url("proxy") + "/v1/embeddings", timeout=60,
+                   headers={"Authorization": f"Bearer {live_stack.key()}"},
+                   json={"model": "local-embed", "input": "hello", "encoding_format": "base64"})
+    assert r.status_code == 200, r.text
+    vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
+    assert vec.shape == (384,) and abs(np.linalg.norm(vec) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("tier", ["standard", "fast"])
+def test_openai_client_chat_and_streaming(live_stack, tier):
+    client = proxy_client(live_stack)
+    msgs = [{"role": "user", "content": "Say hello"}]
+    out = client.chat.completions.create(model=tier, messages=msgs, max_tokens=4)
+    assert out.choices[0].message.content
+    assert out.usage.completion_tokens == 4
+    stream = client.chat.completions.create(model=tier, messages=msgs, max_tokens=4, stream=True)
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 2 and "".join(pieces).strip()
+
+
+def test_the_proxy_requires_the_key(live_stack):
+    body = {"model": "local-embed", "input": "x"}
+    assert httpx.post(live_stack.url("proxy") + "/v1/embeddings", json=body).status_code == 401
+    wrong = httpx.post(live_stack.url("proxy") + "/v1/embeddings", json=body,
+                       headers={"Authorization": "Bearer sk-wrong-key-0123456789"})
+    assert wrong.status_code in (400, 401)
+
+
+def test_the_key_never_reaches_logs_config_or_output(live_stack):
+    key = live_stack.key()
+    home = live_stack.home
+    for path in [*home.glob("logs/*.log"), *home.glob("run/*")]:
+        assert key not in path.read_text(errors="replace"), path
+    assert key not in live_stack.cli("status").stdout + live_stack.cli("status").stderr
+    assert (home / "proxy.key").stat().st_mode & 0o077 == 0
+    assert key in live_stack.cli("key", check=True).stdout  # only `key` shows it, on purpose
+
+
+def test_up_twice_is_harmless(live_stack):
+    before = {s["name"]: s["pid"] for s in live_stack.status()["services"]}
+    res = live_stack.cli("up", check=True)
+    assert res.stderr.count("already running") == 4
+    after = {s["name"]: s["pid"] for s in live_stack.status()["services"]}
+    assert before == after
+
+
+def test_logs_command(live_stack):
+    res = live_stack.cli("logs", "embeddings", "-n", "5", check=True)
+    assert 0 < len(res.stdout.splitlines()) <= 5
+    bad = live_stack.cli("logs", "nosuch")
+    assert bad.returncode != 0 and "logs exist for" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_stopped_tier_falls_back_and_comes_back_alone(live_stack):
+    proxy_pid = {s["name"]: s["pid"] for s in live_stack.status()["services"]}["proxy"]
+    live_stack.cli("down", "--tier", "standard", check=True)
+    states = {s["name"]: s["state"] for s in live_stack.status()["services"]}
+    assert states["standard"] == "stopped" and states["fast"] == "ready"
+    # The proxy's fallback sends "standard" requests to "fast" while standard is down.
+    out = proxy_client(live_stack).chat.completions.create(
+        model="standard", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert out.choices[0].message.content is not None
+    live_stack.cli("up", "--tier", "standard", check=True)
+    after = {s["name"]: s for s in live_stack.status()["services"]}
+    assert after["standard"]["state"] == "ready"
+    assert after["proxy"]["pid"] == proxy_pid  # restarting a tier does not restart the proxy
+
+
+def test_down_leaves_nothing_behind(live_stack):
+    """Runs last in this module: stop everything and check every process and port is gone."""
+    pids = [s["pid"] for s in live_stack.status()["services"]]
+    res = live_stack.cli("down", check=True)
+    assert "stopped 4 service(s)" in res.stdout
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    for port in live_stack.ports.values():
+        assert ports.is_free(port)
+    assert all(s["state"] == "stopped" for s in live_stack.status()["services"])
+    assert live_stack.cli("down", check=True).stdout.strip() == "nothing was running"
