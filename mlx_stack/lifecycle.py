@@ -189,6 +189,10 @@ def up(
     stop_timeout_s: float = 10.0,
 ) -> Plan:
     """Start the stack (or one tier) and return once every started service is ready."""
+    if not stack.tiers and stack.embeddings is None:
+        raise ConfigError(stack.path or "stack", [
+            "the stack has no chat tier and no embeddings tier: nothing to run; add a tier, "
+            "or run `mlx-stack init --add-embeddings MODEL`"])
     key = read_key(paths.key_file(stack.proxy.key_file))
     plan = plan_services(stack, paths, key)
     names = [s.name for s in plan.model_servers]

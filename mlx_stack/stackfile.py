@@ -224,8 +224,6 @@ def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
         if port in ports:
             problems.add(path, f"port {port} is used by both {ports[port]!r} and {name!r}")
         ports.setdefault(port, name)
-    if not tiers and emb is None and not problems:
-        problems.add("tiers", "the stack has no chat tier and no embeddings tier: nothing to run")
     if problems:
         raise ConfigError(doc.path, problems.items)
     return Stack(tuple(tiers), emb, proxy, doc.path)
