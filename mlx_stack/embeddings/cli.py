@@ -1,0 +1,174 @@
+"""Command line of the embeddings server: parse, validate, bind, serve.
+
+Mistakes in the arguments exit non-zero with one line on stderr; the port is bound before the
+model loads, so ``/health`` answers 503 while it does. Run through ``__main__``, which loads
+the BLAS before this module can pull in MLX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from mlx_stack.errors import MlxStackError, PortInUseError
+
+from . import blas
+from .architectures import POOLINGS
+from .settings import ModelSettings, Overrides, resolve
+
+PROG = "mlx-stack embeddings"
+log = logging.getLogger("mlx_stack.embeddings")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_stack.embeddings",
+        description="OpenAI-compatible embeddings server for a local Hugging Face model folder.",
+    )
+    parser.add_argument("--model-path", required=True, type=Path, help="local model folder")
+    parser.add_argument("--served-name", required=True, help="model name clients must send")
+    parser.add_argument(
+        "--alias", action="append", default=[], help="another accepted name (repeatable)"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8003)
+    parser.add_argument("--pooling", choices=POOLINGS, help="default: the folder's")
+    parser.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="L2-normalise vectors (default: the folder's; on without sentence-transformers files)",
+    )
+    parser.add_argument("--max-seq-len", type=int, help="truncate inputs to N tokens")
+    parser.add_argument(
+        "--dimensions",
+        type=_int_list,
+        default=(),
+        help="Matryoshka sizes a request may ask for, e.g. 768,512,256",
+    )
+    parser.add_argument("--query-prefix", help="prepended when input_type is 'query'")
+    parser.add_argument("--document-prefix", help="prepended when input_type is 'document'")
+    parser.add_argument(
+        "--exact-gelu", action="store_true", help="keep MLX's exact (slow on CPU) GELU"
+    )
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser.parse_args(argv)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 after a clean stop, 1 if the model failed to load, else the error's."""
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = resolve(
+            args.model_path.expanduser().resolve(),
+            Overrides(
+                pooling=args.pooling,
+                normalize=args.normalize,
+                max_seq_len=args.max_seq_len,
+                dimensions=args.dimensions,
+                query_prefix=args.query_prefix,
+                document_prefix=args.document_prefix,
+            ),
+        )
+        sock = _bind(args.host, args.port)
+    except MlxStackError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return _serve(args, settings, sock)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind now, so a taken port is a clear error and clients can connect during the load."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise MlxStackError(f"cannot resolve --host {host!r}: {exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise PortInUseError(
+            f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port "
+            "or stop the program holding it"
+        ) from None
+    return sock
+
+
+def _serve(args: argparse.Namespace, settings: ModelSettings, sock: socket.socket) -> int:
+    import uvicorn
+
+    from .server import ServedModel, create_app
+    from .service import EmbeddingService, default_loader
+
+    host, port = sock.getsockname()[:2]
+    log.info("%s", _startup_line(args.served_name, settings, host, port))
+    server: uvicorn.Server | None = None
+    failed: list[BaseException] = []
+
+    def on_load_failure(exc: BaseException) -> None:
+        failed.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    service = EmbeddingService(settings, default_loader(not args.exact_gelu), on_load_failure)
+    served = ServedModel(args.served_name, tuple(args.alias), blas.preload(), int(time.time()))
+    config = uvicorn.Config(
+        create_app(service, served),
+        log_config=None,
+        access_log=args.access_log,
+        log_level=args.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        return _exit(130)
+    return _exit(1 if failed else 0)
+
+
+def _startup_line(name: str, settings: ModelSettings, host: str, port: int) -> str:
+    normalised = "normalised" if settings.normalize else "not normalised"
+    host = f"[{host}]" if ":" in host else host
+    return (
+        f"serving {name!r} from {settings.path} ({settings.architecture.model_type}, "
+        f"{settings.dimension} dims, {settings.pooling} pooling, {normalised}, "
+        f"max {settings.max_seq_len} tokens) on http://{host}:{port}; "
+        f"BLAS: {blas.preload().describe()}"
+    )
+
+
+def _exit(code: int) -> NoReturn:
+    """Leave now: a batch still running on the worker thread must not delay shutdown."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

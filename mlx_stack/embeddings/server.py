@@ -1,0 +1,222 @@
+"""The Starlette app: OpenAI's ``/v1/embeddings`` and ``/v1/models``, plus ``/health``.
+
+Handlers only translate: JSON in -> :mod:`protocol` -> :class:`EmbeddingService` -> JSON out.
+Every failure is an :class:`ApiError`, turned into a response by one exception handler, so a
+bad request gets a 4xx in OpenAI's error shape and never takes the process down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .apierror import ApiError, ErrorKind, invalid
+from .blas import BlasInfo
+from .protocol import (
+    EmbeddingRequest,
+    EncodingFormat,
+    check_token_ids,
+    embeddings_response,
+    parse_request,
+)
+from .service import EmbeddingService, Status
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+"""2048 inputs of ~8 KB each; larger bodies get 413 before being read whole."""
+
+_HTTP_KINDS = {404: ErrorKind.NOT_FOUND, 405: ErrorKind.METHOD_NOT_ALLOWED}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """How the model is named to clients, and what ``/v1/models`` reports about it."""
+
+    name: str
+    aliases: tuple[str, ...]
+    blas: BlasInfo
+    created: int
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+
+def create_app(
+    service: EmbeddingService, served: ServedModel, max_body_bytes: int = MAX_BODY_BYTES
+) -> Starlette:
+    """Build the app; loading starts when the app starts (uvicorn has the socket by then)."""
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        service.start_loading()
+        yield
+        service.shutdown()
+
+    async def embeddings(request: Request) -> Response:
+        body = await _read_json(request, max_body_bytes)
+        parsed = parse_request(body)
+        if parsed.model not in served.names:
+            raise ApiError(
+                ErrorKind.MODEL_NOT_FOUND,
+                f"model {parsed.model!r} is not served here; use one of: "
+                + ", ".join(served.names),
+                param="model",
+                code="model_not_found",
+            )
+        dimensions = _check_dimensions(parsed, service)
+        if parsed.token_ids:
+            check_token_ids(parsed.token_ids, service.vocab_size)
+            result = await service.embed_token_ids([list(t) for t in parsed.token_ids], dimensions)
+        else:
+            texts = _with_prefix(parsed, service)
+            result = await service.embed_texts(texts, dimensions)
+        # 2048 x 1024 floats take ~1 s to serialise: keep that off the event loop too
+        content = await asyncio.to_thread(
+            _render, result.vectors, parsed.model, result.total_tokens, parsed.encoding_format
+        )
+        headers: dict[str, str] = {}
+        if any(result.truncated):
+            headers["x-mlx-stack-truncated-inputs"] = str(sum(result.truncated))
+        return Response(content, media_type="application/json", headers=headers)
+
+    async def models(_: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [_model_card(served, service)]})
+
+    async def model(request: Request) -> Response:
+        if request.path_params["model_id"] not in served.names:
+            raise ApiError(
+                ErrorKind.MODEL_NOT_FOUND,
+                f"model {request.path_params['model_id']!r} is not served here",
+                param="model",
+                code="model_not_found",
+            )
+        return JSONResponse(_model_card(served, service))
+
+    async def health(_: Request) -> Response:
+        if service.status is Status.READY:
+            return JSONResponse({"status": "ok"})
+        body = {"status": service.status.value}
+        if service.failure:
+            body["error"] = service.failure
+        return JSONResponse(body, status_code=503)
+
+    return Starlette(
+        routes=[
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", model, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+        ],
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+        lifespan=lifespan,
+    )
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw:
+        raise invalid("the request body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise invalid(f"the request body is not valid JSON: {exc}") from None
+
+
+def _render(
+    vectors: np.ndarray, model: str, prompt_tokens: int, encoding_format: EncodingFormat
+) -> bytes:
+    body = embeddings_response(vectors, model, prompt_tokens, encoding_format)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        ErrorKind.PAYLOAD_TOO_LARGE,
+        f"the request body exceeds {limit} bytes; split the inputs over several requests",
+        code="payload_too_large",
+    )
+
+
+def _check_dimensions(parsed: EmbeddingRequest, service: EmbeddingService) -> int | None:
+    """``None`` for the full size; a Matryoshka size if the operator configured it."""
+    settings = service.settings
+    if parsed.dimensions is None or parsed.dimensions == settings.dimension:
+        return None
+    if parsed.dimensions in settings.matryoshka_dimensions:
+        return parsed.dimensions
+    allowed = ", ".join(map(str, (settings.dimension, *settings.matryoshka_dimensions)))
+    raise invalid(
+        f"'dimensions' {parsed.dimensions} is not available for this model; allowed: {allowed}"
+        + ("" if settings.matryoshka_dimensions else " (no Matryoshka sizes configured)"),
+        "dimensions",
+    )
+
+
+def _with_prefix(parsed: EmbeddingRequest, service: EmbeddingService) -> list[str]:
+    settings = service.settings
+    prefix = {"query": settings.query_prefix, "document": settings.document_prefix}.get(
+        parsed.input_type or "", ""
+    )
+    return [prefix + text for text in parsed.texts] if prefix else list(parsed.texts)
+
+
+def _model_card(served: ServedModel, service: EmbeddingService) -> dict[str, Any]:
+    settings = service.settings
+    return {
+        "id": served.name,
+        "object": "model",
+        "created": served.created,
+        "owned_by": "mlx-stack",
+        "aliases": list(served.aliases),
+        "ready": service.status is Status.READY,
+        "architecture": settings.architecture.model_type,
+        "dimensions": settings.dimension,
+        "matryoshka_dimensions": list(settings.matryoshka_dimensions),
+        "max_seq_length": settings.max_seq_len,
+        "pooling": settings.pooling,
+        "normalize": settings.normalize,
+        "blas": served.blas.describe(),
+    }
+
+
+async def _api_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = _HTTP_KINDS.get(exc.status_code, ErrorKind.INVALID_REQUEST)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return ApiError(kind, message).response()
+
+
+async def _unexpected_error(_: Request, exc: Exception) -> Response:
+    """Last resort; Starlette re-raises afterwards, so uvicorn logs the traceback."""
+    return ApiError(ErrorKind.INTERNAL, f"internal error: {type(exc).__name__}: {exc}").response()
