@@ -79,10 +79,13 @@ def main() -> None:
 )
 @click.option("--force", is_flag=True, help="Replace an existing stack file (or embeddings tier).")
 @click.option("--pull", is_flag=True, help="Download the recommended models first (needs network).")
-@click.option("--exist-ok", is_flag=True, help="Leave an existing stack file as it is (for scripts).")
+@click.option(
+    "--exist-ok", is_flag=True, help="Leave an existing stack file as it is (for scripts)."
+)
 @_friendly
-def init(with_embeddings: bool, add_model: str | None, force: bool, pull: bool,
-         exist_ok: bool) -> None:
+def init(
+    with_embeddings: bool, add_model: str | None, force: bool, pull: bool, exist_ok: bool
+) -> None:
     """Write the stack file for this machine (and the proxy key)."""
     from mlx_stack import stackinit
 

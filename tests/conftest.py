@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from stackenv import StackEnv, write_stack
 from tinymodel import build_tiny_chat_model
 

@@ -11,17 +11,25 @@ PY = sys.executable
 SLEEPER = [PY, "-c", "import time\nwhile True: time.sleep(1)"]
 
 #: Ignores SIGTERM, so only SIGKILL ends it.
-STUBBORN = [PY, "-c", textwrap.dedent("""\
+STUBBORN = [
+    PY,
+    "-c",
+    textwrap.dedent("""\
     import signal, sys, time
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     print('ignoring SIGTERM', flush=True)
     while True: time.sleep(1)
-    """)]
+    """),
+]
 
 #: Starts a grandchild in the same process group, then sleeps: `down` must end both.
-WITH_GRANDCHILD = [PY, "-c", textwrap.dedent("""\
+WITH_GRANDCHILD = [
+    PY,
+    "-c",
+    textwrap.dedent("""\
     import subprocess, sys, time
     child = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: time.sleep(1)'])
     print('grandchild', child.pid, flush=True)
     while True: time.sleep(1)
-    """)]
+    """),
+]

@@ -45,13 +45,21 @@ class StackEnv:
     def env(self) -> dict[str, str]:
         return {**os.environ, "MLX_STACK_HOME": str(self.home)}
 
-    def cli(self, *args: str, timeout: float = 600, check: bool = False
-            ) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([*MLX_STACK, *args], env=self.env, capture_output=True, text=True,
-                             timeout=timeout, check=False)
+    def cli(
+        self, *args: str, timeout: float = 600, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [*MLX_STACK, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if check and res.returncode != 0:
-            raise AssertionError(f"mlx-stack {' '.join(args)} failed ({res.returncode}):\n"
-                                 f"{res.stdout}\n{res.stderr}")
+            raise AssertionError(
+                f"mlx-stack {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+            )
         return res
 
     def key(self) -> str:
@@ -70,8 +78,13 @@ class StackEnv:
             processes.stop_all([r.process for r in load_state(state).services.values()], 3)
 
 
-def write_stack(home: Path, tiny_model: Path | None, *, tiers: tuple[str, ...] = ("standard", "fast"),
-                embeddings: bool = True) -> StackEnv:
+def write_stack(
+    home: Path,
+    tiny_model: Path | None,
+    *,
+    tiers: tuple[str, ...] = ("standard", "fast"),
+    embeddings: bool = True,
+) -> StackEnv:
     """Write a user catalog entry for the tiny model, a stack file on free ports, and a key."""
     home.mkdir(parents=True, exist_ok=True)
     ports: dict[str, int] = {}

@@ -11,9 +11,9 @@ import socket
 import time
 
 import pytest
+from stackenv import StackEnv, write_stack
 
 from mlx_stack import ports
-from stackenv import StackEnv, write_stack
 
 
 def no_traceback(res) -> None:
@@ -121,9 +121,16 @@ def test_pull_fails_fast_without_a_hub(tmp_path):
 
     res = subprocess.run(
         [*__import__("stackenv").MLX_STACK, "pull", "bge-small-en-v1.5"],
-        env={**env.env, "HF_ENDPOINT": f"http://127.0.0.1:{closed}", "HF_HUB_OFFLINE": "0",
-             "HF_HOME": str(tmp_path / "hf")},
-        capture_output=True, text=True, timeout=120, check=False,
+        env={
+            **env.env,
+            "HF_ENDPOINT": f"http://127.0.0.1:{closed}",
+            "HF_HUB_OFFLINE": "0",
+            "HF_HOME": str(tmp_path / "hf"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert time.monotonic() - t0 < 60
     assert res.returncode == 6, res.stderr
@@ -131,8 +138,15 @@ def test_pull_fails_fast_without_a_hub(tmp_path):
     no_traceback(res)
 
 
-@pytest.mark.parametrize("args", [["up", "--tier", "nosuch"], ["models", "--type", "vision"],
-                                  ["pull", "no-such-model"], ["logs"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["up", "--tier", "nosuch"],
+        ["models", "--type", "vision"],
+        ["pull", "no-such-model"],
+        ["logs"],
+    ],
+)
 def test_bad_arguments_are_explained(tmp_path, args):
     env = write_stack(tmp_path / "home", None)
     res = env.cli(*args)

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import psutil
 import pytest
-
 from helpers import SLEEPER, STUBBORN, WITH_GRANDCHILD
+
 from mlx_stack import logs, processes
 
 
@@ -33,8 +33,9 @@ def wait_for(pred, timeout=10.0):
 
 def test_spawn_runs_in_its_own_group_and_logs(tmp_path, started):
     log = tmp_path / "svc.log"
-    rec = processes.spawn([*SLEEPER[:2], "print('hello from child', flush=True)\n" + SLEEPER[2]],
-                          os.environ, log)
+    rec = processes.spawn(
+        [*SLEEPER[:2], "print('hello from child', flush=True)\n" + SLEEPER[2]], os.environ, log
+    )
     started.append(rec)
     assert os.getpgid(rec.pid) == rec.pid != os.getpgid(0)
     assert processes.is_running(rec)
@@ -62,8 +63,13 @@ def test_stop_ends_the_whole_group(tmp_path, started):
     assert psutil.pid_exists(grandchild)
     out = processes.stop_all([rec], timeout_s=5)
     assert out[rec.pid] == "terminated"
-    assert wait_for(lambda: not psutil.pid_exists(grandchild) or
-                    psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE, 5)
+    assert wait_for(
+        lambda: (
+            not psutil.pid_exists(grandchild)
+            or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+        ),
+        5,
+    )
 
 
 def test_a_child_ignoring_sigterm_is_killed_after_the_timeout(tmp_path, started):

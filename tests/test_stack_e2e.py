@@ -40,10 +40,15 @@ def test_status_json_shows_every_service_ready(live_stack):
 
 def test_curl_style_embedding_through_the_proxy(live_stack):
     """The README's curl: a JSON body with no Content-Type header (curl -d)."""
-    r = httpx.post(live_stack.url("proxy") + "/v1/embeddings",
-                   content=json.dumps({"model": "local-embed", "input": "test query"}),
-                   headers={"Authorization": f"Bearer {live_stack.key()}",
-                            "Content-Type": "application/x-www-form-urlencoded"}, timeout=60)
+    r = httpx.post(
+        live_stack.url("proxy") + "/v1/embeddings",
+        content=json.dumps({"model": "local-embed", "input": "test query"}),
+        headers={
+            "Authorization": f"Bearer {live_stack.key()}",
+            "Content-Type": "application/x-www-form-urlencoded",
+        },
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     vec = np.array(r.json()["data"][0]["embedding"])
     assert vec.shape == (384,)
@@ -52,8 +57,11 @@ def test_curl_style_embedding_through_the_proxy(live_stack):
 
 def test_openai_client_embeddings_base64_and_float(live_stack):
     client = proxy_client(live_stack)
-    texts = ["How do I reduce API latency?", "Tips to make endpoints respond faster",
-             "A recipe for banana bread"]
+    texts = [
+        "How do I reduce API latency?",
+        "Tips to make endpoints respond faster",
+        "A recipe for banana bread",
+    ]
     default = client.embeddings.create(model="local-embed", input=texts)  # SDK sends base64
     floats = client.embeddings.create(model="local-embed", input=texts, encoding_format="float")
     a = np.array([d.embedding for d in default.data])
@@ -67,9 +75,12 @@ def test_openai_client_embeddings_base64_and_float(live_stack):
 
 
 def test_raw_base64_is_little_endian_float32(live_stack):
-    r = httpx.post(live_stack.url("proxy") + "/v1/embeddings", timeout=60,
-                   headers={"Authorization": f"Bearer {live_stack.key()}"},
-                   json={"model": "local-embed", "input": "hello", "encoding_format": "base64"})
+    r = httpx.post(
+        live_stack.url("proxy") + "/v1/embeddings",
+        timeout=60,
+        headers={"Authorization": f"Bearer {live_stack.key()}"},
+        json={"model": "local-embed", "input": "hello", "encoding_format": "base64"},
+    )
     assert r.status_code == 200, r.text
     vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
     assert vec.shape == (384,) and abs(np.linalg.norm(vec) - 1) < 1e-4
@@ -83,15 +94,20 @@ def test_openai_client_chat_and_streaming(live_stack, tier):
     assert out.choices[0].message.content
     assert out.usage.completion_tokens == 4
     stream = client.chat.completions.create(model=tier, messages=msgs, max_tokens=4, stream=True)
-    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    pieces = [
+        c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content
+    ]
     assert len(pieces) >= 2 and "".join(pieces).strip()
 
 
 def test_the_proxy_requires_the_key(live_stack):
     body = {"model": "local-embed", "input": "x"}
     assert httpx.post(live_stack.url("proxy") + "/v1/embeddings", json=body).status_code == 401
-    wrong = httpx.post(live_stack.url("proxy") + "/v1/embeddings", json=body,
-                       headers={"Authorization": "Bearer sk-wrong-key-0123456789"})
+    wrong = httpx.post(
+        live_stack.url("proxy") + "/v1/embeddings",
+        json=body,
+        headers={"Authorization": "Bearer sk-wrong-key-0123456789"},
+    )
     assert wrong.status_code in (400, 401)
 
 
@@ -127,7 +143,8 @@ def test_a_stopped_tier_falls_back_and_comes_back_alone(live_stack):
     assert states["standard"] == "stopped" and states["fast"] == "ready"
     # The proxy's fallback sends "standard" requests to "fast" while standard is down.
     out = proxy_client(live_stack).chat.completions.create(
-        model="standard", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        model="standard", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
     assert out.choices[0].message.content is not None
     live_stack.cli("up", "--tier", "standard", check=True)
     after = {s["name"]: s for s in live_stack.status()["services"]}

@@ -1,4 +1,4 @@
-"""Stack file validation: every bad input is refused with file, line and field, before anything runs."""
+"""Stack file validation: bad input is refused with file, line and field, before anything runs."""
 
 from __future__ import annotations
 
