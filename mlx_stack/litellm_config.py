@@ -29,6 +29,15 @@ PROXY_ENV = {
 }
 
 
+#: Inherited variables that would break or leak through the proxy: a DATABASE_URL makes it
+#: fetch prisma binaries and exit; HTTP(S)_PROXY sends loopback calls to the proxy server;
+#: OPENAI_API_KEY could be forwarded upstream; LITELLM_MASTER_KEY would compete with ours.
+PROXY_UNSET_ENV = frozenset({
+    "DATABASE_URL", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+    "all_proxy", "OPENAI_API_KEY", "OPENAI_BASE_URL", "LITELLM_MASTER_KEY", "LITELLM_CONFIG",
+})
+
+
 def upstream_model(backend: str, served_name: str) -> str:
     """The model name to send upstream for a tier."""
     return MLX_LM_DEFAULT_MODEL if backend == "mlx-lm" else served_name

@@ -16,7 +16,13 @@ from pathlib import Path
 
 from mlx_stack.catalog import CatalogEntry
 from mlx_stack.errors import ServiceStartError
-from mlx_stack.litellm_config import MLX_LM_DEFAULT_MODEL, PROXY_ENV, build_config, render_config
+from mlx_stack.litellm_config import (
+    MLX_LM_DEFAULT_MODEL,
+    PROXY_ENV,
+    PROXY_UNSET_ENV,
+    build_config,
+    render_config,
+)
 from mlx_stack.paths import StatePaths
 from mlx_stack.probes import Probe, ProbeKind
 from mlx_stack.proxykey import ENV_VAR
@@ -50,6 +56,8 @@ class ServiceSpec:
     config_file: tuple[Path, str] | None = None
     #: Environment that must never be logged or fingerprinted in clear (the proxy key).
     secret_env: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    #: Inherited variables the child must not see (they change its behaviour in harmful ways).
+    unset_env: frozenset[str] = frozenset()
 
     @property
     def fingerprint(self) -> str:
@@ -62,7 +70,8 @@ class ServiceSpec:
         return h.hexdigest()[:16]
 
     def full_env(self) -> dict[str, str]:
-        return {**os.environ, **self.env, **self.secret_env}
+        inherited = {k: v for k, v in os.environ.items() if k not in self.unset_env}
+        return {**inherited, **self.env, **self.secret_env}
 
 
 def _script(name: str) -> tuple[str, ...]:
@@ -217,6 +226,7 @@ def proxy_service(
         READY_TIMEOUT_S[ServiceKind.PROXY],
         config_file=(cfg, text),
         secret_env={ENV_VAR: key},
+        unset_env=PROXY_UNSET_ENV,
     )
 
 

@@ -19,6 +19,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def live_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[StackEnv]:
     """A whole stack (two chat tiers, embeddings, proxy) brought up once for a test module."""
     env = write_stack(tmp_path_factory.mktemp("stack"), tiny_model)
+    # A hostile but common environment: the proxy must ignore all of these (a DATABASE_URL makes
+    # LiteLLM fetch prisma binaries and exit; HTTP_PROXY would swallow loopback calls).
+    env.extra_env = {
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none",
+        "OPENAI_API_KEY": "sk-users-real-openai-key-must-not-leak",
+    }
     try:
         env.cli("up", check=True, timeout=900)
         yield env

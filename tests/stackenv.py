@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_stack import processes
@@ -40,10 +40,12 @@ models:
 class StackEnv:
     home: Path
     ports: dict[str, int]
+    #: Extra environment for the CLI (and so for every service it starts).
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "MLX_STACK_HOME": str(self.home)}
+        return {**os.environ, **self.extra_env, "MLX_STACK_HOME": str(self.home)}
 
     def cli(
         self, *args: str, timeout: float = 600, check: bool = False

