@@ -23,7 +23,6 @@ from mlx_stack.errors import MlxStackError
 from mlx_stack.hardware import detect
 from mlx_stack.paths import StatePaths
 from mlx_stack.proxykey import read_key
-from mlx_stack.services import plan_services
 from mlx_stack.stackfile import EMBEDDINGS_MODEL_NAME, Stack, load_stack
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -125,13 +124,22 @@ def init(
 
 
 @main.command()
-@click.option("--tier", metavar="NAME", help="Start only this chat tier (or 'embeddings').")
+@click.option(
+    "--tier", metavar="NAME", help="Start only this model server (a tier or 'embeddings')."
+)
+@click.option(
+    "--foreground",
+    is_flag=True,
+    help="Run the supervisor in this process (for launchd and systemd).",
+)
 @_friendly
-def up(tier: str | None) -> None:
-    """Start the stack; return when every service answers real requests."""
+def up(tier: str | None, foreground: bool) -> None:
+    """Start the stack under its supervisor; return when every service answers real requests."""
     paths, catalog = _context()
     stack = _load(paths, catalog)
-    plan = lifecycle.up(stack, paths, tier=tier, report=_say)
+    if foreground:
+        sys.exit(lifecycle.run_foreground(stack, paths, tier))
+    lifecycle.up(stack, paths, tier=tier, report=_say)
     p = stack.proxy
     host = "127.0.0.1" if p.host in ("0.0.0.0", "::") else p.host
     names = [t.name for t in stack.tiers] + ([EMBEDDINGS_MODEL_NAME] if stack.embeddings else [])
@@ -139,18 +147,33 @@ def up(tier: str | None) -> None:
         click.echo(f"stack is up: http://{host}:{p.port}/v1 serves {', '.join(names)}")
         click.echo("  the key: `mlx-stack key`; state: `mlx-stack status`")
     else:
-        click.echo(f"{tier} is up ({len(plan.model_servers)} model servers in the stack)")
+        click.echo(f"{tier} is up")
 
 
 @main.command()
 @click.option("--tier", metavar="NAME", help=f"Stop only this service ({SERVICES_HELP}).")
-@click.option("--timeout", default=10.0, show_default=True, help="Seconds before SIGKILL.")
+@click.option(
+    "--timeout",
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the stack to stop before killing the supervisor.",
+)
 @_friendly
 def down(tier: str | None, timeout: float) -> None:
-    """Stop the proxy, then every model server (whole process groups)."""
+    """Stop the proxy, then every model server (whole process groups), then the supervisor."""
     paths = StatePaths.from_env()
     stopped = lifecycle.down(paths, tier=tier, report=_say, timeout_s=timeout)
     click.echo(f"stopped {len(stopped)} service(s)" if stopped else "nothing was running")
+
+
+@main.command()
+@click.argument("service", required=False)
+@_friendly
+def restart(service: str | None) -> None:
+    """Restart SERVICE (or every service); this also clears a `fatal` state."""
+    paths = StatePaths.from_env()
+    lifecycle.restart(paths, service, report=_say)
+    click.echo(f"{service or 'the stack'} is ready")
 
 
 def _fmt_uptime(s: float | None) -> str:
@@ -164,49 +187,61 @@ def _fmt_uptime(s: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/status.md).")
 @_friendly
 def status(as_json: bool) -> None:
-    """Show every service: state, model, port, pid, uptime."""
+    """Show every service: state, model, port, pid, uptime, restarts, last exit."""
     paths, catalog = _context()
     plan, problem = None, ""
     try:
-        stack = _load(paths, catalog)
-        plan = plan_services(stack, paths, read_key(paths.key_file(stack.proxy.key_file)))
+        plan = lifecycle.plan_for(_load(paths, catalog), paths)
     except MlxStackError as exc:
         problem = str(exc)
+    problem = lifecycle.stack_problem(paths) or problem
     rows = lifecycle.status(paths, plan)
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "stack_file": str(paths.stack_file),
-                    "problem": problem or None,
-                    "services": [r.to_json() for r in rows],
-                },
-                indent=2,
-            )
-        )
+        body = {
+            "stack_file": str(paths.stack_file),
+            "problem": problem or None,
+            "services": [r.to_json() for r in rows],
+        }
+        click.echo(json.dumps(body, indent=2))
         return
     if problem:
         click.secho(f"stack file: {problem}", fg="yellow", err=True)
-    header = (
-        f"{'SERVICE':<12} {'STATE':<10} {'MODEL':<28} {'PORT':>5} {'PID':>7} {'UPTIME':>8}  DETAIL"
+    click.echo(
+        f"{'SERVICE':<12} {'STATE':<10} {'MODEL':<26} {'PORT':>5} {'PID':>7} "
+        f"{'UPTIME':>8} {'RSS':>7} {'RESTARTS':>8}  DETAIL"
     )
-    click.echo(header)
-    colours = {"ready": "green", "starting": "yellow", "unhealthy": "red", "exited": "red"}
+    colours = {
+        "ready": "green",
+        "starting": "yellow",
+        "unhealthy": "yellow",
+        "backoff": "red",
+        "fatal": "red",
+        "stopping": "yellow",
+    }
     for r in rows:
-        state = click.style(f"{r.state.value:<10}", fg=colours.get(r.state.value))
+        state = click.style(f"{r.state:<10}", fg=colours.get(r.state))
+        rss = f"{r.rss_bytes / 2**20:.0f}M" if r.rss_bytes else "-"
+        detail = r.detail or (f"last exit: {r.last_exit}" if r.last_exit else "")
         click.echo(
-            f"{r.name:<12} {state} {(r.model or '-'):<28} {r.port:>5} "
-            f"{(r.pid or '-')!s:>7} {_fmt_uptime(r.uptime_s):>8}  {r.detail}"
+            f"{r.name:<12} {state} {(r.model or '-'):<26} {r.port:>5} "
+            f"{(r.pid or '-')!s:>7} {_fmt_uptime(r.uptime_s):>8} {rss:>7} "
+            f"{r.restarts:>8}  {detail}"
         )
+        if r.state == "fatal" and r.last_exit_log:
+            for line in r.last_exit_log[-5:]:
+                click.echo(f"{'':<12} | {line}")
 
 
 @main.command("logs")
 @click.argument("service")
 @click.option("-n", "lines", default=50, show_default=True, help="How many lines to show.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option(
+    "--all", "all_files", is_flag=True, help="Read the rotated backups too, oldest first."
+)
 @_friendly
-def logs_cmd(service: str, lines: int, follow: bool) -> None:
-    """Show a service's log (SERVICE: a tier name, 'embeddings' or 'proxy')."""
+def logs_cmd(service: str, lines: int, follow: bool, all_files: bool) -> None:
+    """Show a service's log (a tier name, 'embeddings', 'proxy' or 'supervisor')."""
     paths = StatePaths.from_env()
     path = paths.log_file(service)
     if not path.exists() and not follow:
@@ -214,8 +249,16 @@ def logs_cmd(service: str, lines: int, follow: bool) -> None:
         raise MlxStackError(
             f"no log for {service!r} at {path}; logs exist for: {', '.join(known) or 'nothing yet'}"
         )
-    for line in logs.tail(path, lines):
-        click.echo(line)
+    if all_files:
+        from mlx_stack.logsink import all_log_files
+
+        for f in all_log_files(path):
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    click.echo(line.rstrip("\n"))
+    else:
+        for line in logs.tail(path, lines):
+            click.echo(line)
     if follow:
         for line in logs.follow(path):
             click.echo(line)

@@ -1,106 +1,92 @@
-"""Bring a stack up, take it down, and report on it.
+"""What the CLI asks of a stack: bring it up, take it down, restart, report.
 
-`up` is idempotent: a service already running from the same definition is kept, one whose
-definition changed is restarted, one that is gone is started. Nothing starts until every check
-has passed (weights present, ports free). The core never prints: progress goes to a callback.
+The work is done by the supervisor process (``watchdog.py``); this module starts it, sends it
+commands (``control.py``), and reads the snapshot it writes (``state.py``). Checks that need no
+process (stack file, weights, ports) happen here first, so a bad stack starts nothing.
 """
 
 from __future__ import annotations
 
-import enum
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-from mlx_stack import logs, ports, processes
-from mlx_stack.atomic import write_atomic
-from mlx_stack.errors import ConfigError, PortInUseError, ServiceStartError
+from mlx_stack import control, ports, processes
+from mlx_stack.errors import ConfigError, PortInUseError, ServiceStartError, StateError
+from mlx_stack.logs import tail
 from mlx_stack.paths import StatePaths
-from mlx_stack.probes import ProbeResult, run_probe
 from mlx_stack.proxykey import read_key
 from mlx_stack.schema import close_matches
-from mlx_stack.services import Plan, ServiceKind, ServiceSpec, plan_services
+from mlx_stack.services import Plan, ServiceSpec, plan_services
 from mlx_stack.stackfile import Stack
-from mlx_stack.state import ServiceRecord, StackState, load_state, save_state, stack_lock
+from mlx_stack.state import (
+    ServiceSnapshot,
+    SupervisorSnapshot,
+    clean_leftovers,
+    load_snapshot,
+    supervisor_alive,
+)
+from mlx_stack.states import ServiceState
 
 Report = Callable[[str, str], None]
-LOG_LINES_ON_FAILURE = 15
-POLL_S = 0.25
+POLL_S = 0.2
+SUPERVISOR_START_S = 30.0
 
 
 def _quiet(_service: str, _message: str) -> None:
     pass
 
 
-class ServiceState(str, enum.Enum):
-    """What `status` says of a service (the watchdog adds backoff, fatal and stopping)."""
-
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    UNHEALTHY = "unhealthy"
-    EXITED = "exited"
-
-
 @dataclass(frozen=True)
 class ServiceStatus:
+    """One row of `mlx-stack status` (its JSON form is documented in docs/status.md)."""
+
     name: str
     kind: str
-    state: ServiceState
+    state: str
     model: str | None
     port: int
     pid: int | None
     uptime_s: float | None
     rss_bytes: int | None
     probe_ms: float | None
+    restarts: int
+    last_exit: str | None
+    last_exit_log: tuple[str, ...]
     detail: str
 
     def to_json(self) -> dict[str, object]:
         return {
             "name": self.name,
             "kind": self.kind,
-            "state": self.state.value,
+            "state": self.state,
             "model": self.model,
             "port": self.port,
             "pid": self.pid,
             "uptime_s": None if self.uptime_s is None else round(self.uptime_s, 1),
             "rss_mb": None if self.rss_bytes is None else round(self.rss_bytes / 2**20, 1),
             "probe_ms": None if self.probe_ms is None else round(self.probe_ms, 1),
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "last_exit_log": list(self.last_exit_log),
             "detail": self.detail,
         }
 
 
-def _failure(spec: ServiceSpec, log: Path, why: str) -> str:
-    lines = logs.tail(log, LOG_LINES_ON_FAILURE)
-    shown = "\n".join(f"      | {line}" for line in lines) or "      | (empty log)"
-    return f"{spec.name}: {why}; last lines of {log}:\n{shown}"
-
-
-def wait_ready(
-    spec: ServiceSpec, rec: processes.ProcessRecord, log_path: Path, timeout_s: float | None = None
-) -> str:
-    """Poll the real probe until it succeeds; return '' or why the service failed to start.
-
-    Fails early when the process exits, with its exit code.
-    """
-    deadline = time.monotonic() + (timeout_s or spec.ready_timeout_s)
-    last = ProbeResult(False, 0.0, "no answer yet")
-    while time.monotonic() < deadline:
-        if not processes.is_running(rec):
-            code = processes.exit_code(rec)
-            how = f"exited with code {code}" if code is not None else "exited"
-            if code is not None and code < 0:
-                how = f"was killed by signal {-code}"
-            return _failure(spec, log_path, how)
-        last = run_probe(spec.probe, timeout_s=min(30.0, max(1.0, deadline - time.monotonic())))
-        if last.ok:
-            return ""
-        time.sleep(POLL_S)
-    return _failure(
-        spec, log_path, f"not ready after {timeout_s or spec.ready_timeout_s:.0f} s ({last.detail})"
-    )
+def plan_for(stack: Stack, paths: StatePaths) -> Plan:
+    if not stack.tiers and stack.embeddings is None:
+        raise ConfigError(
+            stack.path or "stack",
+            [
+                "the stack has no chat tier and no embeddings tier: nothing to run; add a tier, "
+                "or run `mlx-stack init --add-embeddings MODEL`"
+            ],
+        )
+    return plan_services(stack, paths, read_key(paths.key_file(stack.proxy.key_file)))
 
 
 def _check_ports(specs: Sequence[ServiceSpec]) -> None:
@@ -116,85 +102,100 @@ def _check_ports(specs: Sequence[ServiceSpec]) -> None:
         )
 
 
-def _stop(
-    records: Sequence[ServiceRecord],
-    state: StackState,
-    paths: StatePaths,
-    report: Report,
-    timeout_s: float,
+def _live_snapshot(paths: StatePaths) -> SupervisorSnapshot | None:
+    snap = load_snapshot(paths.state_file)
+    return snap if supervisor_alive(snap) else None
+
+
+def _supervisor_log_tail(paths: StatePaths) -> str:
+    lines = tail(paths.log_file("supervisor"), 10)
+    return "\n".join(f"      | {x}" for x in lines) or "      | (empty)"
+
+
+def _spawn_supervisor(paths: StatePaths, only: str | None) -> int:
+    argv = [sys.executable, "-m", "mlx_stack.watchdog"] + (["--only", only] if only else [])
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLX_STACK_HOME": str(paths.home)}
+    with open(paths.log_file("supervisor"), "ab") as log:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+            cwd=paths.run,
+        )
+    deadline = time.monotonic() + SUPERVISOR_START_S
+    while time.monotonic() < deadline:
+        snap = load_snapshot(paths.state_file)
+        if snap is not None and snap.pid == proc.pid:
+            return proc.pid
+        if proc.poll() is not None:
+            raise ServiceStartError(
+                f"the supervisor exited at start (code {proc.returncode}):\n"
+                + _supervisor_log_tail(paths)
+            )
+        time.sleep(POLL_S)
+    raise ServiceStartError(
+        "the supervisor did not start within "
+        f"{SUPERVISOR_START_S:.0f} s:\n" + _supervisor_log_tail(paths)
+    )
+
+
+def _failure_text(s: ServiceSnapshot) -> str:
+    lines = s.last_exit.log_tail if s.last_exit else ()
+    shown = "\n".join(f"      | {x}" for x in lines) or "      | (no output)"
+    how = s.last_exit.describe() if s.last_exit else s.reason
+    return f"{s.name}: {s.state}: {s.reason or how}\n    last lines of its log:\n{shown}"
+
+
+def wait_ready(
+    paths: StatePaths, names: Sequence[str], report: Report, since: float, timeout_s: float
 ) -> None:
-    if not records:
-        return
-    for r in records:
-        report(r.name, "stopping")
-    outcome = processes.stop_all([r.process for r in records], timeout_s)
-    for r in records:
-        state.services.pop(r.name, None)
-        report(r.name, outcome.get(r.process.pid, "stopped"))
-    save_state(paths.state_file, state)
-
-
-def _start(
-    specs: Sequence[ServiceSpec], state: StackState, paths: StatePaths, report: Report
-) -> None:
-    """Spawn every spec, then wait for all of them in parallel; raise naming each failure."""
-    started: list[tuple[ServiceSpec, processes.ProcessRecord]] = []
-    for s in specs:
-        if s.config_file is not None:
-            write_atomic(s.config_file[0], s.config_file[1], mode=0o600)
-        report(s.name, f"starting on port {s.port}")
-        rec = processes.spawn(s.argv, s.full_env(), paths.log_file(s.name), cwd=paths.run)
-        state.services[s.name] = ServiceRecord(
-            s.name, s.kind.value, rec, s.fingerprint, s.port, s.model, time.time()
-        )
-        save_state(paths.state_file, state)
-        started.append((s, rec))
-    with ThreadPoolExecutor(max_workers=max(1, len(started))) as pool:
-        results = list(
-            pool.map(lambda sr: wait_ready(sr[0], sr[1], paths.log_file(sr[0].name)), started)
-        )
-    failures = [r for r in results if r]
-    for (s, _), res in zip(started, results, strict=True):
-        report(s.name, "ready" if not res else "failed")
-    if failures:
-        raise ServiceStartError(
-            "\n".join(failures)
-            + "\nServices that became ready are still running: fix the cause and run "
-            "`mlx-stack up` again, or `mlx-stack down`."
-        )
-
-
-def _classify(
-    specs: Sequence[ServiceSpec], state: StackState
-) -> tuple[list[ServiceSpec], list[ServiceRecord]]:
-    """Which specs must start, and which running records must first stop (changed ones)."""
-    to_start: list[ServiceSpec] = []
-    to_stop: list[ServiceRecord] = []
-    for s in specs:
-        rec = state.services.get(s.name)
-        if rec is not None and processes.is_running(rec.process):
-            if rec.fingerprint == s.fingerprint:
+    """Follow the supervisor's snapshots until every named service is ready, or one fails."""
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        snap = _live_snapshot(paths)
+        if snap is None:
+            raise ServiceStartError("the supervisor is gone:\n" + _supervisor_log_tail(paths))
+        failures, ready = [], 0
+        for name in names:
+            s = snap.service(name)
+            if s is None:
                 continue
-            to_stop.append(rec)
-        to_start.append(s)
-    return to_start, to_stop
+            if seen.get(name) != s.state:
+                seen[name] = s.state
+                report(name, s.state + (f" ({s.reason})" if s.reason else ""))
+            if s.state == ServiceState.READY.value:
+                ready += 1
+            elif s.state == ServiceState.FATAL.value or (
+                s.state == ServiceState.BACKOFF.value
+                and s.last_exit is not None
+                and s.last_exit.at >= since
+            ):
+                failures.append(_failure_text(s))
+        if failures:
+            raise ServiceStartError(
+                "\n".join(failures)
+                + "\nThe supervisor keeps running the rest (and retries services in backoff): "
+                "`mlx-stack status`, `mlx-stack logs SERVICE`, `mlx-stack down`."
+            )
+        if ready == len(names):
+            return
+        time.sleep(POLL_S)
+    raise ServiceStartError(
+        f"not ready after {timeout_s:.0f} s: " + ", ".join(f"{n}={seen.get(n, '?')}" for n in names)
+    )
 
 
 def up(
-    stack: Stack,
-    paths: StatePaths,
-    *,
-    tier: str | None = None,
-    report: Report = _quiet,
-    stop_timeout_s: float = 10.0,
+    stack: Stack, paths: StatePaths, *, tier: str | None = None, report: Report = _quiet
 ) -> Plan:
-    """Start the stack (or one tier) and return once every started service is ready."""
-    if not stack.tiers and stack.embeddings is None:
-        raise ConfigError(stack.path or "stack", [
-            "the stack has no chat tier and no embeddings tier: nothing to run; add a tier, "
-            "or run `mlx-stack init --add-embeddings MODEL`"])
-    key = read_key(paths.key_file(stack.proxy.key_file))
-    plan = plan_services(stack, paths, key)
+    """Start the stack (or one model server) under the supervisor; return once ready."""
+    plan = plan_for(stack, paths).require_complete()
     names = [s.name for s in plan.model_servers]
     if tier is not None and tier not in names:
         raise ConfigError(
@@ -204,127 +205,159 @@ def up(
                 f"the stack has: {', '.join(names)}"
             ],
         )
+    since = time.time()
     paths.run.mkdir(parents=True, exist_ok=True)
-    with stack_lock(paths.lock_file):
-        state = load_state(paths.state_file)
-        wanted = {s.name for s in plan.all}
-        if tier is None:
-            gone = [r for n, r in state.services.items() if n not in wanted]
-            _stop(gone, state, paths, report, stop_timeout_s)
-            servers = list(plan.model_servers)
-        else:
-            servers = [s for s in plan.model_servers if s.name == tier]
-        to_start, to_stop = _classify(servers, state)
-        for s in servers:
-            if s not in to_start:
-                report(s.name, "already running")
-        proxy_start, proxy_stop = _classify([plan.proxy], state) if tier is None else ([], [])
-        # A changed proxy stops first, so nothing is routed to a tier while it restarts.
-        _stop(proxy_stop + to_stop, state, paths, report, stop_timeout_s)
-        _check_ports(to_start + proxy_start)
-        for s in to_start + proxy_start:
-            stale = state.services.pop(s.name, None)
-            if stale is not None:
-                processes.stop_all([stale.process], stop_timeout_s)  # leftovers of a dead leader
-        _start(to_start, state, paths, report)
-        if tier is None:
-            if proxy_start:
-                _start(proxy_start, state, paths, report)
-            else:
-                report("proxy", "already running")
+    snap = _live_snapshot(paths)
+    if snap is None:
+        for name in clean_leftovers(paths.state_file):
+            report(name, "ended (left behind by a supervisor that died)")
+        wanted = [s for s in plan.all if tier is None or s.name == tier]
+        _check_ports(wanted)
+        pid = _spawn_supervisor(paths, tier)
+        report("supervisor", f"started (pid {pid})")
+    else:
+        answer = control.send(paths, "reload")
+        if answer.startswith("error"):
+            raise ServiceStartError(f"the supervisor refused the stack file: {answer}")
+        control.send(paths, "start", tier)
+    targets = [tier] if tier else [s.name for s in plan.all]
+    limit = stack.watchdog.start_timeout_max_s + 60
+    wait_ready(paths, targets, report, since, limit)
     return plan
 
 
+def restart(
+    paths: StatePaths, service: str | None, report: Report = _quiet, timeout_s: float = 1860.0
+) -> None:
+    """Restart one service (or all); this also clears FATAL."""
+    snap = _live_snapshot(paths)
+    if snap is None:
+        raise StateError("no supervisor is running this stack; `mlx-stack up` starts it")
+    answer = control.send(paths, "restart", service)
+    if answer.startswith("error"):
+        raise StateError(answer.removeprefix("error: "))
+    since = time.time()
+    time.sleep(0.3)
+    names = [service] if service else [s.name for s in snap.services if s.wanted]
+    wait_ready(paths, names, report, since, timeout_s)
+
+
 def down(
-    paths: StatePaths, *, tier: str | None = None, report: Report = _quiet, timeout_s: float = 10.0
+    paths: StatePaths, *, tier: str | None = None, report: Report = _quiet, timeout_s: float = 60.0
 ) -> list[str]:
-    """Stop the proxy first, then the model servers; return the names stopped."""
-    with stack_lock(paths.lock_file):
-        state = load_state(paths.state_file)
-        if tier is not None:
-            rec = state.services.get(tier)
-            if rec is None:
-                report(tier, "not running")
-                return []
-            _stop([rec], state, paths, report, timeout_s)
-            return [tier]
-        proxy = [r for r in state.services.values() if r.kind == ServiceKind.PROXY.value]
-        rest = [r for r in state.services.values() if r.kind != ServiceKind.PROXY.value]
-        names = [r.name for r in proxy + rest]
-        _stop(proxy, state, paths, report, timeout_s)
-        _stop(rest, state, paths, report, timeout_s)
-        return names
+    """Stop one service, or the supervisor and with it the whole stack (proxy first)."""
+    snap = _live_snapshot(paths)
+    if tier is not None:
+        if snap is None or snap.service(tier) is None:
+            report(tier, "not running")
+            return []
+        answer = control.send(paths, "stop", tier)
+        if answer.startswith("error"):
+            raise StateError(answer.removeprefix("error: "))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            now = _live_snapshot(paths)
+            s = now.service(tier) if now else None
+            if s is None or s.state == ServiceState.STOPPED.value:
+                report(tier, "stopped")
+                return [tier]
+            time.sleep(POLL_S)
+        raise StateError(f"{tier} did not stop within {timeout_s:.0f} s")
+    stopped: list[str] = []
+    if snap is not None:
+        running = [s.name for s in snap.services if s.process is not None]
+        os.kill(snap.pid, signal.SIGTERM)
+        report("supervisor", "stopping (proxy first, then the model servers)")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and processes.is_running(snap.record):
+            time.sleep(POLL_S)
+        if processes.is_running(snap.record):
+            processes.stop_all([snap.record], 1.0)
+            report("supervisor", f"killed after {timeout_s:.0f} s")
+        stopped = running
+    for name in clean_leftovers(paths.state_file):
+        if name not in stopped:
+            stopped.append(name)
+    for name in stopped:
+        report(name, "stopped")
+    return stopped
 
 
-def _status_one(
-    name: str,
-    kind: str,
-    model: str | None,
-    port: int,
-    spec: ServiceSpec | None,
-    rec: ServiceRecord | None,
-    probe_timeout_s: float,
-) -> ServiceStatus:
-    if rec is None:
-        return ServiceStatus(
-            name, kind, ServiceState.STOPPED, model, port, None, None, None, None, "not started"
+def status(paths: StatePaths, plan: Plan | None) -> list[ServiceStatus]:
+    """Every configured service and every one the supervisor knows, as it last saw them."""
+    snap = load_snapshot(paths.state_file)
+    alive = supervisor_alive(snap)
+    rows: list[ServiceStatus] = []
+    known = {s.name: s for s in snap.services} if snap else {}
+    names = [s.name for s in plan.all] if plan else []
+    names += [n for n in known if n not in names]
+    specs = {s.name: s for s in plan.all} if plan else {}
+    now = time.time()
+    for name in names:
+        s = known.get(name)
+        spec = specs.get(name)
+        kind = spec.kind.value if spec else (s.kind if s else "chat")
+        model = spec.model if spec else (s.model if s else None)
+        port = spec.port if spec else (s.port if s else 0)
+        if s is None or not alive:
+            detail = "supervisor not running" if s is not None else "not started"
+            leftover = s is not None and s.process is not None and processes.is_running(s.process)
+            if leftover:
+                detail = "left behind by a supervisor that died; `mlx-stack down` ends it"
+            rows.append(
+                ServiceStatus(
+                    name,
+                    kind,
+                    ServiceState.STOPPED.value,
+                    model,
+                    port,
+                    s.process.pid if leftover and s and s.process else None,
+                    None,
+                    None,
+                    None,
+                    s.restarts if s else 0,
+                    s.last_exit.describe() if s and s.last_exit else None,
+                    s.last_exit.log_tail if s and s.last_exit else (),
+                    detail,
+                )
+            )
+            continue
+        pid = s.process.pid if s.process else None
+        detail = s.reason
+        if spec is not None and s.fingerprint and spec.fingerprint != s.fingerprint:
+            detail = (detail + "; " if detail else "") + "stack file changed: being applied"
+        rows.append(
+            ServiceStatus(
+                name,
+                kind,
+                s.state,
+                model,
+                port,
+                pid,
+                now - s.started_at if s.started_at and pid else None,
+                processes.rss_bytes(s.process) if s.process else None,
+                s.last_probe_ms,
+                s.restarts,
+                s.last_exit.describe() if s.last_exit else None,
+                s.last_exit.log_tail if s.last_exit else (),
+                detail,
+            )
         )
-    p = rec.process
-    if not processes.is_running(p):
-        return ServiceStatus(
-            name,
-            kind,
-            ServiceState.EXITED,
-            rec.model,
-            rec.port,
-            p.pid,
-            None,
-            None,
-            None,
-            f"process {p.pid} is gone; see `mlx-stack logs {name}`",
-        )
-    uptime = processes.uptime_s(p)
-    rss = processes.rss_bytes(p)
-    probe_spec = spec.probe if spec is not None else None
-    if probe_spec is None:
-        return ServiceStatus(
-            name,
-            kind,
-            ServiceState.UNHEALTHY,
-            rec.model,
-            rec.port,
-            p.pid,
-            uptime,
-            rss,
-            None,
-            "not in the stack file any more",
-        )
-    res = run_probe(probe_spec, timeout_s=probe_timeout_s)
-    if res.ok:
-        state, detail = ServiceState.READY, ""
-    elif uptime < (spec.ready_timeout_s if spec else 0):
-        state, detail = ServiceState.STARTING, res.detail
-    else:
-        state, detail = ServiceState.UNHEALTHY, res.detail
-    if spec is not None and spec.fingerprint != rec.fingerprint:
-        detail = (detail + "; " if detail else "") + "definition changed: run `mlx-stack up`"
-    return ServiceStatus(
-        name, kind, state, rec.model, rec.port, p.pid, uptime, rss, res.latency_ms, detail
-    )
+    return rows
 
 
-def status(
-    paths: StatePaths, plan: Plan | None, probe_timeout_s: float = 5.0
-) -> list[ServiceStatus]:
-    """Every configured service and every recorded one, probed in parallel."""
-    state = load_state(paths.state_file)
-    rows: list[tuple[str, str, str | None, int, ServiceSpec | None, ServiceRecord | None]] = []
-    seen: set[str] = set()
-    for s in plan.all if plan else ():
-        rows.append((s.name, s.kind.value, s.model, s.port, s, state.services.get(s.name)))
-        seen.add(s.name)
-    for name, rec in state.services.items():
-        if name not in seen:
-            rows.append((name, rec.kind, rec.model, rec.port, None, rec))
-    with ThreadPoolExecutor(max_workers=max(1, len(rows))) as pool:
-        return list(pool.map(lambda r: _status_one(*r, probe_timeout_s), rows))
+def stack_problem(paths: StatePaths) -> str | None:
+    """The supervisor's view of an invalid stack file edit, if any."""
+    snap = _live_snapshot(paths)
+    return snap.stack_error if snap else None
+
+
+def run_foreground(stack: Stack, paths: StatePaths, tier: str | None = None) -> int:
+    """Run the supervisor in this process (for launchd and systemd)."""
+    from mlx_stack import watchdog
+
+    plan_for(stack, paths).require_complete()
+    if _live_snapshot(paths) is not None:
+        raise StateError("a supervisor already runs this stack; `mlx-stack down` first")
+    clean_leftovers(paths.state_file)
+    return watchdog.main(["--only", tier] if tier else [])

@@ -59,7 +59,7 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
                     "timeout": p.timeout_s,
                     "stream_timeout": p.timeout_s,
                 },
-                "model_info": {"mode": "chat", "catalog_model": t.model.name, "quant": t.quant},
+                "model_info": {"mode": "chat"},
             }
         )
     if stack.embeddings is not None:
@@ -73,11 +73,7 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
                     "api_key": "none",
                     "timeout": min(p.timeout_s, 120.0),
                 },
-                "model_info": {
-                    "mode": "embedding",
-                    "catalog_model": e.model.name,
-                    "dimensions": e.model.dimensions,
-                },
+                "model_info": {"mode": "embedding"},
             }
         )
     names = [t.name for t in stack.tiers]

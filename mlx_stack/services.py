@@ -232,25 +232,37 @@ def proxy_service(
 
 @dataclass(frozen=True)
 class Plan:
-    """Every service of a stack, in start order (model servers first, the proxy last)."""
+    """Every service of a stack, in start order (model servers first, the proxy last).
+
+    ``missing`` names the model servers that cannot start because their weights are not on
+    this machine, with the command that fetches them.
+    """
 
     model_servers: tuple[ServiceSpec, ...]
     proxy: ServiceSpec
+    missing: dict[str, str] = field(default_factory=dict)
 
     @property
     def all(self) -> tuple[ServiceSpec, ...]:
         return (*self.model_servers, self.proxy)
 
+    def require_complete(self) -> Plan:
+        """Raise, before anything starts, if any service lacks its weights."""
+        if self.missing:
+            lines = "\n".join(f"  - {m}" for m in self.missing.values())
+            raise ServiceStartError(f"nothing was started:\n{lines}")
+        return self
+
 
 def plan_services(stack: Stack, paths: StatePaths, key: str) -> Plan:
-    """Resolve weights and build every spec; missing weights fail here, before anything starts."""
+    """Resolve weights and build every spec a stack needs; no process is touched."""
     servers: list[ServiceSpec] = []
-    missing: list[str] = []
+    missing: dict[str, str] = {}
     served_paths: dict[str, str] = {}
     for t in stack.tiers:
         path = weights_path(t.model, t.quant)
         if path is None:
-            missing.append(missing_weights_message(t.name, t.model, t.quant))
+            missing[t.name] = missing_weights_message(t.name, t.model, t.quant)
             continue
         servers.append(chat_service(t, path))
         served_paths[t.name] = str(path)
@@ -258,9 +270,7 @@ def plan_services(stack: Stack, paths: StatePaths, key: str) -> Plan:
         e = stack.embeddings
         path = weights_path(e.model, e.quant)
         if path is None:
-            missing.append(missing_weights_message(e.name, e.model, e.quant))
+            missing[e.name] = missing_weights_message(e.name, e.model, e.quant)
         else:
             servers.append(embeddings_service(e, path))
-    if missing:
-        raise ServiceStartError("nothing was started:\n" + "\n".join(f"  - {m}" for m in missing))
-    return Plan(tuple(servers), proxy_service(stack, paths, key, served_paths))
+    return Plan(tuple(servers), proxy_service(stack, paths, key, served_paths), missing)

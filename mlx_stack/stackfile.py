@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mlx_stack.catalog import Catalog, ChatModel, EmbeddingModel
 from mlx_stack.errors import CatalogError, ConfigError
+from mlx_stack.policy import WatchSettings
 from mlx_stack.schema import Field, Problems, close_matches, read_mapping
 from mlx_stack.yamlfile import YamlDoc, load_yaml, parse_yaml
 
@@ -56,11 +57,41 @@ PROXY_FIELDS = [
     Field("timeout_s", (int, float), "seconds a request to a tier may take before it fails", 600),
     Field("num_retries", (int,), "retries of a failed request (then fallbacks to other tiers)", 1),
 ]
+WATCHDOG_FIELDS = [
+    Field("probe_interval_s", (int, float), "seconds between health probes of a ready service", 10),
+    Field(
+        "probe_timeout_s", (int, float), "seconds a probe may take before it counts as failed", 30
+    ),
+    Field(
+        "failure_threshold", (int,), "failed probes in a row before a hung service is restarted", 3
+    ),
+    Field(
+        "start_timeout_s",
+        (int, float),
+        "seconds a start may go without progress (log output, "
+        "memory growth) before it is declared failed",
+        120,
+    ),
+    Field(
+        "start_timeout_max_s", (int, float), "seconds a start may take at most, even loading", 1800
+    ),
+    Field("backoff_initial_s", (int, float), "first delay before a restart; doubles each time", 1),
+    Field("backoff_max_s", (int, float), "longest delay before a restart", 60),
+    Field(
+        "stable_after_s", (int, float), "seconds ready after which the backoff starts afresh", 300
+    ),
+    Field("crashloop_restarts", (int,), "restarts within crashloop_window_s that mean fatal", 5),
+    Field("crashloop_window_s", (int, float), "the crash-loop window, seconds", 600),
+    Field("stop_timeout_s", (int, float), "seconds between SIGTERM and SIGKILL on stop", 10),
+    Field("log_max_mb", (int, float), "size at which a service log is rotated, MB", 50),
+    Field("log_backups", (int,), "rotated logs kept per service", 5),
+]
 STACK_FIELDS = [
     Field("version", (int,), "stack file format version", 1),
     Field("tiers", (dict, type(None)), "chat tiers by name (standard, fast, ...)", {}),
     Field("embeddings", (dict, type(None)), "the optional embeddings tier", None),
     Field("proxy", (dict, type(None)), "the LiteLLM proxy in front of all tiers", {}),
+    Field("watchdog", (dict, type(None)), "health probes, restarts and log rotation", {}),
 ]
 
 
@@ -97,6 +128,7 @@ class Stack:
     embeddings: EmbeddingsTier | None
     proxy: ProxySettings = field(default_factory=ProxySettings)
     path: Path | None = None
+    watchdog: WatchSettings = field(default_factory=WatchSettings)
 
     def tier(self, name: str) -> ChatTier:
         for t in self.tiers:
@@ -203,6 +235,22 @@ def _read_proxy(raw: dict, problems: Problems) -> ProxySettings:
     )
 
 
+def _read_watchdog(raw: dict, problems: Problems) -> WatchSettings:
+    d = read_mapping(raw, "watchdog", WATCHDOG_FIELDS, problems)
+    if d is None:
+        return WatchSettings()
+    for key, value in d.items():
+        if value <= 0 and key != "log_backups":
+            problems.add(f"watchdog.{key}", f"must be > 0, got {value}")
+    if d["log_backups"] < 0:
+        problems.add("watchdog.log_backups", "must be >= 0")
+    mb = d.pop("log_max_mb")
+    return WatchSettings(
+        **{k: (float(v) if k.endswith("_s") else v) for k, v in d.items()},
+        log_max_bytes=int(mb * 1024 * 1024),
+    )
+
+
 def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
     """Validate a parsed stack file against the catalog; raise ConfigError with every problem."""
     problems = Problems(doc)
@@ -215,6 +263,7 @@ def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
     tiers = _read_tiers(top["tiers"] or {}, catalog, system, problems)
     emb = _read_embeddings(top["embeddings"], catalog, problems) if top["embeddings"] else None
     proxy = _read_proxy(top["proxy"] or {}, problems)
+    watchdog = _read_watchdog(top["watchdog"] or {}, problems)
     ports: dict[int, str] = {}
     for name, port, path in [
         *((t.name, t.port, f"tiers.{t.name}.port") for t in tiers),
@@ -226,7 +275,7 @@ def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
         ports.setdefault(port, name)
     if problems:
         raise ConfigError(doc.path, problems.items)
-    return Stack(tuple(tiers), emb, proxy, doc.path)
+    return Stack(tuple(tiers), emb, proxy, doc.path, watchdog)
 
 
 def load_stack(path: Path, catalog: Catalog, system: str) -> Stack:

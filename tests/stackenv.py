@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mlx_stack import processes
 from mlx_stack.ports import free_port
-from mlx_stack.state import load_state
+from mlx_stack.state import load_snapshot
 
 MLX_STACK = [sys.executable, "-m", "mlx_stack.cli"]
 
@@ -75,9 +75,10 @@ class StackEnv:
 
     def kill_everything(self) -> None:
         """Last-resort cleanup by recorded pid and group, for tests that fail half-way."""
-        state = self.home / "run" / "state.json"
-        if state.exists():
-            processes.stop_all([r.process for r in load_state(state).services.values()], 3)
+        snap = load_snapshot(self.home / "run" / "state.json")
+        if snap is not None:
+            recs = [s.process for s in snap.services if s.process is not None]
+            processes.stop_all([snap.record, *recs], 3)
 
 
 def write_stack(

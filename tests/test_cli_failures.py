@@ -92,11 +92,13 @@ models:
         res = env.cli("up", timeout=300)
         assert time.monotonic() - t0 < 120
         assert res.returncode == 4, res.stderr
-        assert "embeddings: exited with code" in res.stderr
+        assert "embeddings: fatal: exited during start with exit code 2" in res.stderr
         assert "no_such_arch" in res.stderr  # the child's own last log lines are shown
         no_traceback(res)
         st = {s["name"]: s["state"] for s in env.status()["services"]}
-        assert st["embeddings"] == "exited" and st["proxy"] == "stopped"
+        # Restarting cannot fix a bad model folder: fatal at once, and the proxy never started
+        # because no model server became ready.
+        assert st["embeddings"] == "fatal" and st["proxy"] == "stopped"
     finally:
         env.cli("down")
         env.kill_everything()
