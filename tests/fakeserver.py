@@ -1,0 +1,74 @@
+"""A small real HTTP server that behaves like a model server, for watchdog tests.
+
+It answers the probes the supervisor sends (a chat completion, an embedding, the proxy's
+readiness route) and can misbehave on request: exit early, ignore SIGTERM, flood its output,
+load slowly. The watchdog is tested against real processes of this program on free ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Handler(BaseHTTPRequestHandler):
+    def _send(self, body: dict) -> None:
+        raw = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._send({"status": "healthy"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        length = int(self.headers.get("Content-Length", 0))
+        self.rfile.read(length)
+        if self.path.endswith("/embeddings"):
+            self._send({"object": "list", "data": [{"object": "embedding", "index": 0,
+                                                    "embedding": [1.0, 0.0]}]})
+        else:
+            self._send({"choices": [{"index": 0, "message": {"role": "assistant",
+                                                             "content": "x"}}]})
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--exit-after", type=float, help="exit this many seconds after start")
+    p.add_argument("--exit-code", type=int, default=1)
+    p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--flood", type=int, default=0, help="print this many lines first")
+    p.add_argument("--load-s", type=float, default=0.0, help="seconds of 'loading' first")
+    p.add_argument("--tag", default="", help="ignored; changes the command line")
+    a = p.parse_args()
+    if a.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(f"fakeserver on {a.port} pid-start", flush=True)
+    for i in range(a.flood):
+        sys.stdout.write(f"flood line {i:07d} " + "x" * 80 + "\n")
+    sys.stdout.flush()
+    deadline = time.monotonic() + a.load_s
+    while time.monotonic() < deadline:
+        print("loading...", flush=True)
+        time.sleep(0.2)
+    if a.exit_after is not None:
+        time.sleep(a.exit_after)
+        print(f"exiting with {a.exit_code}", flush=True)
+        sys.exit(a.exit_code)
+    server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
+    print("serving", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
