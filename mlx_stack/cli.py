@@ -308,6 +308,39 @@ def models(kind: str | None, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--print", "show", is_flag=True, help="Print the unit file instead of installing it.")
+@_friendly
+def install(show: bool) -> None:
+    """Run the stack at login: a launchd agent (macOS) or a systemd user unit (Linux)."""
+    from mlx_stack import autostart
+
+    paths = StatePaths.from_env()
+    unit = autostart.unit_for(paths)
+    if show:
+        click.echo(f"# {unit.path}")
+        click.echo(unit.text, nl=False)
+        return
+    if lifecycle.stack_running(paths):
+        raise MlxStackError("a supervisor started by `mlx-stack up` runs this stack; "
+                            "`mlx-stack down` first, so the service manager can own it")
+    autostart.install(unit)
+    click.echo(f"installed {unit.path} ({unit.system}); the stack starts now and at every login")
+
+
+@main.command()
+@_friendly
+def uninstall() -> None:
+    """Remove the launchd agent or systemd unit (stopping the stack it runs)."""
+    from mlx_stack import autostart
+
+    unit = autostart.unit_for(StatePaths.from_env())
+    if autostart.uninstall(unit):
+        click.echo(f"removed {unit.path}")
+    else:
+        click.echo(f"not installed ({unit.path} does not exist)")
+
+
+@main.command()
 @click.argument("model")
 @click.option("--quant", metavar="Q", help="Quantisation id (default: the model's first).")
 @_friendly

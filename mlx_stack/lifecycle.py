@@ -346,6 +346,10 @@ def status(paths: StatePaths, plan: Plan | None) -> list[ServiceStatus]:
     return rows
 
 
+def stack_running(paths: StatePaths) -> bool:
+    return _live_snapshot(paths) is not None
+
+
 def stack_problem(paths: StatePaths) -> str | None:
     """The supervisor's view of an invalid stack file edit, if any."""
     snap = _live_snapshot(paths)
