@@ -32,9 +32,15 @@ class WatchSettings:
 
 
 def backoff_delay(consecutive_failures: int, s: WatchSettings) -> float:
-    """Delay before restart number ``consecutive_failures`` (1 for the first): doubling, capped."""
-    n = max(1, consecutive_failures)
-    return min(s.backoff_max_s, s.backoff_initial_s * 2 ** (n - 1))
+    """Delay before restart number ``consecutive_failures`` (1 for the first).
+
+    The first restart after a healthy run is immediate (a crash after hours should cost no
+    extra downtime); from the second failure in a row the delay doubles from
+    ``backoff_initial_s`` up to ``backoff_max_s``.
+    """
+    if consecutive_failures <= 1:
+        return 0.0
+    return min(s.backoff_max_s, s.backoff_initial_s * 2 ** (consecutive_failures - 2))
 
 
 def is_crash_loop(restart_times: Sequence[float], now: float, s: WatchSettings) -> bool:

@@ -19,8 +19,9 @@ S = WatchSettings(backoff_initial_s=1, backoff_max_s=60, crashloop_restarts=3,
                   start_timeout_max_s=1800)
 
 
-@pytest.mark.parametrize(("n", "delay"), [(1, 1), (2, 2), (3, 4), (6, 32), (7, 60), (50, 60)])
-def test_backoff_doubles_and_is_capped(n, delay):
+@pytest.mark.parametrize(("n", "delay"), [(1, 0), (2, 1), (3, 2), (4, 4), (7, 32), (8, 60),
+                                          (50, 60)])
+def test_backoff_is_immediate_once_then_doubles_and_is_capped(n, delay):
     assert backoff_delay(n, S) == delay
 
 
