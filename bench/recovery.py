@@ -45,7 +45,8 @@ def run_scenario(retries: int, clients: int, seconds: float) -> dict:
     home = Path(tempfile.mkdtemp(prefix="mlx-stack-recovery-"))
     env = write_stack(home, None)
     stack = home / "stack.yaml"
-    stack.write_text(stack.read_text().replace("timeout_s: 60", f"timeout_s: 60\n  num_retries: {retries}"))
+    text = stack.read_text()
+    stack.write_text(text.replace("timeout_s: 60", f"timeout_s: 60\n  num_retries: {retries}"))
     env.cli("up", check=True, timeout=600)
     url = env.url("proxy") + "/v1/embeddings"
     headers = {"Authorization": f"Bearer {env.key()}"}
