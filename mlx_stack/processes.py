@@ -1,4 +1,4 @@
-"""Child processes: start one in its own process group with its output appended to a log,
+"""Child processes: start one in its own process group with its output pumped into a log,
 recognise it later without trusting a bare PID, and stop its whole group.
 
 A PID alone is not an identity (PIDs are reused, after a reboot in particular), so every record
@@ -8,9 +8,12 @@ keeps the process's start time and command line, and nothing is signalled unless
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -19,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from mlx_stack.errors import ServiceStartError
+from mlx_stack.logsink import RotatingLog, pump
 
 #: How close a recorded start time must be to the live process's (psutil rounds differently
 #: across platforms).
@@ -47,40 +50,60 @@ class ProcessRecord:
         )
 
 
-def spawn(
-    argv: Sequence[str], env: Mapping[str, str], log_path: Path, cwd: Path | None = None
-) -> ProcessRecord:
-    """Start ``argv`` in a new session (its own process group), output appended to ``log_path``.
+def _linux_pdeathsig() -> None:
+    """In the child, before exec: die with SIGKILL when the parent dies (Linux only).
 
-    The log is opened in append mode, so a restart never truncates what came before.
+    The signal follows the *thread* that forked, so children must be started from a thread
+    that lives as long as the supervisor (its main loop).
     """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        log.write(
-            f"\n==== mlx-stack: starting {' '.join(argv)} at "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')} ====\n".encode()
-        )
-        log.flush()
-        try:
-            proc = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=dict(env),
-                cwd=cwd,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            raise ServiceStartError(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+@dataclass
+class Child:
+    """A started service process: the Popen, its identity record, and its log pump thread."""
+
+    popen: subprocess.Popen[bytes]
+    record: ProcessRecord
+    pump: threading.Thread
+
+    def poll(self) -> int | None:
+        """The exit code once the process has ended (negative: killed by that signal)."""
+        return self.popen.poll()
+
+    def signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.record.pgid, sig)
+
+    def finish(self) -> None:
+        """After exit: kill what is left of its group and drain the rest of its output."""
+        self.signal_group(signal.SIGKILL)
+        self.pump.join(timeout=2)
+
+
+def start_child(argv: Sequence[str], env: Mapping[str, str], cwd: Path,
+                log: RotatingLog) -> Child:
+    """Start ``argv`` in a new session (its own process group), its output pumped into ``log``.
+
+    On Linux the child gets PR_SET_PDEATHSIG, so it dies with its supervisor even on SIGKILL.
+    Raises OSError if the program cannot be run.
+    """
+    preexec = _linux_pdeathsig if sys.platform.startswith("linux") else None
+    popen = subprocess.Popen(
+        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=dict(env), cwd=cwd, start_new_session=True, close_fds=True, preexec_fn=preexec,
+    )
     try:
-        create_time = psutil.Process(proc.pid).create_time()
+        create_time = psutil.Process(popen.pid).create_time()
     except psutil.Error:
-        create_time = 0.0  # it already exited; the caller's readiness wait will report it
-    # Popen's object is dropped: the child lives on after `up` returns. Its exit status is
-    # reaped by whoever waits (`wait_exit`) or by init once we are gone.
-    return ProcessRecord(proc.pid, proc.pid, create_time, tuple(argv))
+        create_time = 0.0  # it already exited; the caller sees that at its next poll
+    assert popen.stdout is not None
+    thread = threading.Thread(target=pump, args=(popen.stdout, log), daemon=True,
+                              name=f"log-{log.path.stem}")
+    thread.start()
+    return Child(popen, ProcessRecord(popen.pid, popen.pid, create_time, tuple(argv)), thread)
 
 
 def is_running(rec: ProcessRecord) -> bool:

@@ -12,11 +12,8 @@ watcher only sets a flag. Every state change goes through ``_set_state``.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +27,7 @@ import psutil
 from mlx_stack import control, ports, processes
 from mlx_stack.errors import MlxStackError
 from mlx_stack.logs import tail
-from mlx_stack.logsink import RotatingLog, pump
+from mlx_stack.logsink import RotatingLog
 from mlx_stack.paths import StatePaths
 from mlx_stack.policy import (
     WatchSettings,
@@ -60,13 +57,6 @@ PROGRESS_CHECK_S = 1.0
 PlanLoader = Callable[[], tuple[Plan, WatchSettings]]
 
 
-def _linux_pdeathsig() -> None:
-    """In the child, before exec: die with SIGKILL when the supervisor dies (Linux only)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-
-
 @dataclass
 class Managed:
     """One service under supervision: its spec and everything the loop knows about it."""
@@ -77,10 +67,9 @@ class Managed:
     wanted: bool = True
     state: ServiceState = S.STOPPED
     reason: str = ""
-    proc: subprocess.Popen[bytes] | None = None
+    child: processes.Child | None = None
     record: processes.ProcessRecord | None = None
     log: RotatingLog | None = None
-    pump_thread: threading.Thread | None = None
     started_at: float = 0.0
     started_wall: float = 0.0
     last_progress_at: float = 0.0
@@ -228,33 +217,12 @@ class Supervisor:
             )
             return
         log.mark(f"starting {m.name}: {' '.join(s.argv)}")
-        preexec = _linux_pdeathsig if sys.platform.startswith("linux") else None
         try:
-            proc = subprocess.Popen(
-                list(s.argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env=s.full_env(),
-                cwd=self.paths.run,
-                start_new_session=True,
-                close_fds=True,
-                preexec_fn=preexec,
-            )
+            m.child = processes.start_child(s.argv, s.full_env(), self.paths.run, log)
         except OSError as exc:
             self._set_state(m, S.FATAL, f"cannot run {s.argv[0]}: {exc.strerror or exc}")
             return
-        try:
-            create_time = psutil.Process(proc.pid).create_time()
-        except psutil.Error:
-            create_time = 0.0
-        m.proc = proc
-        m.record = processes.ProcessRecord(proc.pid, proc.pid, create_time, tuple(s.argv))
-        assert proc.stdout is not None
-        m.pump_thread = threading.Thread(
-            target=pump, args=(proc.stdout, log), daemon=True, name=f"log-{m.name}"
-        )
-        m.pump_thread.start()
+        m.record = m.child.record
         m.started_at = m.last_progress_at = now
         m.started_wall = time.time()
         m.progress_mark = (0, 0)
@@ -267,16 +235,15 @@ class Supervisor:
         self._set_state(m, S.STARTING)
 
     def _signal(self, m: Managed, sig: int) -> None:
-        if m.record is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(m.record.pgid, sig)
+        if m.child is not None:
+            m.child.signal_group(sig)
 
     def _stop(self, m: Managed, then: ServiceState, reason: str, *, kill: bool = False) -> None:
         """Signal the whole group (SIGKILL at once if ``kill``); the loop finishes the stop."""
         m.after_stop, m.after_stop_reason = then, reason
         if m.state is S.STOPPING:
             return
-        if not m.state.running or m.proc is None:
+        if not m.state.running or m.child is None:
             if then is S.STOPPED and m.state in (S.BACKOFF, S.FATAL):
                 self._set_state(m, S.STOPPED, reason)
             return
@@ -290,15 +257,13 @@ class Supervisor:
 
     def _reap(self, m: Managed, now: float) -> int | None:
         """Return the exit code if the service's process has ended (and clean its group)."""
-        if m.proc is None:
+        if m.child is None:
             return None
-        code = m.proc.poll()
+        code = m.child.poll()
         if code is None:
             return None
-        self._signal(m, signal.SIGKILL)  # leftovers of the group, if any
-        if m.pump_thread is not None:
-            m.pump_thread.join(timeout=2)
-        m.proc = None
+        m.child.finish()
+        m.child = None
         return code
 
     def _on_exit(self, m: Managed, code: int, now: float) -> None:

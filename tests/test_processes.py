@@ -12,6 +12,14 @@ import pytest
 from helpers import SLEEPER, STUBBORN, WITH_GRANDCHILD
 
 from mlx_stack import logs, processes
+from mlx_stack.logsink import RotatingLog
+
+
+def spawn(argv, log_path):
+    """Start a child the way the supervisor does; return its identity record."""
+    log = RotatingLog(log_path, 10_000_000, 2)
+    log.mark("starting " + " ".join(argv))
+    return processes.start_child(argv, os.environ, log_path.parent, log).record
 
 
 @pytest.fixture
@@ -33,30 +41,28 @@ def wait_for(pred, timeout=10.0):
 
 def test_spawn_runs_in_its_own_group_and_logs(tmp_path, started):
     log = tmp_path / "svc.log"
-    rec = processes.spawn(
-        [*SLEEPER[:2], "print('hello from child', flush=True)\n" + SLEEPER[2]], os.environ, log
-    )
+    rec = spawn([*SLEEPER[:2], "print('hello from child', flush=True)\n" + SLEEPER[2]], log)
     started.append(rec)
     assert os.getpgid(rec.pid) == rec.pid != os.getpgid(0)
     assert processes.is_running(rec)
     assert wait_for(lambda: re.search("^hello from child$", log.read_text(), re.M))
-    assert "mlx-stack: starting" in log.read_text()
+    assert "mlx-stack " in log.read_text()
 
 
 def test_restart_appends_to_the_log(tmp_path, started):
     log = tmp_path / "svc.log"
     for word in ("first", "second"):
-        rec = processes.spawn([SLEEPER[0], "-c", f"print('{word}', flush=True)"], os.environ, log)
+        rec = spawn([SLEEPER[0], "-c", f"print('{word}', flush=True)"], log)
         started.append(rec)
         assert wait_for(lambda rec=rec: not processes.is_running(rec))
     text = log.read_text()
     assert text.index("first") < text.index("second")
-    assert len(re.findall("mlx-stack: starting", text)) == 2
+    assert len(re.findall("mlx-stack ", text)) == 2
 
 
 def test_stop_ends_the_whole_group(tmp_path, started):
     log = tmp_path / "g.log"
-    rec = processes.spawn(WITH_GRANDCHILD, os.environ, log)
+    rec = spawn(WITH_GRANDCHILD, log)
     started.append(rec)
     assert wait_for(lambda: re.search(r"^grandchild \d+$", log.read_text(), re.M))
     grandchild = int(re.search(r"^grandchild (\d+)$", log.read_text(), re.M).group(1))
@@ -74,7 +80,7 @@ def test_stop_ends_the_whole_group(tmp_path, started):
 
 def test_a_child_ignoring_sigterm_is_killed_after_the_timeout(tmp_path, started):
     log = tmp_path / "s.log"
-    rec = processes.spawn(STUBBORN, os.environ, log)
+    rec = spawn(STUBBORN, log)
     started.append(rec)
     assert wait_for(lambda: re.search("^ignoring SIGTERM$", log.read_text(), re.M))
     t0 = time.monotonic()
@@ -86,7 +92,7 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_timeout(tmp_path, started)
 
 def test_a_reused_pid_is_never_signalled(tmp_path, started):
     """A record whose start time differs from the live process is treated as gone."""
-    rec = processes.spawn(SLEEPER, os.environ, tmp_path / "x.log")
+    rec = spawn(SLEEPER, tmp_path / "x.log")
     started.append(rec)
     impostor = replace(rec, create_time=rec.create_time - 1000)  # same pid, another process
     assert not processes.is_running(impostor)
