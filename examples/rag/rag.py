@@ -1,0 +1,323 @@
+#!/usr/bin/env python3
+"""Retrieval-augmented generation on mlx-stack: index a folder, search it, ask a chat tier.
+
+    export MLX_STACK_KEY=$(mlx-stack key)
+    python examples/rag/rag.py index examples/rag/corpus
+    python examples/rag/rag.py ask "How do I reduce endpoint latency?"
+
+Vectors come from the proxy's ``local-embed`` model at http://127.0.0.1:4000/v1 (``MLX_STACK_URL``
+moves it); the key is ``MLX_STACK_KEY``, else the output of ``mlx-stack key``. The index is two
+plain files in a folder (``./rag-index`` by default): ``vectors.npy`` (float32, one unit-length
+row per chunk) and ``index.json`` (the chunks, their files, and a fingerprint of the embeddings
+model, so an index is never searched with vectors from another model). It needs only ``openai``
+and ``numpy``, which mlx-stack already installs. Guide: docs/embeddings.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+
+DEFAULT_URL = "http://127.0.0.1:4000/v1"
+EMBED_MODEL = "local-embed"
+DEFAULT_STORE = Path("rag-index")
+MAX_CHUNK_CHARS = 800
+"""~200 tokens: under the 256-token window of the default model (all-MiniLM-L6-v2)."""
+BATCH = 64
+FINGERPRINT_TEXT = "mlx-stack index fingerprint: the quick brown fox jumps over the lazy dog."
+SAME_MODEL_COSINE = 0.999
+"""The same model gives the same vector (cosine ~1.0); another model gives ~0 or a new size."""
+INDEX_FORMAT = 1
+SYSTEM_PROMPT = (
+    "Answer the question using only the numbered context passages. Cite the passages you use "
+    "as [1], [2]. If the context does not contain the answer, say that you do not know."
+)
+
+
+class RagError(Exception):
+    """A failure with a message that says what to do; printed without a traceback."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    source: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float
+    source: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Index:
+    chunks: list[Chunk]
+    vectors: np.ndarray
+    fingerprint: np.ndarray
+
+
+def connect() -> openai.OpenAI:
+    """A client for the proxy: ``MLX_STACK_URL`` and ``MLX_STACK_KEY``, as in docs/clients.md."""
+    url = os.environ.get("MLX_STACK_URL", DEFAULT_URL)
+    return openai.OpenAI(base_url=url, api_key=_key(), timeout=120)
+
+
+def _key() -> str:
+    if os.environ.get("MLX_STACK_KEY"):
+        return os.environ["MLX_STACK_KEY"]
+    exe = shutil.which("mlx-stack")
+    if exe is not None:
+        res = subprocess.run([exe, "key"], capture_output=True, text=True, check=False)
+        if res.returncode == 0 and res.stdout.strip():
+            return res.stdout.strip()
+    raise RagError("no proxy key: run `export MLX_STACK_KEY=$(mlx-stack key)` first")
+
+
+def read_chunks(folder: Path) -> list[Chunk]:
+    """Paragraphs of every .md/.txt file, merged up to MAX_CHUNK_CHARS, each led by its title."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".md", ".txt") and p.is_file())
+    chunks: list[Chunk] = []
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        title = next(
+            (line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("# ")),
+            path.stem,
+        )
+        source = path.relative_to(folder).as_posix()
+        for body in _pack(p.strip() for p in text.split("\n\n")):
+            lead = "" if body.startswith("# ") else f"{title}\n\n"
+            chunks.append(Chunk(source, lead + body))
+    return chunks
+
+
+def _pack(paragraphs: Any) -> list[str]:
+    out: list[str] = []
+    current = ""
+    for para in paragraphs:
+        if not para:
+            continue
+        if current and len(current) + len(para) + 2 > MAX_CHUNK_CHARS:
+            out.append(current)
+            current = ""
+        current = f"{current}\n\n{para}" if current else para
+    if current:
+        out.append(current)
+    return out
+
+
+def embed(client: openai.OpenAI, texts: Sequence[str], input_type: str | None) -> np.ndarray:
+    """Unit-length float32 rows. ``input_type`` picks the model's query or document prefix."""
+    extra = {"input_type": input_type} if input_type else None
+    rows: list[list[float]] = []
+    for start in range(0, len(texts), BATCH):
+        try:
+            res = client.embeddings.create(
+                model=EMBED_MODEL, input=list(texts[start : start + BATCH]), extra_body=extra
+            )
+        except openai.APIConnectionError:
+            raise RagError(
+                f"cannot reach the proxy at {client.base_url}: is the stack up? "
+                "(`mlx-stack status`; MLX_STACK_URL sets another address)"
+            ) from None
+        except openai.APIStatusError as exc:
+            # LiteLLM answers a wrong key with 400 "No connected db." (it would look it up in
+            # a database this stack does not have), a missing one with 401.
+            if exc.status_code == 401 or "No connected db" in str(exc):
+                raise RagError(
+                    "the proxy refused the key: `export MLX_STACK_KEY=$(mlx-stack key)`"
+                ) from None
+            raise RagError(
+                f"embeddings failed ({exc.status_code}): {_message(exc)}; does the stack have an "
+                "embeddings tier? (`mlx-stack status`, `mlx-stack init --add-embeddings MODEL`)"
+            ) from None
+        rows.extend(d.embedding for d in sorted(res.data, key=lambda d: d.index))
+    vectors = np.asarray(rows, dtype=np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def _message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return body["message"].splitlines()[0][:300]
+    return str(exc)[:300]
+
+
+def build_index(client: openai.OpenAI, folder: Path, store: Path) -> Index:
+    """Embed every chunk of ``folder`` as a document and write the index to ``store``."""
+    chunks = read_chunks(folder)
+    if not chunks:
+        raise RagError(f"no .md or .txt files with text under {folder}")
+    index = Index(
+        chunks,
+        embed(client, [c.text for c in chunks], "document"),
+        embed(client, [FINGERPRINT_TEXT], None)[0],
+    )
+    store.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": INDEX_FORMAT,
+        "model": EMBED_MODEL,
+        "dimensions": int(index.vectors.shape[1]),
+        "fingerprint": index.fingerprint.tolist(),
+        "chunks": [asdict(c) for c in chunks],
+    }
+    # Write both files under temporary names, then rename: a crash never leaves half an index.
+    np.save(store / "vectors.tmp.npy", index.vectors)
+    (store / "index.tmp.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    os.replace(store / "vectors.tmp.npy", store / "vectors.npy")
+    os.replace(store / "index.tmp.json", store / "index.json")
+    return index
+
+
+def load_index(store: Path) -> Index:
+    try:
+        meta = json.loads((store / "index.json").read_text(encoding="utf-8"))
+        vectors = np.load(store / "vectors.npy")
+    except FileNotFoundError:
+        raise RagError(f"no index in {store}: run `rag.py index FOLDER --store {store}`") from None
+    if meta.get("format") != INDEX_FORMAT or len(meta["chunks"]) != len(vectors):
+        raise RagError(f"{store} holds an index this script cannot read: rebuild it")
+    chunks = [Chunk(**c) for c in meta["chunks"]]
+    return Index(chunks, vectors, np.asarray(meta["fingerprint"], dtype=np.float32))
+
+
+def check_same_model(client: openai.OpenAI, index: Index) -> None:
+    """Refuse to compare vectors from two different models: the scores would be meaningless."""
+    now = embed(client, [FINGERPRINT_TEXT], None)[0]
+    if now.shape != index.fingerprint.shape:
+        change = f"{index.fingerprint.shape[0]} -> {now.shape[0]} dimensions"
+    elif float(now @ index.fingerprint) < SAME_MODEL_COSINE:
+        change = f"fingerprint cosine {float(now @ index.fingerprint):.3f}"
+    else:
+        return
+    raise RagError(
+        f"the embeddings model behind {EMBED_MODEL!r} changed since this index was built "
+        f"({change}); vectors of two models must never be mixed: rebuild the index with "
+        "`rag.py index FOLDER` (docs/embeddings.md)"
+    )
+
+
+def search(client: openai.OpenAI, index: Index, query: str, k: int) -> list[Hit]:
+    check_same_model(client, index)
+    q = embed(client, [query], "query")[0]
+    scores = index.vectors @ q
+    order = np.argsort(-scores)[:k]
+    return [
+        Hit(rank + 1, float(scores[i]), index.chunks[i].source, index.chunks[i].text)
+        for rank, i in enumerate(order)
+    ]
+
+
+def pick_chat_model(models: Sequence[dict[str, Any]]) -> str | None:
+    """The first chat tier the proxy lists (LiteLLM marks each model with its ``mode``)."""
+    for m in models:
+        if m.get("id") != EMBED_MODEL and m.get("mode", "chat") == "chat":
+            return str(m["id"])
+    return None
+
+
+def ask_chat(
+    client: openai.OpenAI, model: str | None, query: str, hits: list[Hit], max_tokens: int
+) -> tuple[str | None, str | None, str | None]:
+    """(model, answer, why skipped): a missing or failing chat tier skips the step, no more."""
+    try:
+        if model is None:
+            listed = client.models.list().model_dump()["data"]
+            model = pick_chat_model(listed)
+            if model is None:
+                return None, None, "the stack has no chat tier (add one to stack.yaml)"
+        context = "\n\n".join(f"[{h.rank}] ({h.source}) {h.text}" for h in hits)
+        res = client.chat.completions.create(
+            model=model,
+            messages=[
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": f"Context:\n{context}\n\nQuestion: {query}"},
+            ],
+            max_tokens=max_tokens,
+        )
+    except openai.APIStatusError as exc:
+        return model, None, f"chat tier {model!r} failed ({exc.status_code}): {_message(exc)}"
+    except openai.APIConnectionError as exc:
+        return model, None, f"chat tier {model!r} unreachable: {exc}"
+    return model, res.choices[0].message.content or "", None
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    if not args.folder.is_dir():
+        raise RagError(f"{args.folder} is not a folder")
+    index = build_index(connect(), args.folder, args.store)
+    files = len({c.source for c in index.chunks})
+    print(
+        f"indexed {len(index.chunks)} chunks from {files} files into {args.store} "
+        f"({index.vectors.shape[1]} dimensions)"
+    )
+    return 0
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    client = connect()
+    hits = search(client, load_index(args.store), args.query, args.k)
+    model = answer = skipped = None
+    if args.no_chat:
+        skipped = "--no-chat"
+    else:
+        model, answer, skipped = ask_chat(
+            client, args.chat_model, args.query, hits, args.max_tokens
+        )
+    if args.json:
+        out = {
+            "query": args.query,
+            "hits": [asdict(h) for h in hits],
+            "chat_model": model,
+            "answer": answer,
+            "chat_skipped": skipped,
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    for h in hits:
+        first = " ".join(h.text.split())[:90]
+        print(f"{h.rank}. {h.score:.3f}  {h.source}  {first}")
+    if answer is not None:
+        print(f"\nanswer ({model}):\n{answer.strip()}")
+    else:
+        print(f"\nchat step skipped: {skipped}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_index = sub.add_parser("index", help="embed every .md/.txt file of FOLDER")
+    p_index.add_argument("folder", type=Path)
+    p_ask = sub.add_parser("ask", help="search the index, then ask a chat tier")
+    p_ask.add_argument("query")
+    p_ask.add_argument("-k", type=int, default=4, help="passages to retrieve (default: 4)")
+    p_ask.add_argument("--chat-model", help="proxy model to ask (default: the first chat tier)")
+    p_ask.add_argument("--no-chat", action="store_true", help="search only")
+    p_ask.add_argument("--max-tokens", type=int, default=256, help="answer length limit")
+    p_ask.add_argument("--json", action="store_true", help="machine-readable output")
+    for p in (p_index, p_ask):
+        p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="index folder")
+    args = parser.parse_args(argv)
+    try:
+        return _cmd_index(args) if args.command == "index" else _cmd_ask(args)
+    except RagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
