@@ -6,6 +6,24 @@ import yaml
 from stackenv import StackEnv
 
 
+ODD_EMBEDDING = """\
+models:
+  - name: odd-embed
+    type: embedding
+    source: owner/odd
+    architecture: odd_arch
+    params_m: 1
+    dimensions: 8
+    max_sequence_length: 16
+    pooling: mean
+    normalize: true
+    mteb_score: 0
+    memory_mb: 10
+    quantizations:
+      - {id: fp32, source: owner/odd, memory_mb: 10}
+"""
+
+
 def test_init_with_embeddings_offline(tmp_path):
     env = StackEnv(tmp_path / "home", {})
     res = env.cli("init", "--with-embeddings", check=True)
@@ -57,5 +75,7 @@ def test_add_embeddings_refuses_unknown_and_unsupported_models(tmp_path):
     env.cli("init", "--with-embeddings", check=True)
     res = env.cli("init", "--add-embeddings", "qwen3-8b", "--force")
     assert res.returncode == 2 and "is a chat model" in res.stderr
-    res = env.cli("init", "--add-embeddings", "nomic-embed-text-v1.5", "--force")
-    assert res.returncode == 2 and "nomic_bert" in res.stderr
+    (env.home / "catalog").mkdir()
+    (env.home / "catalog" / "odd.yaml").write_text(ODD_EMBEDDING)
+    res = env.cli("init", "--add-embeddings", "odd-embed", "--force")
+    assert res.returncode == 2 and "(odd_arch) cannot be served" in res.stderr
