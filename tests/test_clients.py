@@ -77,6 +77,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 SNIPPETS = (
     "openai_embeddings.py",
     "openai_chat.py",
+    "openai_input_type.py",
     "langchain_embeddings.py",
     "langchain_chat.py",
     "llamaindex_embeddings.py",
@@ -185,6 +186,11 @@ def test_openai_chat_and_streaming(runs):
     assert out.splitlines()[0].strip()  # the reply's text
 
 
+def test_openai_input_type(runs):
+    out = snippet_output(runs, "openai_input_type.py")
+    assert out.startswith("best passage 0 ") and "backed up nightly" in out
+
+
 def test_langchain_embeddings(runs):
     out = snippet_output(runs, "langchain_embeddings.py")
     assert "2 documents, 384 dimensions" in out
@@ -218,12 +224,19 @@ def _curl_commands(doc: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip().startswith("curl ")]
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/clients.md"])
+@pytest.mark.parametrize(
+    "doc", ["README.md", "docs/clients.md", "docs/embeddings.md", "docs/operations.md"]
+)
 def test_curl_examples(live_stack, doc):
     """The docs' curl commands, verbatim but for the proxy's address in this test."""
     commands = _curl_commands(ROOT / doc)
     assert commands, f"no curl example in {doc}"
-    env = os.environ | {"KEY": live_stack.key(), "MLX_STACK_KEY": live_stack.key()}
+    env = os.environ | {
+        "KEY": live_stack.key(),  # the README's name for it
+        "MLX_STACK_KEY": live_stack.key(),
+        "MLX_STACK_HOME": str(live_stack.home),  # so that $(mlx-stack key) gives this stack's
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     for cmd in commands:
         cmd = cmd.replace("http://127.0.0.1:4000", live_stack.url("proxy"))
         res = subprocess.run(
