@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--flood", type=int, default=0, help="print this many lines first")
     p.add_argument("--load-s", type=float, default=0.0, help="seconds of 'loading' first")
+    p.add_argument("--silent", action="store_true", help="load without printing anything")
     p.add_argument("--tag", default="", help="ignored; changes the command line")
     a = p.parse_args()
     if a.ignore_sigterm:
@@ -59,7 +60,8 @@ def main() -> None:
     sys.stdout.flush()
     deadline = time.monotonic() + a.load_s
     while time.monotonic() < deadline:
-        print("loading...", flush=True)
+        if not a.silent:
+            print("loading...", flush=True)
         time.sleep(0.2)
     if a.exit_after is not None:
         time.sleep(a.exit_after)

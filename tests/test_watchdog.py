@@ -239,3 +239,14 @@ def test_an_edit_restarts_only_what_changed_and_a_bad_edit_changes_nothing(harne
            what="fast restarted")
     assert h.sup.stack_error is None
     assert h.pid("standard") == pids["standard"] and h.pid("proxy") == pids["proxy"]
+
+
+def test_the_start_deadline_extends_while_the_model_is_loading(harness):
+    """A start with no progress for start_timeout_s fails; one that keeps logging does not."""
+    settings = replace(FAST, start_timeout_s=1.0, start_timeout_max_s=30)
+    h = harness(spec("standard", "--load-s", "3"),  # prints "loading..." every 0.2 s
+                spec("fast", "--load-s", "3", "--silent"), settings=settings)
+    h.wait_state("standard", S.READY, timeout=15)
+    fast = h.sup.services["fast"]
+    assert fast.restarts >= 1  # its silent 3 s load outlived the 1 s grace at least once
+    assert "not ready after" in h.paths.log_file("fast").read_text()
