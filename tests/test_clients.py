@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,24 +96,66 @@ class Run:
     refused: list[str]
 
 
+class ProxyTrap:
+    """A web proxy on loopback that serves nothing and records who tried to use it.
+
+    The snippets run with HTTP(S)_PROXY pointing here and NO_PROXY for 127.0.0.1, as
+    docs/clients.md advises: a connection here is a request meant for the internet.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.requests: list[str] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    first = conn.recv(1024).split(b"\r\n", 1)[0].decode(errors="replace")
+                except OSError:
+                    first = "?"
+                self.requests.append(f"through the web proxy: {first}")
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.sock.close()
+
+
 @pytest.fixture(scope="module")
 def runs(live_stack, tmp_path_factory) -> dict[str, Run]:
     """Every snippet, plus a control, run at once (mostly imports: they overlap well).
 
     The environment is a user's who followed docs/clients.md, on a machine with no internet,
-    no OpenAI or LiteLLM variables, an empty tiktoken cache and an empty home folder.
+    no OpenAI or LiteLLM variables, an empty tiktoken cache, an empty home folder, and a web
+    proxy configured with NO_PROXY for the loopback address.
     """
     tmp = tmp_path_factory.mktemp("offline")
     (tmp / "tiktoken").mkdir()
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("OPENAI_", "LITELLM_", "LANGCHAIN_", "LANGSMITH_"))
+        if not k.upper().startswith(("OPENAI_", "LITELLM_", "LANGCHAIN_", "LANGSMITH_"))
+        and k.upper() not in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
     } | {
         "MLX_STACK_URL": live_stack.url("proxy") + "/v1",
         "MLX_STACK_KEY": live_stack.key(),
         "TIKTOKEN_CACHE_DIR": str(tmp / "tiktoken"),
         "HOME": str(tmp),
+        "NO_PROXY": "127.0.0.1,localhost",
     }
     # The control: LangChain's defaults, i.e. the snippet without check_embedding_ctx_length.
     control = tmp / f"{CONTROL}.py"
@@ -124,25 +168,26 @@ def runs(live_stack, tmp_path_factory) -> dict[str, Run]:
     scripts = {name: CLIENTS / name for name in SNIPPETS} | {CONTROL: control}
     procs = {}
     for name, script in scripts.items():
-        log = tmp / f"{name}.refused"
-        procs[name] = (
-            subprocess.Popen(
-                [sys.executable, "-c", OFFLINE_BOOT, str(script)],
-                env=env | {"OFFLINE_GUARD_LOG": str(log)},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            ),
-            log,
+        log, trap = tmp / f"{name}.refused", ProxyTrap()
+        proxies = {"HTTP_PROXY": trap.url, "HTTPS_PROXY": trap.url}
+        proc = subprocess.Popen(
+            [sys.executable, "-c", OFFLINE_BOOT, str(script)],
+            env=env | proxies | {"OFFLINE_GUARD_LOG": str(log)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
+        procs[name] = (proc, log, trap)
     out = {}
-    for name, (proc, log) in procs.items():
+    for name, (proc, log, trap) in procs.items():
         try:
             stdout, stderr = proc.communicate(timeout=300)
         except subprocess.TimeoutExpired:
             proc.kill()
             stdout, stderr = proc.communicate()
+        trap.close()
         refused = log.read_text().splitlines() if log.exists() else []
+        refused += trap.requests
         out[name] = Run(proc.returncode, stdout, stderr, refused)
     return out
 
