@@ -70,10 +70,20 @@ def test_chunks_are_packed_paragraphs_led_by_their_title(tmp_path):
     assert {c.source for c in chunks} == {"sub/long.md", "plain.txt"}
     long = [c for c in chunks if c.source == "sub/long.md"]
     assert len(long) >= 3
-    assert all(len(c.text) <= rag.MAX_CHUNK_CHARS + len("Long note\n\n") for c in long)
+    assert all(len(c.text) <= rag.MAX_CHUNK_CHARS + len("# Long note\n\n") for c in long)
     assert long[0].text.startswith("# Long note") and long[1].text.startswith("Long note\n\n")
     assert "".join(c.text for c in long).count("Paragraph") == 8  # nothing lost, nothing twice
     assert [c.text for c in chunks if c.source == "plain.txt"] == ["plain\n\nno heading here"]
+
+
+def test_a_paragraph_longer_than_a_chunk_is_cut_between_words(tmp_path):
+    (tmp_path / "wall.md").write_text("# Wall\n\n" + "lorem ipsum " * 200)  # 2400 chars
+    chunks = rag.read_chunks(tmp_path)
+    assert len(chunks) >= 3
+    assert all(len(c.text) <= rag.MAX_CHUNK_CHARS + len("# Wall\n\n") for c in chunks)
+    assert chunks[0].text.startswith("# Wall\n\nlorem")  # no chunk of a title alone
+    words = " ".join(c.text.removeprefix("Wall\n\n").removeprefix("# Wall\n\n") for c in chunks)
+    assert words.split() == ("lorem ipsum " * 200).split()
 
 
 def test_pick_chat_model():

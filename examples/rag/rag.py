@@ -21,7 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,7 @@ def _key() -> str:
         return os.environ["MLX_STACK_KEY"]
     exe = shutil.which("mlx-stack")
     if exe is not None:
-        res = subprocess.run([exe, "key"], capture_output=True, text=True, check=False)
+        res = subprocess.run([exe, "key"], capture_output=True, text=True, timeout=60, check=False)
         if res.returncode == 0 and res.stdout.strip():
             return res.stdout.strip()
     raise RagError("no proxy key: run `export MLX_STACK_KEY=$(mlx-stack key)` first")
@@ -104,19 +104,32 @@ def read_chunks(folder: Path) -> list[Chunk]:
     return chunks
 
 
-def _pack(paragraphs: Any) -> list[str]:
+def _pack(paragraphs: Iterable[str]) -> list[str]:
     out: list[str] = []
     current = ""
-    for para in paragraphs:
-        if not para:
-            continue
-        if current and len(current) + len(para) + 2 > MAX_CHUNK_CHARS:
+    for para in (piece for p in paragraphs for piece in _split_long(p)):
+        heading_only = current.startswith("#") and "\n" not in current  # keep it with its text
+        if current and not heading_only and len(current) + len(para) + 2 > MAX_CHUNK_CHARS:
             out.append(current)
             current = ""
         current = f"{current}\n\n{para}" if current else para
     if current:
         out.append(current)
     return out
+
+
+def _split_long(paragraph: str) -> list[str]:
+    """A paragraph longer than a chunk, cut between words (the server would cut it anyway)."""
+    if len(paragraph) <= MAX_CHUNK_CHARS:
+        return [paragraph] if paragraph else []
+    pieces: list[str] = []
+    current = ""
+    for word in paragraph.split(" "):
+        if current and len(current) + 1 + len(word) > MAX_CHUNK_CHARS:
+            pieces.append(current)
+            current = ""
+        current = f"{current} {word}" if current else word
+    return [*pieces, current] if current else pieces
 
 
 def embed(client: openai.OpenAI, texts: Sequence[str], input_type: str | None) -> np.ndarray:
