@@ -72,6 +72,9 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
                     "api_base": f"http://127.0.0.1:{e.port}/v1",
                     "api_key": "none",
                     "timeout": min(p.timeout_s, 120.0),
+                    # drop_params would silently remove `dimensions`; our server honours it
+                    # (Matryoshka models) or refuses it with a 400 that says why.
+                    "allowed_openai_params": ["dimensions"],
                 },
                 "model_info": {"mode": "embedding"},
             }

@@ -320,13 +320,17 @@ def test_input_type_reaches_the_embeddings_server(live_stack):
 
 
 def test_dimensions_behaves_as_documented(live_stack):
-    """docs/embeddings.md: the embeddings server refuses a size the model cannot give; the
-    proxy (LiteLLM's drop_params) drops `dimensions` and returns full-size vectors. If this
-    fails because the proxy now forwards it, update the `dimensions` section of the doc."""
+    """docs/embeddings.md: the embeddings server refuses a size the model cannot give, and the
+    proxy forwards `dimensions` (not dropped by drop_params), so its 400 comes through."""
     body = {"model": "local-embed", "input": "x", "dimensions": 100}
     headers = {"Authorization": f"Bearer {live_stack.key()}"}
-    proxied = httpx.post(live_stack.url("proxy") + "/v1/embeddings", json=body, headers=headers)
-    assert proxied.status_code == 200 and len(proxied.json()["data"][0]["embedding"]) == 384
+    proxied = httpx.post(live_stack.url("proxy") + "/v1/embeddings", json=body, headers=headers,
+                         timeout=60)
+    assert proxied.status_code == 400, proxied.text
+    assert "dimensions" in proxied.json()["error"]["message"]
+    full = httpx.post(live_stack.url("proxy") + "/v1/embeddings", json=body | {"dimensions": 384},
+                      headers=headers, timeout=60)
+    assert full.status_code == 200 and len(full.json()["data"][0]["embedding"]) == 384
     direct = httpx.post(
         live_stack.url("embeddings") + "/v1/embeddings",
         json=body | {"model": "all-minilm-l6-v2"},
