@@ -22,7 +22,7 @@ from mlx_stack.catalog import (
 from mlx_stack.errors import MlxStackError
 from mlx_stack.hardware import detect
 from mlx_stack.paths import StatePaths
-from mlx_stack.proxykey import read_key
+from mlx_stack.proxykey import ensure_key, read_key
 from mlx_stack.stackfile import EMBEDDINGS_MODEL_NAME, Stack, load_stack
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -92,6 +92,9 @@ def init(
     hw = detect()
     if exist_ok and not force and not add_model and paths.stack_file.exists():
         click.echo(f"{paths.stack_file} exists; left as it is")
+        key_file = stackinit.key_file_of(paths, catalog, hw)
+        if ensure_key(key_file):
+            click.echo(f"created the missing proxy key in {key_file} (mode 0600)")
         return
     if add_model:
         res = stackinit.add_embeddings(paths, catalog, hw, add_model, force=force)

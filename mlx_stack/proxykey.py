@@ -30,7 +30,7 @@ def read_key(path: Path) -> str:
         info = path.stat()
         key = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        raise StateError(f"no proxy key at {path}; run `mlx-stack init` to create one") from None
+        raise StateError(f"no proxy key at {path}; run `mlx-stack init --exist-ok` to create one") from None
     except OSError as exc:
         raise StateError(f"cannot read the proxy key {path}: {exc.strerror}") from None
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -38,6 +38,6 @@ def read_key(path: Path) -> str:
     if not key.startswith("sk-") or len(key) < 20:
         raise StateError(
             f"the proxy key in {path} is malformed (it must start with 'sk-' and be long); "
-            "delete the file and run `mlx-stack init` to make a new one"
+            "delete the file and run `mlx-stack init --exist-ok` to make a new one"
         )
     return key

@@ -310,6 +310,20 @@ def render_embeddings(emb: EmbeddingsTier) -> str:
     )
 
 
+def render_watchdog(w: WatchSettings) -> str:
+    """The ``watchdog:`` section with the settings that differ from the defaults ('' if none)."""
+    default = WatchSettings()
+    lines = []
+    for f in WATCHDOG_FIELDS:
+        if f.name == "log_max_mb":
+            value, base = w.log_max_bytes / 2**20, default.log_max_bytes / 2**20
+        else:
+            value, base = getattr(w, f.name), getattr(default, f.name)
+        if value != base:
+            lines.append(f"  {f.name}: {value:g}\n")
+    return "watchdog:\n" + "".join(lines) if lines else ""
+
+
 def render_stack(stack: Stack, header: str = "", hints: list[str] | None = None) -> str:
     """The stack file as YAML text with comments, as ``init`` writes it."""
     out = ["# mlx-stack stack file: see stack.example.yaml for every key.\n"]
@@ -343,4 +357,8 @@ def render_stack(stack: Stack, header: str = "", hints: list[str] | None = None)
         f"  timeout_s: {p.timeout_s:g}\n"
         f"  num_retries: {p.num_retries}\n"
     )
+    watchdog = render_watchdog(stack.watchdog)
+    if watchdog:
+        out.append("\n# The watchdog: probes, restarts, log rotation (see stack.example.yaml).\n")
+        out.append(watchdog)
     return "".join(out)

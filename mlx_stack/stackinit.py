@@ -113,6 +113,14 @@ def init_stack(
     return InitResult(target, parsed, plan.missing, key_created, key_file)
 
 
+def key_file_of(paths: StatePaths, catalog: Catalog, hw: Hardware) -> Path:
+    """The key file an existing stack file names (the default one if the file is invalid)."""
+    try:
+        return paths.key_file(load_stack(paths.stack_file, catalog, hw.system).proxy.key_file)
+    except ConfigError:
+        return paths.key_file()
+
+
 def add_embeddings(
     paths: StatePaths, catalog: Catalog, hw: Hardware, model: str, *, force: bool
 ) -> InitResult:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import yaml
 from stackenv import StackEnv
 
-
 ODD_EMBEDDING = """\
 models:
   - name: odd-embed
@@ -79,3 +78,12 @@ def test_add_embeddings_refuses_unknown_and_unsupported_models(tmp_path):
     (env.home / "catalog" / "odd.yaml").write_text(ODD_EMBEDDING)
     res = env.cli("init", "--add-embeddings", "odd-embed", "--force")
     assert res.returncode == 2 and "(odd_arch) cannot be served" in res.stderr
+
+
+def test_exist_ok_recreates_a_missing_key(tmp_path):
+    env = StackEnv(tmp_path / "home", {})
+    env.cli("init", "--with-embeddings", check=True)
+    (env.home / "proxy.key").unlink()
+    res = env.cli("init", "--with-embeddings", "--exist-ok", check=True)
+    assert "created the missing proxy key" in res.stdout
+    assert (env.home / "proxy.key").stat().st_mode & 0o777 == 0o600

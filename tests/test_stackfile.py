@@ -106,3 +106,11 @@ def test_example_stack_file_is_valid():
     example = Path(__file__).resolve().parent.parent / "stack.example.yaml"
     s = parse_stack_text(example.read_text(), example, CATALOG, "Linux")
     assert s.tiers and s.embeddings is not None
+
+
+def test_render_keeps_watchdog_settings():
+    s = parse(GOOD + "watchdog:\n  probe_interval_s: 2\n  log_max_mb: 5\n")
+    text = render_stack(s)
+    assert "probe_interval_s: 2" in text and "log_max_mb: 5" in text
+    assert parse(text).watchdog == s.watchdog
+    assert "watchdog:" not in render_stack(parse(GOOD))
