@@ -30,7 +30,9 @@ def read_key(path: Path) -> str:
         info = path.stat()
         key = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        raise StateError(f"no proxy key at {path}; run `mlx-stack init --exist-ok` to create one") from None
+        raise StateError(
+            f"no proxy key at {path}; run `mlx-stack init --exist-ok` to create one"
+        ) from None
     except OSError as exc:
         raise StateError(f"cannot read the proxy key {path}: {exc.strerror}") from None
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
