@@ -344,6 +344,28 @@ def uninstall() -> None:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_friendly
+def doctor(as_json: bool) -> None:
+    """Check the machine for the stack: platform, MLX, BLAS, stack, key, models, ports, disk."""
+    from mlx_stack.doctor import Level, run_checks
+
+    paths, catalog = _context()
+    checks = run_checks(paths, catalog, running=lifecycle.stack_running(paths))
+    if as_json:
+        click.echo(json.dumps([c.to_json() for c in checks], indent=2))
+    else:
+        colours = {Level.OK: "green", Level.WARN: "yellow", Level.FAIL: "red"}
+        for c in checks:
+            mark = click.style(f"{c.level.value:<4}", fg=colours[c.level])
+            click.echo(f"{mark} {c.name:<18} {c.detail}")
+            if c.fix:
+                click.echo(f"     {'':<18} fix: {c.fix}")
+    if any(c.level is Level.FAIL for c in checks):
+        sys.exit(1)
+
+
+@main.command()
 @click.argument("model")
 @click.option("--quant", metavar="Q", help="Quantisation id (default: the model's first).")
 @_friendly

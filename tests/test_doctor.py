@@ -1,0 +1,44 @@
+"""`mlx-stack doctor` on this machine: real checks, each failure with its fix."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from stackenv import StackEnv, write_stack
+
+
+def test_doctor_passes_on_a_good_stack(tmp_path):
+    env = write_stack(tmp_path / "home", None)
+    res = env.cli("doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(res.stdout)}
+    assert res.returncode == 0, res.stdout
+    assert checks["mlx"]["level"] == "ok" and "cpu" in checks["mlx"]["detail"].lower()
+    assert checks["model embeddings"]["level"] == "ok"
+    assert checks["proxy key"]["level"] == "ok"
+    assert checks["blas"]["level"] in ("ok", "warn")
+
+
+def test_doctor_names_each_problem_with_a_fix(tmp_path):
+    env = write_stack(tmp_path / "home", None)
+    stack = env.home / "stack.yaml"
+    stack.write_text(stack.read_text().replace("all-minilm-l6-v2", "bge-small-en-v1.5"))
+    (env.home / "proxy.key").chmod(0o644)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", env.ports["proxy"]))
+        s.listen()
+        res = env.cli("doctor", "--json")
+    assert res.returncode == 1
+    checks = {c["name"]: c for c in json.loads(res.stdout)}
+    assert checks["model embeddings"]["level"] == "fail"
+    assert "mlx-stack pull bge-small-en-v1.5" in checks["model embeddings"]["fix"]
+    assert checks["proxy key"]["level"] == "warn" and "chmod 600" in checks["proxy key"]["fix"]
+    port = checks[f"port {env.ports['proxy']}"]
+    assert port["level"] == "fail" and "held by pid" in port["detail"]
+    text = env.cli("doctor").stdout
+    assert "fix: " in text
+
+
+def test_doctor_without_a_stack_file(tmp_path):
+    res = StackEnv(tmp_path / "none", {}).cli("doctor")
+    assert res.returncode == 1 and "mlx-stack init" in res.stdout and "Traceback" not in res.stderr
