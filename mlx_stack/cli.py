@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from mlx_stack import __version__, lifecycle, logs
+from mlx_stack import __version__, embedding_record, lifecycle, logs
 from mlx_stack.catalog import (
     Catalog,
     CatalogEntry,
@@ -111,6 +111,10 @@ def init(
             paths, catalog, hw, with_embeddings=with_embeddings, force=force, pull=puller
         )
     click.echo(f"wrote {res.path} ({hw.summary})")
+    warning = embedding_record.mismatch(
+        paths, embedding_record.current_identity(paths, res.stack.embeddings))
+    if warning:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
     for t in res.stack.tiers:
         click.echo(f"  tier {t.name:<10} {t.model.name} ({t.quant}) on port {t.port}")
     if res.stack.embeddings:
@@ -142,7 +146,13 @@ def up(tier: str | None, foreground: bool) -> None:
     stack = _load(paths, catalog)
     if foreground:
         sys.exit(lifecycle.run_foreground(stack, paths, tier))
+    ident = embedding_record.current_identity(paths, stack.embeddings)
+    warning = embedding_record.mismatch(paths, ident)
+    if warning:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
     lifecycle.up(stack, paths, tier=tier, report=_say)
+    if ident is not None and tier in (None, "embeddings"):
+        embedding_record.record(paths, ident)
     p = stack.proxy
     host = "127.0.0.1" if p.host in ("0.0.0.0", "::") else p.host
     names = [t.name for t in stack.tiers] + ([EMBEDDINGS_MODEL_NAME] if stack.embeddings else [])
@@ -192,9 +202,13 @@ def _fmt_uptime(s: float | None) -> str:
 def status(as_json: bool) -> None:
     """Show every service: state, model, port, pid, uptime, restarts, last exit."""
     paths, catalog = _context()
-    plan, problem = None, ""
+    plan, problem, warnings = None, "", []
     try:
-        plan = lifecycle.plan_for(_load(paths, catalog), paths)
+        stack = _load(paths, catalog)
+        warning = embedding_record.mismatch(
+            paths, embedding_record.current_identity(paths, stack.embeddings))
+        warnings += [warning] if warning else []
+        plan = lifecycle.plan_for(stack, paths)
     except MlxStackError as exc:
         problem = str(exc)
     problem = lifecycle.stack_problem(paths) or problem
@@ -203,12 +217,15 @@ def status(as_json: bool) -> None:
         body = {
             "stack_file": str(paths.stack_file),
             "problem": problem or None,
+            "warnings": warnings,
             "services": [r.to_json() for r in rows],
         }
         click.echo(json.dumps(body, indent=2))
         return
     if problem:
         click.secho(f"stack file: {problem}", fg="yellow", err=True)
+    for w in warnings:
+        click.secho(f"warning: {w}", fg="yellow", err=True)
     click.echo(
         f"{'SERVICE':<12} {'STATE':<10} {'MODEL':<26} {'PORT':>5} {'PID':>7} "
         f"{'UPTIME':>8} {'RSS':>7} {'RESTARTS':>8}  DETAIL"

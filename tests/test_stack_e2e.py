@@ -36,6 +36,9 @@ def test_status_json_shows_every_service_ready(live_stack):
         assert s["uptime_s"] >= 0 and s["rss_mb"] > 0
     assert by_name["embeddings"]["model"] == "all-minilm-l6-v2"
     assert by_name["standard"]["model"] == "tiny-chat"
+    assert st["warnings"] == []
+    served = json.loads((live_stack.home / "embeddings-model.json").read_text())["current"]
+    assert served["model"] == "all-minilm-l6-v2" and len(served["weights"]) == 64
 
 
 def test_curl_style_embedding_through_the_proxy(live_stack):
