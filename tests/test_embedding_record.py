@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+from stackenv import StackEnv
+
 from mlx_stack.embedding_record import EmbeddingIdentity, record
 from mlx_stack.paths import StatePaths
-from stackenv import StackEnv
 
 
 def test_status_and_init_warn_after_a_model_switch(tmp_path):
