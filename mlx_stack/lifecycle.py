@@ -152,9 +152,21 @@ def _failure_text(s: ServiceSnapshot) -> str:
 
 
 def wait_ready(
-    paths: StatePaths, names: Sequence[str], report: Report, since: float, timeout_s: float
+    paths: StatePaths,
+    names: Sequence[str],
+    report: Report,
+    since: float,
+    timeout_s: float,
+    *,
+    fingerprints: dict[str, str] | None = None,
+    fresh: bool = False,
 ) -> None:
-    """Follow the supervisor's snapshots until every named service is ready, or one fails."""
+    """Follow the supervisor's snapshots until every named service is ready, or one fails.
+
+    A snapshot written before the supervisor applied our command may still show the old
+    process as ready: with ``fingerprints``, a service counts only once it runs that
+    definition; with ``fresh``, only once its process started after ``since``.
+    """
     seen: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -169,11 +181,15 @@ def wait_ready(
             if seen.get(name) != s.state:
                 seen[name] = s.state
                 report(name, s.state + (f" ({s.reason})" if s.reason else ""))
-            if s.state == ServiceState.READY.value:
+            wanted_fp = (fingerprints or {}).get(name)
+            current = wanted_fp in (None, s.fingerprint) and (
+                not fresh or (s.started_at is not None and s.started_at >= since))
+            if s.state == ServiceState.READY.value and current:
                 ready += 1
             elif s.state == ServiceState.FATAL.value or (
                 s.state == ServiceState.BACKOFF.value
                 and s.last_exit is not None
+                and not s.last_exit.expected
                 and s.last_exit.at >= since
             ):
                 failures.append(_failure_text(s))
@@ -222,7 +238,8 @@ def up(
         control.send(paths, "start", tier)
     targets = [tier] if tier else [s.name for s in plan.all]
     limit = stack.watchdog.start_timeout_max_s + 60
-    wait_ready(paths, targets, report, since, limit)
+    wait_ready(paths, targets, report, since, limit,
+               fingerprints={s.name: s.fingerprint for s in plan.all})
     return plan
 
 
@@ -233,13 +250,12 @@ def restart(
     snap = _live_snapshot(paths)
     if snap is None:
         raise StateError("no supervisor is running this stack; `mlx-stack up` starts it")
+    since = time.time()
     answer = control.send(paths, "restart", service)
     if answer.startswith("error"):
         raise StateError(answer.removeprefix("error: "))
-    since = time.time()
-    time.sleep(0.3)
     names = [service] if service else [s.name for s in snap.services if s.wanted]
-    wait_ready(paths, names, report, since, timeout_s)
+    wait_ready(paths, names, report, since, timeout_s, fresh=True)
 
 
 def down(

@@ -33,12 +33,14 @@ class ExitInfo:
     signal: int | None
     at: float  # wall clock
     log_tail: tuple[str, ...]
+    expected: bool = False  # we stopped it on purpose (down, restart, an edit): not a failure
 
     @classmethod
-    def from_returncode(cls, rc: int, at: float, log_tail: list[str]) -> ExitInfo:
+    def from_returncode(cls, rc: int, at: float, log_tail: list[str],
+                        expected: bool = False) -> ExitInfo:
         if rc < 0:
-            return cls(None, -rc, at, tuple(log_tail))
-        return cls(rc, None, at, tuple(log_tail))
+            return cls(None, -rc, at, tuple(log_tail), expected)
+        return cls(rc, None, at, tuple(log_tail), expected)
 
     def describe(self) -> str:
         if self.signal is not None:
@@ -56,11 +58,13 @@ class ExitInfo:
             "at": self.at,
             "description": self.describe(),
             "log_tail": list(self.log_tail),
+            "expected": self.expected,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ExitInfo:
-        return cls(d.get("code"), d.get("signal"), float(d["at"]), tuple(d.get("log_tail", [])))
+        return cls(d.get("code"), d.get("signal"), float(d["at"]), tuple(d.get("log_tail", [])),
+                   bool(d.get("expected", False)))
 
 
 @dataclass(frozen=True)

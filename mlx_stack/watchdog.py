@@ -89,6 +89,7 @@ class Managed:
     killed: bool = False
     after_stop: ServiceState = S.STOPPED
     after_stop_reason: str = ""
+    stop_is_failure: bool = False  # the stop under way is a failure (hang, failed start)
 
     @property
     def kind(self) -> str:
@@ -269,7 +270,9 @@ class Supervisor:
     def _on_exit(self, m: Managed, code: int, now: float) -> None:
         was = m.state
         lines = tail(self.paths.log_file(m.name), LOG_TAIL_ON_EXIT)
-        m.last_exit = ExitInfo.from_returncode(code, time.time(), lines)
+        expected = was is S.STOPPING and not m.stop_is_failure
+        m.last_exit = ExitInfo.from_returncode(code, time.time(), lines, expected)
+        m.stop_is_failure = False
         if was is S.STOPPING:
             m.record = None
             target = m.after_stop
@@ -400,6 +403,7 @@ class Supervisor:
 
     def _fail_after_stop(self, m: Managed, now: float, why: str) -> None:
         """Account the failure now; the stop completes into BACKOFF (or FATAL) when it exits."""
+        m.stop_is_failure = True
         m.consecutive_failures += 1
         m.restart_times.append(now)
         m.restarts += 1

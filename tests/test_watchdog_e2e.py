@@ -185,3 +185,14 @@ def test_up_foreground_runs_attached_and_stops_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
         env.kill_everything()
+
+
+def test_restart_command_restarts_and_waits_for_ready(stack):
+    before = wait_for(stack, lambda s: s["standard"]["state"] == "ready", what="standard ready")
+    res = stack.cli("restart", "standard", check=True, timeout=300)
+    assert "standard is ready" in res.stdout
+    after = services(stack)
+    assert after["standard"]["state"] == "ready"
+    assert after["standard"]["pid"] != before["standard"]["pid"]
+    assert after["embeddings"]["pid"] == before["embeddings"]["pid"]
+    assert stack.cli("restart", "nosuch").returncode != 0
