@@ -2,7 +2,8 @@
 
 The CLI validates stack files against :data:`SUPPORTED_ARCHITECTURES` cheaply; the model code
 uses :func:`architecture_for` to learn how to get per-token hidden states out of
-mlx-embeddings' model class, since its classes disagree on that.
+mlx-embeddings' model class, since its classes disagree on that. ``nomic_bert``, which
+mlx-embeddings lacks, is this package's own (``nomic_bert.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Literal
 Pooling = Literal["mean", "cls", "last"]
 POOLINGS: tuple[Pooling, ...] = ("mean", "cls", "last")
 
-HiddenStates = Literal["output", "inner"]
+HiddenStates = Literal["output", "inner", "direct"]
 
 
 @dataclass(frozen=True)
@@ -23,15 +24,17 @@ class Architecture:
     """How to run one mlx-embeddings model family.
 
     ``hidden_states``: ``output`` reads ``last_hidden_state`` of the model's output (per token);
-    ``inner`` calls the wrapped ``model.model`` because the outer class pools on its own.
+    ``inner`` calls the wrapped ``model.model`` because the outer class pools on its own;
+    ``direct``: the model returns the hidden states itself (our own models).
     ``dense_after_pooling``: the class carries sentence-transformers Dense layers
-    (``model.dense``) that belong after pooling.
+    (``model.dense``) that belong after pooling. ``native``: implemented in this package.
     """
 
     model_type: str
     default_pooling: Pooling = "mean"
     hidden_states: HiddenStates = "output"
     dense_after_pooling: bool = False
+    native: bool = False
 
 
 _ARCHITECTURES = (
@@ -41,10 +44,15 @@ _ARCHITECTURES = (
     Architecture("qwen3", default_pooling="last"),
     Architecture("gemma3_text", dense_after_pooling=True),
     Architecture("llama_bidirec"),
+    Architecture("nomic_bert", hidden_states="direct", native=True),
 )
 
 SUPPORTED_ARCHITECTURES: frozenset[str] = frozenset(a.model_type for a in _ARCHITECTURES)
 """Text-embedding ``model_type`` values (config.json), after ``-`` -> ``_``."""
+
+HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd")
+POSITIONS_KEYS = ("max_position_embeddings", "n_positions")
+"""config.json names of the width and the position limit (HF BERT style, then GPT-2 style)."""
 
 _BY_TYPE = {a.model_type: a for a in _ARCHITECTURES}
 
@@ -77,5 +85,5 @@ def architecture_for(model_type: str) -> Architecture:
         supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
         raise UnsupportedArchitectureError(
             f"model_type {model_type!r} is not supported by the embeddings server "
-            f"(mlx-embeddings text models: {supported}); pick a model of one of these types"
+            f"(supported: {supported}); pick a model of one of these types"
         ) from None

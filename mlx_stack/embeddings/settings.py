@@ -16,7 +16,9 @@ from typing import Any
 from mlx_stack.errors import MlxStackError
 
 from .architectures import (
+    HIDDEN_SIZE_KEYS,
     POOLINGS,
+    POSITIONS_KEYS,
     Architecture,
     Pooling,
     UnsupportedArchitectureError,
@@ -93,8 +95,8 @@ def resolve(path: Path, overrides: Overrides | None = None) -> ModelSettings:
         raise ModelFolderError(f"pooling {pooling!r} unknown; use one of {', '.join(POOLINGS)}")
     normalize = over.normalize if over.normalize is not None else st_normalize
     config = _read_json(path / "config.json", default={})
-    dimension = config.get("hidden_size")
-    if not isinstance(dimension, int) or dimension <= 0:
+    dimension = _first_int(config, HIDDEN_SIZE_KEYS)
+    if dimension is None:
         raise ModelFolderError(f"{path}/config.json has no positive integer hidden_size")
     limit = _max_positions(config, architecture)
     max_seq_len = _max_seq_len(path, limit, over.max_seq_len)
@@ -153,8 +155,8 @@ def _st_pooling(path: Path, config: Any) -> Pooling | None:
 
 
 def _max_positions(config: dict[str, Any], architecture: Architecture) -> int | None:
-    positions = config.get("max_position_embeddings")
-    if not isinstance(positions, int) or positions <= 0:
+    positions = _first_int(config, POSITIONS_KEYS)
+    if positions is None:
         return None
     if architecture.model_type == "xlm_roberta":
         return positions - 2  # RoBERTa positions start after the padding index
@@ -179,6 +181,14 @@ def _max_seq_len(path: Path, limit: int | None, requested: int | None) -> int:
         if isinstance(value, int) and 0 < value < 1_000_000:  # HF uses 1e30 for "no limit"
             return min(value, limit) if limit else value
     return limit or 512
+
+
+def _first_int(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _dimensions(values: tuple[int, ...], dimension: int) -> tuple[int, ...]:
