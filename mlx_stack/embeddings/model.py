@@ -1,9 +1,10 @@
-"""Run an mlx-embeddings model and turn its hidden states into sentence embeddings.
+"""Turn token ids into sentence embeddings: one padded forward pass, pooling, normalisation.
 
-We borrow only mlx-embeddings' model classes and weight loader (``load_model`` on a local
-path, so nothing reaches a hub); tokenising, padding, pooling and normalisation are ours, so
-they behave the same across architectures and follow the folder's sentence-transformers
-settings rather than each class's hard-wired choice.
+The network comes from ``network.py`` (mlx-embeddings' model classes, or our own for
+architectures it lacks); tokenising, padding, pooling and normalisation are ours, so they behave
+the same across architectures and follow the folder's sentence-transformers settings rather than
+each class's hard-wired choice. Batching across requests is ``batcher.py``'s job: :meth:`forward`
+runs exactly the batch it is given.
 
 Not thread-safe: the server calls one instance from a single worker thread.
 """
@@ -22,8 +23,8 @@ from . import blas
 from .settings import ModelSettings
 from .tokenizer import Encoded, TextTokenizer, pad_batch
 
-BATCH_SIZE = 32
-"""Sequences per forward pass; inputs are sorted by length first so padding stays small."""
+WARM_UP_TEXT = "mlx-stack warm-up"
+_EMBEDDING_TABLES = ("word_embeddings.weight", "embed_tokens.weight", "tok_embeddings.weight")
 
 
 @dataclass(frozen=True)
@@ -40,36 +41,36 @@ class Embeddings:
 
 
 class EmbeddingModel:
-    """A loaded model plus its tokenizer and pooling recipe."""
+    """A loaded network plus its tokenizer and pooling recipe."""
 
-    def __init__(self, settings: ModelSettings, model: Any, tokenizer: TextTokenizer) -> None:
+    def __init__(self, settings: ModelSettings, network: Any, tokenizer: TextTokenizer) -> None:
         self.settings = settings
         self.tokenizer = tokenizer
-        self._model = model
-        self._vocab_size = int(getattr(model.config, "vocab_size", 0) or tokenizer.vocab_size)
+        self._network = network
         self.load_seconds = 0.0
-        self.fast_gelu_layers = 0
+        self.fast_kernels: tuple[str, ...] = ()
 
     @classmethod
-    def load(cls, settings: ModelSettings, fast_gelu: bool = True) -> EmbeddingModel:
+    def load(cls, settings: ModelSettings, fast_kernels: bool = True) -> EmbeddingModel:
         """Load weights from the local folder and run one real forward pass.
 
-        ``fast_gelu`` swaps exact GELUs for a fused approximation (see ``fastgelu.py``).
+        ``fast_kernels`` swaps MLX's slow CPU softmax/GELU for faster equivalents
+        (``fastpath.py``).
         """
         started = time.monotonic()
         blas.preload()  # no-op if done already; must precede the first mlx import
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: never reach a hub
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from mlx_embeddings.utils import load_model
+        from .network import load_network
 
-        model = load_model(settings.path, lazy=False, path_to_repo=str(settings.path))
+        network = load_network(settings.path, settings.architecture)
         tokenizer = TextTokenizer(settings.path, settings.max_seq_len)
-        instance = cls(settings, model, tokenizer)
-        if fast_gelu:
-            from . import fastgelu
+        instance = cls(settings, network, tokenizer)
+        if fast_kernels:
+            from . import fastpath
 
-            instance.fast_gelu_layers = fastgelu.install(model)
-        warm = instance.embed(["mlx-stack warm-up"])
+            instance.fast_kernels = fastpath.install(network.module)
+        warm = instance.embed([WARM_UP_TEXT])
         if warm.vectors.shape[1] != settings.dimension:
             raise RuntimeError(
                 f"{settings.path}: model produced {warm.vectors.shape[1]} dimensions, "
@@ -80,57 +81,45 @@ class EmbeddingModel:
 
     @property
     def vocab_size(self) -> int:
-        return self._vocab_size
+        """Token ids a request may send: the tokenizer's vocabulary, capped by the table."""
+        table = _embedding_rows(self._network.module)
+        vocab = self.tokenizer.vocab_size
+        return min(vocab, table) if table else vocab
 
-    def embed(self, texts: Sequence[str], dimensions: int | None = None) -> Embeddings:
-        """Embed texts (special tokens added, truncated to ``max_seq_len``)."""
-        return self._embed(self.tokenizer.encode(texts), dimensions)
-
-    def embed_token_ids(
-        self, inputs: Sequence[Sequence[int]], dimensions: int | None = None
-    ) -> Embeddings:
-        """Embed pre-tokenised inputs as given (ids must be < :attr:`vocab_size`)."""
-        return self._embed([self.tokenizer.truncate_ids(ids) for ids in inputs], dimensions)
-
-    def _embed(self, encoded: list[Encoded], dimensions: int | None) -> Embeddings:
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids), reverse=True)
-        vectors = np.empty((0, self.settings.dimension), dtype=np.float32)
-        for start in range(0, len(order), BATCH_SIZE):
-            rows = order[start : start + BATCH_SIZE]
-            batch = self._forward([encoded[i].ids for i in rows])
-            if start == 0:
-                vectors = np.empty((len(encoded), batch.shape[1]), dtype=np.float32)
-            vectors[rows] = batch
-        if dimensions is not None and dimensions < vectors.shape[1]:
-            vectors = np.ascontiguousarray(vectors[:, :dimensions])
-        if self.settings.normalize:
-            vectors = _l2_normalise(vectors)
-        return Embeddings(
-            vectors=vectors,
-            token_counts=[len(e.ids) for e in encoded],
-            truncated=[e.truncated for e in encoded],
-        )
-
-    def _forward(self, sequences: list[list[int]]) -> np.ndarray:
-        """Pooled, unnormalised float32 vectors for one right-padded batch."""
+    def forward(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """Pooled, unnormalised float32 vectors for one batch, right-padded here."""
         import mlx.core as mx
 
         ids_np, mask_np = pad_batch(sequences, self.tokenizer.pad_id)
         ids = mx.array(ids_np)
         mask = mx.array(mask_np)
-        architecture = self.settings.architecture
-        if architecture.hidden_states == "inner":
-            out = self._model.model(ids, attention_mask=mask.astype(mx.float32))
-            hidden = out["last_hidden_state"] if isinstance(out, dict) else out[0]
-        else:
-            hidden = self._model(ids, attention_mask=mask).last_hidden_state
+        hidden = self._network.hidden_states(ids, mask)
         pooled = _pool(hidden.astype(mx.float32), mask, self.settings.pooling)
-        if architecture.dense_after_pooling:
-            for layer in self._model.dense:
-                pooled = layer(pooled.astype(layer.weight.dtype))
-        pooled = pooled.astype(mx.float32)
+        pooled = self._network.after_pooling(pooled).astype(mx.float32)
         mx.eval(pooled)
         return np.array(pooled)
+
+    def embed(self, texts: Sequence[str], dimensions: int | None = None) -> Embeddings:
+        """Tokenise, run, finish: for warm-up and direct use (the server batches instead)."""
+        return self.embed_encoded(self.tokenizer.encode(texts), dimensions)
+
+    def embed_encoded(self, encoded: Sequence[Encoded], dimensions: int | None) -> Embeddings:
+        vectors = self.forward([e.ids for e in encoded])
+        return Embeddings(
+            vectors=finish(vectors, dimensions, self.settings.normalize),
+            token_counts=[len(e.ids) for e in encoded],
+            truncated=[e.truncated for e in encoded],
+        )
+
+
+def finish(vectors: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
+    """Matryoshka truncation first, then L2 normalisation, so a shortened vector is unit too."""
+    if dimensions is not None and dimensions < vectors.shape[1]:
+        vectors = vectors[:, :dimensions]
+    if normalize:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, 1e-12)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 def _pool(hidden: Any, mask: Any, pooling: str) -> Any:
@@ -146,6 +135,11 @@ def _pool(hidden: Any, mask: Any, pooling: str) -> Any:
     return (hidden * weights).sum(axis=1) / mx.maximum(weights.sum(axis=1), 1e-9)
 
 
-def _l2_normalise(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+def _embedding_rows(module: Any) -> int:
+    """Rows of the word-embedding table, wherever the architecture keeps it (0 if unknown)."""
+    from mlx.utils import tree_flatten
+
+    for name, value in tree_flatten(module.parameters()):
+        if name.endswith(_EMBEDDING_TABLES):
+            return int(value.shape[0])
+    return 0

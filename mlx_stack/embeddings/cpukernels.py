@@ -1,0 +1,337 @@
+"""Vectorised encoder kernels for MLX arrays on the CPU, compiled on first use.
+
+MLX's CPU backend computes ``exp`` and ``erf`` one scalar at a time (~40 M values/s here) and
+its other elementwise operations on one core, so an encoder's softmax, GELU, bias additions
+and layer norms cost more than its matrix products. A few lines of C++ built with
+``-O3 -march=native -ffast-math`` use glibc's vector maths (libmvec) and fuse each step into
+one pass: ~1,000 M values/s for softmax, ~800 M for GELU, max error ~1e-6. They are built once
+with the C++ compiler ``mx.compile`` needs anyway (``$CXX`` or ``g++``) into
+``~/.cache/mlx-stack/kernels`` and loaded with ctypes.
+
+The functions work **in place** on an evaluated, row-contiguous float32 MLX array, through its
+writable buffer: callers pass only arrays they created and nobody else holds (a fresh matrix
+product), so no copy is made. ctypes releases the GIL during each call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("mlx_stack.embeddings")
+
+SOURCE = r"""
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+extern "C" {
+// x[r] = softmax(x[r] * scale + bias[r / bias_period]) for each row r; bias may be null
+void mlxs_softmax(float* x, int64_t rows, int64_t cols, float scale,
+                  const float* __restrict__ bias, int64_t bias_period) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* __restrict__ o = x + r * cols;
+    const float* __restrict__ b = bias ? bias + (r / bias_period) * cols : nullptr;
+    float top = -FLT_MAX;
+    for (int64_t c = 0; c < cols; ++c) {
+      float v = o[c] * scale + (b ? b[c] : 0.0f);
+      o[c] = v;
+      top = v > top ? v : top;
+    }
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < cols; ++c) {
+      float e = expf(o[c] - top);
+      o[c] = e;
+      sum += e;
+    }
+    float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) o[c] *= inv;
+  }
+}
+// x[r] = x[r] + bias
+void mlxs_bias_add(float* x, const float* __restrict__ bias, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* __restrict__ o = x + r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) o[c] += bias[c];
+  }
+}
+// x[r] = gelu(x[r] + bias), the exact (erf) GELU; bias may be null
+void mlxs_bias_gelu(float* x, const float* __restrict__ bias, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* __restrict__ o = x + r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) {
+      float v = o[c] + (bias ? bias[c] : 0.0f);
+      o[c] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    }
+  }
+}
+// x[r] = layer_norm(x[r] + bias + residual[r]) * gamma + beta; bias may be null
+void mlxs_add_layernorm(float* x, const float* __restrict__ bias,
+                        const float* __restrict__ residual, const float* __restrict__ gamma,
+                        const float* __restrict__ beta, int64_t rows, int64_t cols, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* __restrict__ o = x + r * cols;
+    const float* __restrict__ res = residual + r * cols;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < cols; ++c) {
+      float v = o[c] + res[c] + (bias ? bias[c] : 0.0f);
+      o[c] = v;
+      sum += v;
+    }
+    float mean = sum / cols;
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t c = 0; c < cols; ++c) {
+      float d = o[c] - mean;
+      squares += d * d;
+    }
+    float inv = 1.0f / sqrtf(squares / cols + eps);
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) o[c] = (o[c] - mean) * inv * gamma[c] + beta[c];
+  }
+}
+// up = up * silu(gate)
+void mlxs_swiglu(float* up, const float* __restrict__ gate, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) up[i] = up[i] * gate[i] / (1.0f + expf(-gate[i]));
+}
+}
+"""
+
+_FLAGS = ("-O3", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c++17")
+_ARCH_FLAGS = ("-march=native",)
+_TOLERANCE = 1e-5
+
+
+class Kernels:
+    """The loaded library. Every method takes evaluated MLX arrays and writes its first one."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        self._softmax = _function(library.mlxs_softmax, ptr, i64, i64, f32, ptr, i64)
+        self._bias_add = _function(library.mlxs_bias_add, ptr, ptr, i64, i64)
+        self._bias_gelu = _function(library.mlxs_bias_gelu, ptr, ptr, i64, i64)
+        self._add_layernorm = _function(
+            library.mlxs_add_layernorm, ptr, ptr, ptr, ptr, ptr, i64, i64, f32
+        )
+        self._swiglu = _function(library.mlxs_swiglu, ptr, ptr, i64)
+
+    def softmax_(self, scores: Any, scale: float, bias: Any | None, bias_period: int) -> None:
+        """Softmax over the last axis after ``scores * scale + bias[row // bias_period]``."""
+        view = _view(scores)
+        cols = view.shape[-1]
+        bias_ptr = _pointer(bias, cols)
+        self._softmax(view.ctypes.data, view.size // cols, cols, scale, bias_ptr, bias_period)
+
+    def bias_add_(self, x: Any, bias: Any) -> None:
+        view = _view(x)
+        cols = view.shape[-1]
+        self._bias_add(view.ctypes.data, _pointer(bias, cols), view.size // cols, cols)
+
+    def bias_gelu_(self, x: Any, bias: Any | None) -> None:
+        """Exact GELU of ``x + bias`` (``bias`` may be ``None``)."""
+        view = _view(x)
+        cols = view.shape[-1]
+        self._bias_gelu(view.ctypes.data, _pointer(bias, cols), view.size // cols, cols)
+
+    def add_layernorm_(
+        self, x: Any, bias: Any | None, residual: Any, weight: Any, shift: Any, eps: float
+    ) -> None:
+        """``layer_norm(x + bias + residual) * weight + shift`` over the last axis."""
+        view = _view(x)
+        cols = view.shape[-1]
+        rest = _view(residual)
+        if rest.shape != view.shape:
+            raise ValueError(f"residual shape {rest.shape} differs from {view.shape}")
+        self._add_layernorm(
+            view.ctypes.data,
+            _pointer(bias, cols),
+            rest.ctypes.data,
+            _pointer(weight, cols),
+            _pointer(shift, cols),
+            view.size // cols,
+            cols,
+            eps,
+        )
+
+    def swiglu_(self, up: Any, gate: Any) -> None:
+        """``up = up * silu(gate)``."""
+        up_view, gate_view = _view(up), _view(gate)
+        if up_view.shape != gate_view.shape:
+            raise ValueError(f"swiglu shapes differ: {up_view.shape} vs {gate_view.shape}")
+        self._swiglu(up_view.ctypes.data, gate_view.ctypes.data, up_view.size)
+
+
+def _function(function: Any, *argtypes: Any) -> Any:
+    function.restype = None
+    function.argtypes = list(argtypes)
+    return function
+
+
+def _pointer(array: Any | None, cols: int) -> int | None:
+    """Address of a vector/rows argument whose last axis must be ``cols`` long."""
+    if array is None:
+        return None
+    view = _view(array, writable=False)
+    if view.shape[-1] != cols:
+        raise ValueError(f"expected a last axis of {cols}, got shape {view.shape}")
+    return int(view.ctypes.data)
+
+
+def _view(array: Any, writable: bool = True) -> np.ndarray:
+    """A zero-copy numpy view of an evaluated MLX array; refuses what the C code cannot use."""
+    view = np.asarray(memoryview(array))
+    if view.dtype != np.float32 or not view.flags.c_contiguous:
+        raise ValueError("CPU kernels need evaluated, row-contiguous float32 arrays")
+    if writable and not view.flags.writeable:
+        raise ValueError("CPU kernels need a writable output array")
+    return view
+
+
+_loaded: Kernels | None = None
+_failure: str | None = None
+
+
+def load() -> Kernels | None:
+    """Build (once per machine and source) and load the kernels; ``None`` if impossible.
+
+    Never raises: without a compiler the caller keeps MLX's own (slow but exact) kernels.
+    """
+    global _loaded, _failure
+    if _loaded is not None or _failure is not None:
+        return _loaded
+    try:
+        path = _build()
+        kernels = Kernels(ctypes.CDLL(str(path)), path)
+        _self_test(kernels)
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+        _failure = str(exc)
+        log.warning("fast CPU kernels unavailable, using MLX's: %s", _failure)
+        return None
+    _loaded = kernels
+    return kernels
+
+
+def failure() -> str | None:
+    return _failure
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler!r}) on PATH; install g++")
+    folder = _cache_dir()
+    key = hashlib.sha256(
+        "\0".join([SOURCE, compiler, *_FLAGS, platform.machine(), _cpu_signature()]).encode()
+    ).hexdigest()[:16]
+    target = folder / f"mlxs-kernels-{key}.so"
+    if target.is_file():
+        return target
+    errors: list[str] = []
+    for arch in (_ARCH_FLAGS, ()):  # -march=native is refused by some compilers/arches
+        with tempfile.TemporaryDirectory(dir=folder) as work:
+            source = Path(work) / "kernels.cpp"
+            source.write_text(SOURCE, encoding="utf-8")
+            built = Path(work) / "kernels.so"
+            command = [compiler, *_FLAGS, *arch, str(source), "-o", str(built)]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            if result.returncode == 0:
+                os.replace(built, target)  # atomic: concurrent builders cannot see half a file
+                return target
+            errors.append(result.stderr.strip().splitlines()[-1:][0] if result.stderr else "")
+    raise RuntimeError(f"{compiler} failed to build the kernels: {'; '.join(errors)}")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    for folder in (Path(base) / "mlx-stack" / "kernels", Path(tempfile.gettempdir()) / "mlxs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder
+    raise RuntimeError("no writable cache folder for the CPU kernels")
+
+
+def _cpu_signature() -> str:
+    """``-march=native`` output depends on the CPU: key the cache on its flags."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _self_test(kernels: Kernels) -> None:
+    """Compare each kernel with an exact numpy reference; any disagreement disables them all."""
+    import mlx.core as mx
+
+    rng = np.random.default_rng(0)
+
+    def run(fill: Any, *arrays: np.ndarray) -> np.ndarray:
+        inputs = [mx.array(a) for a in arrays]
+        mx.eval(*inputs)
+        fill(*inputs)
+        return np.array(inputs[0])
+
+    scores = rng.normal(scale=4.0, size=(6, 33)).astype(np.float32)
+    mask = np.where(rng.random((2, 33)) < 0.2, -10000.0, 0.0).astype(np.float32)
+    shifted = scores * 0.5 + np.repeat(mask, 3, axis=0)
+    expected = np.exp(shifted - shifted.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    _agree("softmax", run(lambda s, m: kernels.softmax_(s, 0.5, m, 3), scores, mask), expected)
+
+    x = np.linspace(-9.0, 9.0, 1001, dtype=np.float32).reshape(7, 143)
+    bias = rng.normal(size=143).astype(np.float32)
+    erf = np.vectorize(math.erf)
+    z = (x + bias).astype(np.float64)
+    expected = 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
+    _agree("gelu", run(kernels.bias_gelu_, x, bias), expected)
+    _agree("bias_add", run(kernels.bias_add_, x, bias), x + bias)
+
+    residual = rng.normal(size=x.shape).astype(np.float32)
+    weight = rng.normal(size=143).astype(np.float32)
+    shift = rng.normal(size=143).astype(np.float32)
+    total = (x + bias + residual).astype(np.float64)
+    normal = (total - total.mean(axis=1, keepdims=True)) / np.sqrt(
+        total.var(axis=1, keepdims=True) + 1e-12
+    )
+    got = run(
+        lambda a, b, r, w, s: kernels.add_layernorm_(a, b, r, w, s, 1e-12),
+        x,
+        bias,
+        residual,
+        weight,
+        shift,
+    )
+    _agree("layernorm", got, normal * weight + shift)
+
+    gate = x[::-1].copy()
+    expected = x * gate / (1.0 + np.exp(-gate.astype(np.float64)))
+    _agree("swiglu", run(kernels.swiglu_, x, gate), expected)
+
+
+def _agree(name: str, got: np.ndarray, expected: np.ndarray) -> None:
+    error = float(np.max(np.abs(got - expected) / np.maximum(1.0, np.abs(expected))))
+    if not error < _TOLERANCE:
+        raise RuntimeError(f"{name} kernel is off by {error:.2e} (tolerance {_TOLERANCE:.0e})")
