@@ -21,6 +21,8 @@ from mlx_stack.errors import MlxStackError, PortInUseError
 
 from . import blas
 from .architectures import POOLINGS
+from .batcher import BatchPolicy
+from .service import MAX_CONCURRENT, ServiceOptions
 from .settings import ModelSettings, Overrides, resolve
 
 PROG = "mlx-stack embeddings"
@@ -56,7 +58,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--query-prefix", help="prepended when input_type is 'query'")
     parser.add_argument("--document-prefix", help="prepended when input_type is 'document'")
     parser.add_argument(
-        "--exact-gelu", action="store_true", help="keep MLX's exact (slow on CPU) GELU"
+        "--truncate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cut inputs longer than the maximum (default; reported in a response header); "
+        "--no-truncate refuses them with a 400 instead",
+    )
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=BatchPolicy.max_batch_tokens,
+        help="padded tokens per forward pass (texts x longest); default %(default)s",
+    )
+    parser.add_argument(
+        "--batch-timeout-ms",
+        type=float,
+        default=BatchPolicy.batch_timeout_ms,
+        help="longest wait for requests still being tokenised before a pass starts; "
+        "default %(default)s",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=MAX_CONCURRENT,
+        help="requests in progress before new ones get 429; default %(default)s",
+    )
+    parser.add_argument(
+        "--exact-kernels",
+        "--exact-gelu",
+        action="store_true",
+        help="keep MLX's exact (slow on CPU) GELU and softmax kernels",
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument(
@@ -94,11 +125,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 document_prefix=args.document_prefix,
             ),
         )
+        options = _options(args)
         sock = _bind(args.host, args.port)
     except MlxStackError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    return _serve(args, settings, sock)
+    return _serve(args, settings, options, sock)
+
+
+def _options(args: argparse.Namespace) -> ServiceOptions:
+    try:
+        return ServiceOptions(
+            batch=BatchPolicy(args.max_batch_tokens, args.batch_timeout_ms),
+            max_concurrent=args.max_concurrent,
+            truncate=args.truncate,
+        )
+    except ValueError as exc:
+        raise MlxStackError(f"{exc.args[0].replace('_', '-')}") from None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -121,14 +164,16 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _serve(args: argparse.Namespace, settings: ModelSettings, sock: socket.socket) -> int:
+def _serve(
+    args: argparse.Namespace, settings: ModelSettings, options: ServiceOptions, sock: socket.socket
+) -> int:
     import uvicorn
 
     from .server import ServedModel, create_app
     from .service import EmbeddingService, default_loader
 
     host, port = sock.getsockname()[:2]
-    log.info("%s", _startup_line(args.served_name, settings, host, port))
+    log.info("%s", _startup_line(args.served_name, settings, options, host, port))
     server: uvicorn.Server | None = None
     failed: list[BaseException] = []
 
@@ -137,7 +182,9 @@ def _serve(args: argparse.Namespace, settings: ModelSettings, sock: socket.socke
         if server is not None:
             server.should_exit = True
 
-    service = EmbeddingService(settings, default_loader(not args.exact_gelu), on_load_failure)
+    service = EmbeddingService(
+        settings, default_loader(not args.exact_kernels), options, on_load_failure
+    )
     served = ServedModel(args.served_name, tuple(args.alias), blas.preload(), int(time.time()))
     config = uvicorn.Config(
         create_app(service, served),
@@ -155,13 +202,19 @@ def _serve(args: argparse.Namespace, settings: ModelSettings, sock: socket.socke
     return _exit(1 if failed else 0)
 
 
-def _startup_line(name: str, settings: ModelSettings, host: str, port: int) -> str:
+def _startup_line(
+    name: str, settings: ModelSettings, options: ServiceOptions, host: str, port: int
+) -> str:
     normalised = "normalised" if settings.normalize else "not normalised"
+    longer = "truncated" if options.truncate else "refused"
     host = f"[{host}]" if ":" in host else host
     return (
         f"serving {name!r} from {settings.path} ({settings.architecture.model_type}, "
         f"{settings.dimension} dims, {settings.pooling} pooling, {normalised}, "
-        f"max {settings.max_seq_len} tokens) on http://{host}:{port}; "
+        f"max {settings.max_seq_len} tokens, longer inputs {longer}) on http://{host}:{port}; "
+        f"batches of <= {options.batch.max_batch_tokens} tokens, "
+        f"wait <= {options.batch.batch_timeout_ms:g} ms, "
+        f"<= {options.max_concurrent} concurrent requests; "
         f"BLAS: {blas.preload().describe()}"
     )
 

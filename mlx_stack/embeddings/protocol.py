@@ -7,7 +7,6 @@ before it reaches the model, and the messages state the limit that was broken.
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -107,16 +106,6 @@ def _is_token_array(items: list[Any]) -> bool:
     return bool(items) and all(
         isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
     )
-
-
-def check_token_ids(token_ids: Sequence[Sequence[int]], vocab_size: int) -> None:
-    """Out-of-range ids would index past the embedding table: refuse them."""
-    for index, ids in enumerate(token_ids):
-        highest = max(ids)
-        if highest >= vocab_size:
-            raise invalid(
-                f"'input[{index}]' has token id {highest} >= vocabulary size {vocab_size}", "input"
-            )
 
 
 def encode_vector(vector: np.ndarray, encoding_format: EncodingFormat) -> list[float] | str:

@@ -1,4 +1,4 @@
-"""The Starlette app: OpenAI's ``/v1/embeddings`` and ``/v1/models``, plus ``/health``.
+"""The Starlette app: OpenAI's ``/v1/embeddings`` and ``/v1/models``, ``/health``, ``/metrics``.
 
 Handlers only translate: JSON in -> :mod:`protocol` -> :class:`EmbeddingService` -> JSON out.
 Every failure is an :class:`ApiError`, turned into a response by one exception handler, so a
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .apierror import ApiError, ErrorKind, invalid
@@ -26,7 +27,6 @@ from .blas import BlasInfo
 from .protocol import (
     EmbeddingRequest,
     EncodingFormat,
-    check_token_ids,
     embeddings_response,
     parse_request,
 )
@@ -34,6 +34,11 @@ from .service import EmbeddingService, Status
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 """2048 inputs of ~8 KB each; larger bodies get 413 before being read whole."""
+
+TRUNCATED_HEADER = "x-mlx-stack-truncated-inputs"
+"""How many inputs were cut to the model's maximum length (absent when none were)."""
+
+LOADING_REASON = "the model is loading (weights, then one warm-up forward pass)"
 
 _HTTP_KINDS = {404: ErrorKind.NOT_FOUND, 405: ErrorKind.METHOD_NOT_ALLOWED}
 
@@ -52,6 +57,9 @@ class ServedModel:
         return (self.name, *self.aliases)
 
 
+Handler = Callable[[Request], Awaitable[Response]]
+
+
 def create_app(
     service: EmbeddingService, served: ServedModel, max_body_bytes: int = MAX_BODY_BYTES
 ) -> Starlette:
@@ -61,7 +69,7 @@ def create_app(
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         service.start_loading()
         yield
-        service.shutdown()
+        await service.shutdown()
 
     async def embeddings(request: Request) -> Response:
         body = await _read_json(request, max_body_bytes)
@@ -76,19 +84,35 @@ def create_app(
             )
         dimensions = _check_dimensions(parsed, service)
         if parsed.token_ids:
-            check_token_ids(parsed.token_ids, service.vocab_size)
-            result = await service.embed_token_ids([list(t) for t in parsed.token_ids], dimensions)
+            result = await service.embed_token_ids(parsed.token_ids, dimensions)
         else:
-            texts = _with_prefix(parsed, service)
-            result = await service.embed_texts(texts, dimensions)
+            result = await service.embed_texts(_with_prefix(parsed, service), dimensions)
         # 2048 x 1024 floats take ~1 s to serialise: keep that off the event loop too
         content = await asyncio.to_thread(
             _render, result.vectors, parsed.model, result.total_tokens, parsed.encoding_format
         )
         headers: dict[str, str] = {}
         if any(result.truncated):
-            headers["x-mlx-stack-truncated-inputs"] = str(sum(result.truncated))
+            headers[TRUNCATED_HEADER] = str(sum(result.truncated))
         return Response(content, media_type="application/json", headers=headers)
+
+    async def measured_embeddings(request: Request) -> Response:
+        started = time.monotonic()
+        status = 500
+        try:
+            response = await embeddings(request)
+            status = response.status_code
+            return response
+        except ApiError as exc:
+            status = exc.kind.status
+            service.metrics.errors.inc(type=exc.kind.name.lower())
+            raise
+        except Exception:
+            service.metrics.errors.inc(type="internal")
+            raise
+        finally:
+            service.metrics.requests.inc(code=str(status))
+            service.metrics.latency.observe(time.monotonic() - started)
 
     async def models(_: Request) -> Response:
         return JSONResponse({"object": "list", "data": [_model_card(served, service)]})
@@ -106,18 +130,24 @@ def create_app(
     async def health(_: Request) -> Response:
         if service.status is Status.READY:
             return JSONResponse({"status": "ok"})
-        body = {"status": service.status.value}
-        if service.failure:
-            body["error"] = service.failure
-        return JSONResponse(body, status_code=503)
+        if service.status is Status.FAILED:
+            body = {"status": "failed", "reason": f"the model failed to load: {service.failure}"}
+        else:
+            body = {"status": "loading", "reason": LOADING_REASON}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+    async def metrics(_: Request) -> Response:
+        text = service.metrics.render(_model_info(served, service))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return Starlette(
         routes=[
-            Route("/v1/embeddings", embeddings, methods=["POST"]),
-            Route("/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/embeddings", measured_embeddings, methods=["POST"]),
+            Route("/embeddings", measured_embeddings, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
         ],
         exception_handlers={
             ApiError: _api_error,
@@ -164,18 +194,31 @@ def _too_large(limit: int) -> ApiError:
 
 
 def _check_dimensions(parsed: EmbeddingRequest, service: EmbeddingService) -> int | None:
-    """``None`` for the full size; a Matryoshka size if the operator configured it."""
+    """``None`` for the full size; a smaller size only for a Matryoshka-trained model.
+
+    Any size from the smallest trained one up to the full one is accepted (as OpenAI accepts
+    any size): vectors are truncated, then re-normalised.
+    """
     settings = service.settings
-    if parsed.dimensions is None or parsed.dimensions == settings.dimension:
+    full = settings.dimension
+    if parsed.dimensions is None or parsed.dimensions == full:
         return None
-    if parsed.dimensions in settings.matryoshka_dimensions:
-        return parsed.dimensions
-    allowed = ", ".join(map(str, (settings.dimension, *settings.matryoshka_dimensions)))
-    raise invalid(
-        f"'dimensions' {parsed.dimensions} is not available for this model; allowed: {allowed}"
-        + ("" if settings.matryoshka_dimensions else " (no Matryoshka sizes configured)"),
-        "dimensions",
-    )
+    if not settings.matryoshka_dimensions:
+        raise invalid(
+            f"'dimensions' {parsed.dimensions} is not available: this model has no Matryoshka "
+            f"support, so its vectors are always {full}-dimensional (omit 'dimensions' or send "
+            f"{full})",
+            "dimensions",
+        )
+    smallest = min(settings.matryoshka_dimensions)
+    if not smallest <= parsed.dimensions <= full:
+        trained = ", ".join(map(str, settings.matryoshka_dimensions))
+        raise invalid(
+            f"'dimensions' {parsed.dimensions} is out of range for this model: use {smallest} to "
+            f"{full} (trained sizes: {trained})",
+            "dimensions",
+        )
+    return parsed.dimensions
 
 
 def _with_prefix(parsed: EmbeddingRequest, service: EmbeddingService) -> list[str]:
@@ -188,6 +231,7 @@ def _with_prefix(parsed: EmbeddingRequest, service: EmbeddingService) -> list[st
 
 def _model_card(served: ServedModel, service: EmbeddingService) -> dict[str, Any]:
     settings = service.settings
+    identity = service.fingerprint
     return {
         "id": served.name,
         "object": "model",
@@ -199,9 +243,28 @@ def _model_card(served: ServedModel, service: EmbeddingService) -> dict[str, Any
         "dimensions": settings.dimension,
         "matryoshka_dimensions": list(settings.matryoshka_dimensions),
         "max_seq_length": settings.max_seq_len,
+        "truncation": service.options.truncate,
         "pooling": settings.pooling,
         "normalize": settings.normalize,
+        "query_prefix": settings.query_prefix,
+        "document_prefix": settings.document_prefix,
+        "revision": identity.revision if identity else None,
+        "content_sha256": identity.content_sha256 if identity else None,
+        "hashed_files": list(identity.files) if identity else [],
         "blas": served.blas.describe(),
+        "max_batch_tokens": service.options.batch.max_batch_tokens,
+        "batch_timeout_ms": service.options.batch.batch_timeout_ms,
+        "max_concurrent": service.options.max_concurrent,
+    }
+
+
+def _model_info(served: ServedModel, service: EmbeddingService) -> dict[str, str]:
+    identity = service.fingerprint
+    return {
+        "model": served.name,
+        "architecture": service.settings.architecture.model_type,
+        "content_sha256": identity.content_sha256 if identity else "",
+        "blas": served.blas.name,
     }
 
 

@@ -1,27 +1,51 @@
-"""The one owner of the server's runtime state: the model, its status and its worker thread.
+"""The one owner of the server's runtime state: the model, its status, the batcher, the metrics.
 
-All MLX work (loading, warm-up, every forward pass) runs on a single worker thread, so the
-event loop stays free to answer ``/health`` and to refuse requests while a batch computes.
-Back-pressure is an error (429), not an unbounded queue.
+MLX work (loading, warm-up, every forward pass) runs on a single worker thread; tokenising runs
+on a second small pool; the event loop only routes, so it stays free to answer ``/health`` and
+to refuse requests while passes compute. Back-pressure is an error (429), not an unbounded
+queue. The status changes in one place, on the event loop: ``LOADING -> READY`` once the model
+has loaded *and* run a real forward pass, ``LOADING -> FAILED`` otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
-from .apierror import ApiError, ErrorKind
-from .model import EmbeddingModel, Embeddings
+import numpy as np
+
+from . import fingerprint
+from .apierror import ApiError, ErrorKind, invalid
+from .batcher import Batcher, BatchPolicy, PassReport
+from .fingerprint import Fingerprint
+from .metrics import ServerMetrics
+from .model import EmbeddingModel, Embeddings, finish
 from .settings import ModelSettings
+from .tokenizer import Encoded
 
 log = logging.getLogger("mlx_stack.embeddings")
 
-MAX_PENDING = 64
-"""Requests admitted (running or waiting for the worker) before new ones get 429."""
+MAX_CONCURRENT = 64
+"""Requests admitted (tokenising, queued or computing) before new ones get 429."""
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """Serving choices that do not depend on the model folder."""
+
+    batch: BatchPolicy = field(default_factory=BatchPolicy)
+    max_concurrent: int = MAX_CONCURRENT
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent <= 0:
+            raise ValueError(f"max_concurrent must be positive, got {self.max_concurrent}")
 
 
 class Status(Enum):
@@ -30,85 +54,181 @@ class Status(Enum):
     FAILED = "failed"
 
 
+class Tokenizer(Protocol):
+    def encode(self, texts: Sequence[str]) -> list[Encoded]: ...
+
+    def truncate_ids(self, ids: Sequence[int]) -> Encoded: ...
+
+
 class Embedder(Protocol):
     """What the service needs of a model; :class:`EmbeddingModel` in production."""
 
     load_seconds: float
-    fast_gelu_layers: int
+    fast_kernels: tuple[str, ...]
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
 
     @property
     def vocab_size(self) -> int: ...
 
-    def embed(self, texts: list[str], dimensions: int | None = None) -> Embeddings: ...
-
-    def embed_token_ids(
-        self, inputs: list[list[int]], dimensions: int | None = None
-    ) -> Embeddings: ...
+    def forward(self, sequences: Sequence[Sequence[int]]) -> np.ndarray: ...
 
 
 Loader = Callable[[ModelSettings], Embedder]
 
 
-def default_loader(fast_gelu: bool = True) -> Loader:
-    return lambda settings: EmbeddingModel.load(settings, fast_gelu=fast_gelu)
+def default_loader(fast_kernels: bool = True) -> Loader:
+    return lambda settings: EmbeddingModel.load(settings, fast_kernels=fast_kernels)
 
 
 class EmbeddingService:
-    """Loads the model in the background, then runs embedding jobs one at a time."""
+    """Loads the model in the background, then serves embedding requests through the batcher."""
 
     def __init__(
         self,
         settings: ModelSettings,
         loader: Loader,
+        options: ServiceOptions | None = None,
         on_load_failure: Callable[[BaseException], None] | None = None,
-        max_pending: int = MAX_PENDING,
     ) -> None:
         self.settings = settings
+        self.options = options or ServiceOptions()
         self._loader = loader
         self._on_load_failure = on_load_failure
-        self._max_pending = max_pending
-        self._pending = 0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-embed")
+        self._tokenizers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._model: Embedder | None = None
+        self._batcher: Batcher | None = None
+        self._in_flight = 0
         self.status = Status.LOADING
         self.failure: str | None = None
+        self.fingerprint: Fingerprint | None = None
+        self.metrics = ServerMetrics(
+            queue_depth=lambda: self._batcher.queued_texts if self._batcher else 0,
+            in_flight=lambda: self._in_flight,
+        )
+
+    # --- lifecycle -------------------------------------------------------------------------
 
     def start_loading(self) -> None:
-        """Queue the load on the worker thread and return at once."""
-        self._worker.submit(self._load)
+        """Queue the load on the worker thread and return at once (call on the event loop)."""
+        loop = asyncio.get_running_loop()
+        self._worker.submit(self._load, loop)
 
-    def _load(self) -> None:
+    def _load(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
+            identity = fingerprint.of_folder(self.settings.path)
             model = self._loader(self.settings)
         except BaseException as exc:  # a crash in loading must surface, not hang at 503
-            self.failure = f"{type(exc).__name__}: {exc}"
-            self.status = Status.FAILED
-            log.error("loading %s failed: %s", self.settings.path, self.failure)
-            if self._on_load_failure is not None:
-                self._on_load_failure(exc)
+            loop.call_soon_threadsafe(self._failed, exc)
             return
+        loop.call_soon_threadsafe(self._ready, model, identity)
+
+    def _ready(self, model: Embedder, identity: Fingerprint) -> None:
         self._model = model
+        self.fingerprint = identity
+        self._batcher = Batcher(model.forward, self._worker, self.options.batch, self._on_pass)
+        self._batcher.start()
         self.status = Status.READY
+        kernels = f"; fast kernels: {', '.join(model.fast_kernels)}" if model.fast_kernels else ""
         log.info(
-            "model ready in %.1f s (one warm-up pass done%s)",
+            "model ready in %.1f s (one warm-up pass done%s); content sha256 %s",
             model.load_seconds,
-            f"; {model.fast_gelu_layers} GELU layers fused" if model.fast_gelu_layers else "",
+            kernels,
+            identity.content_sha256[:16],
         )
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failure = f"{type(exc).__name__}: {exc}"
+        self.status = Status.FAILED
+        log.error("loading %s failed: %s", self.settings.path, self.failure)
+        if self._on_load_failure is not None:
+            self._on_load_failure(exc)
+
+    async def shutdown(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.stop()
+        self._worker.shutdown(wait=False, cancel_futures=True)
+        self._tokenizers.shutdown(wait=False, cancel_futures=True)
+
+    # --- requests --------------------------------------------------------------------------
 
     @property
     def vocab_size(self) -> int:
         return self._require_model().vocab_size
 
-    async def embed_texts(self, texts: list[str], dimensions: int | None) -> Embeddings:
+    async def embed_texts(self, texts: Sequence[str], dimensions: int | None) -> Embeddings:
         model = self._require_model()
-        return await self._run(lambda: model.embed(texts, dimensions))
+        batcher = self._require_batcher()
+        with self._admitted():
+            with batcher.incoming():
+                loop = asyncio.get_running_loop()
+                encoded = await loop.run_in_executor(
+                    self._tokenizers, model.tokenizer.encode, list(texts)
+                )
+            return await self._embed(batcher, encoded, dimensions)
 
-    async def embed_token_ids(self, ids: list[list[int]], dimensions: int | None) -> Embeddings:
+    async def embed_token_ids(
+        self, inputs: Sequence[Sequence[int]], dimensions: int | None
+    ) -> Embeddings:
         model = self._require_model()
-        return await self._run(lambda: model.embed_token_ids(ids, dimensions))
+        batcher = self._require_batcher()
+        limit = model.vocab_size
+        for index, ids in enumerate(inputs):
+            highest = max(ids)
+            if highest >= limit:
+                raise invalid(
+                    f"'input[{index}]' has token id {highest}, outside this model's vocabulary "
+                    f"(ids 0..{limit - 1})",
+                    "input",
+                )
+        with self._admitted():
+            encoded = [model.tokenizer.truncate_ids(ids) for ids in inputs]
+            return await self._embed(batcher, encoded, dimensions)
 
-    def shutdown(self) -> None:
-        self._worker.shutdown(wait=False, cancel_futures=True)
+    async def _embed(
+        self, batcher: Batcher, encoded: list[Encoded], dimensions: int | None
+    ) -> Embeddings:
+        if not self.options.truncate:
+            _refuse_long_inputs(encoded, self.settings.max_seq_len)
+        try:
+            pooled = await batcher.submit([e.ids for e in encoded])
+        except Exception as exc:  # a model failure fails this request, not the server
+            log.exception("embedding failed")
+            raise ApiError(
+                ErrorKind.INTERNAL, f"embedding failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        result = Embeddings(
+            vectors=finish(pooled, dimensions, self.settings.normalize),
+            token_counts=[len(e.ids) for e in encoded],
+            truncated=[e.truncated for e in encoded],
+        )
+        self.metrics.texts.inc(len(encoded))
+        self.metrics.tokens.inc(result.total_tokens)
+        self.metrics.truncated.inc(sum(result.truncated))
+        return result
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        limit = self.options.max_concurrent
+        if self._in_flight >= limit:
+            raise ApiError(
+                ErrorKind.OVERLOADED,
+                f"{self._in_flight} requests already in progress (maximum {limit}, "
+                "--max-concurrent); retry shortly or send more texts per request",
+                code="overloaded",
+            )
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+
+    def _on_pass(self, report: PassReport) -> None:
+        self.metrics.batch_rows.observe(report.rows)
+        self.metrics.batch_tokens.observe(report.padded_tokens)
+        self.metrics.pass_seconds.observe(report.seconds)
 
     def _require_model(self) -> Embedder:
         if self._model is None:
@@ -119,21 +239,17 @@ class EmbeddingService:
             )
         return self._model
 
-    async def _run(self, job: Callable[[], Embeddings]) -> Embeddings:
-        if self._pending >= self._max_pending:
-            raise ApiError(
-                ErrorKind.OVERLOADED,
-                f"{self._pending} requests already queued (maximum {self._max_pending}); "
-                "retry later or send larger batches",
-                code="overloaded",
+    def _require_batcher(self) -> Batcher:
+        assert self._batcher is not None  # set together with the model
+        return self._batcher
+
+
+def _refuse_long_inputs(encoded: Sequence[Encoded], limit: int) -> None:
+    for index, item in enumerate(encoded):
+        if item.truncated:
+            raise invalid(
+                f"'input[{index}]' has {item.full_length} tokens, more than this model's maximum "
+                f"of {limit}; shorten it, or start the server without --no-truncate to have it "
+                "cut to the maximum",
+                "input",
             )
-        self._pending += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._worker, job)
-        except Exception as exc:  # a model failure fails this request, not the server
-            log.exception("embedding failed")
-            raise ApiError(
-                ErrorKind.INTERNAL, f"embedding failed: {type(exc).__name__}: {exc}"
-            ) from exc
-        finally:
-            self._pending -= 1

@@ -19,10 +19,14 @@ from tokenizers import Tokenizer
 
 @dataclass(frozen=True)
 class Encoded:
-    """Token ids of one input after truncation, and whether truncation cut anything."""
+    """Token ids of one input after truncation, and its length before."""
 
     ids: list[int]
-    truncated: bool
+    full_length: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_length > len(self.ids)
 
 
 class TextTokenizer:
@@ -33,6 +37,10 @@ class TextTokenizer:
         self.pad_id = _pad_id(self._tokenizer, model_path)  # before padding is switched off
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length)
+        self._specials = int(self._tokenizer.num_special_tokens_to_add(False))
+        self._encode_batch = getattr(
+            self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch
+        )  # the fast variant skips character offsets, which we never use
         self.max_length = max_length
 
     @property
@@ -41,12 +49,18 @@ class TextTokenizer:
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         """Encode with the model's special tokens (``[CLS] ... [SEP]`` for BERT)."""
-        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=True)
-        return [Encoded(list(e.ids), bool(e.overflowing)) for e in encodings]
+        encodings = self._encode_batch(list(texts), add_special_tokens=True)
+        return [
+            Encoded(
+                e.ids,
+                len(e.ids) + sum(len(o.ids) - self._specials for o in e.overflowing),
+            )
+            for e in encodings
+        ]
 
     def truncate_ids(self, ids: Sequence[int]) -> Encoded:
         """Pre-tokenised input is taken as-is (OpenAI semantics): no special tokens added."""
-        return Encoded(list(ids[: self.max_length]), len(ids) > self.max_length)
+        return Encoded(list(ids[: self.max_length]), len(ids))
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,228 @@
+"""Dynamic batching: texts of concurrent requests share forward passes.
+
+Requests put their tokenised texts in one queue; a single loop on the event loop takes a *wave*
+of them (oldest first, about ``max_batch_tokens`` real tokens), sorts the wave by length so that
+the rows of a pass are alike (less padding), cuts it into passes of at most ``max_batch_tokens``
+padded tokens, and runs each pass on the model's worker thread. A pass is one matrix product
+per layer for many texts, which on a CPU costs far less than one per text.
+
+Waiting is short and purposeful: when the queue holds less than a full pass, the loop waits (at
+most ``batch_timeout_ms``) only while other requests are known to be on their way, i.e. admitted
+and still tokenising. A lone request never waits; a full batch never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MAX_ROWS_PER_PASS = 512
+"""Texts per forward pass, whatever the token budget (bounds pooling and padding memory)."""
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """The batching knobs (documented in docs/embeddings-server.md)."""
+
+    max_batch_tokens: int = 8192
+    batch_timeout_ms: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens <= 0:
+            raise ValueError(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
+        if self.batch_timeout_ms < 0:
+            raise ValueError(f"batch_timeout_ms must be >= 0, got {self.batch_timeout_ms}")
+
+
+@dataclass(frozen=True)
+class PassReport:
+    """What one forward pass did, for metrics."""
+
+    rows: int
+    tokens: int
+    padded_tokens: int
+    seconds: float
+
+
+Forward = Callable[[list[list[int]]], np.ndarray]
+
+
+def plan_passes(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    """Group indices into passes: ascending length, ``rows x longest <= max_batch_tokens``.
+
+    An item longer than the budget on its own still gets a pass (alone).
+    """
+    passes: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        longest = lengths[index]  # ascending: the newcomer is the longest
+        full = len(current) >= MAX_ROWS_PER_PASS
+        if current and (full or longest * (len(current) + 1) > max_batch_tokens):
+            passes.append(current)
+            current = []
+        current.append(index)
+    if current:
+        passes.append(current)
+    return passes
+
+
+@dataclass
+class _Job:
+    """One request's texts: a result row per text, resolved when all rows are in."""
+
+    future: asyncio.Future[np.ndarray]
+    rows: int
+    filled: int = 0
+    result: np.ndarray | None = None
+
+    def put(self, row: int, vector: np.ndarray) -> None:
+        if self.future.done():
+            return
+        if self.result is None:
+            self.result = np.empty((self.rows, vector.shape[0]), dtype=np.float32)
+        self.result[row] = vector
+        self.filled += 1
+        if self.filled == self.rows:
+            self.future.set_result(self.result)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+@dataclass
+class _Item:
+    ids: list[int]
+    job: _Job
+    row: int
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Owns the queue and the loop; ``submit`` is the only way in."""
+
+    def __init__(
+        self,
+        forward: Forward,
+        executor: Executor,
+        policy: BatchPolicy,
+        on_pass: Callable[[PassReport], None] | None = None,
+    ) -> None:
+        self._forward = forward
+        self._executor = executor
+        self._policy = policy
+        self._on_pass = on_pass
+        self._queue: deque[_Item] = deque()
+        self._queued_tokens = 0
+        self._incoming = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queued_texts(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the loop on the running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._queue:
+            self._queue.popleft().job.fail(RuntimeError("the server is shutting down"))
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Mark a request as on its way (tokenising) so a forming batch may wait for it."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            self._wake.set()
+
+    async def submit(self, sequences: Sequence[list[int]]) -> np.ndarray:
+        """Pooled, unnormalised vectors ``[len(sequences), dim]`` in input order."""
+        if not sequences:
+            raise ValueError("submit() needs at least one sequence")
+        job = _Job(asyncio.get_running_loop().create_future(), len(sequences))
+        for row, ids in enumerate(sequences):
+            self._queue.append(_Item(ids, job, row))
+            self._queued_tokens += len(ids)
+        self._wake.set()
+        return await job.future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                await self._gather()
+                wave = self._take_wave()
+                if wave:
+                    await self._run_wave(wave)
+
+    async def _gather(self) -> None:
+        """Wait briefly for requests still tokenising, unless a full pass is already queued."""
+        deadline = self._queue[0].queued_at + self._policy.batch_timeout_ms / 1000
+        while self._incoming and self._queued_tokens < self._policy.max_batch_tokens:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _take_wave(self) -> list[_Item]:
+        """Oldest first, until about one pass worth of real tokens; skips abandoned requests."""
+        wave: list[_Item] = []
+        tokens = 0
+        while self._queue and (not wave or tokens < self._policy.max_batch_tokens):
+            item = self._queue.popleft()
+            self._queued_tokens -= len(item.ids)
+            if item.job.future.done():  # cancelled by its client, or failed already
+                continue
+            wave.append(item)
+            tokens += len(item.ids)
+        return wave
+
+    async def _run_wave(self, wave: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        for rows in plan_passes([len(item.ids) for item in wave], self._policy.max_batch_tokens):
+            items = [wave[i] for i in rows if not wave[i].job.future.done()]
+            if not items:
+                continue
+            sequences = [item.ids for item in items]
+            started = time.monotonic()
+            try:
+                vectors = await loop.run_in_executor(self._executor, self._forward, sequences)
+            except Exception as exc:  # a failed pass fails its requests, not the loop
+                for item in items:
+                    item.job.fail(exc)
+                continue
+            if self._on_pass is not None:
+                longest = max(len(s) for s in sequences)
+                self._on_pass(
+                    PassReport(
+                        rows=len(items),
+                        tokens=sum(len(s) for s in sequences),
+                        padded_tokens=longest * len(items),
+                        seconds=time.monotonic() - started,
+                    )
+                )
+            for item, vector in zip(items, vectors, strict=True):
+                item.job.put(item.row, vector)
