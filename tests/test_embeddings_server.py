@@ -91,7 +91,7 @@ def test_startup_log_names_blas_model_and_port(server: Server) -> None:
     port = server.url.rsplit(":", 1)[1]
     line = next(line for line in log.splitlines() if "serving 'minilm'" in line)
     assert "BLAS:" in line and f":{port}" in line and "bert" in line
-    assert "batches of <= 8192 tokens" in line and "longer inputs truncated" in line
+    assert "batches of <= 2048 tokens" in line and "longer inputs truncated" in line
 
 
 # --- embeddings ------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def test_models_lists_the_served_model_with_extras(client: httpx.Client) -> None
     assert card["normalize"] is True
     assert isinstance(card["blas"], str) and card["blas"]
     assert card["aliases"] == ["text-embedding-3-small"]
-    assert card["truncation"] is True and card["max_batch_tokens"] == 8192
+    assert card["truncation"] is True and card["max_batch_tokens"] == 2048
     assert client.get("/v1/models/minilm").json()["id"] == "minilm"
     assert_openai_error(client.get("/v1/models/other"), 404)
 

@@ -1,0 +1,128 @@
+"""The server's MiniLM vectors against sentence-transformers on the same weights.
+
+sentence-transformers (torch, CPU) is the reference implementation of this model; it must be
+installed (the ``test`` extra): a missing reference fails these tests with the install
+command, it never skips them. Texts of mixed lengths sent one by one and in one request (also
+through MLX's exact kernels, ``--exact-kernels``, what runs where the fast CPU path does not),
+through ``dimensions`` and through token ids; and the batching guarantee: a text's vector
+does not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from test_embeddings_support import (
+    MINILM_DIM,
+    MIXED_TEXTS,
+    Server,
+    cosines,
+    embed,
+    minilm_path,
+    require,
+    running_server,
+)
+
+pytestmark = pytest.mark.e2e
+
+PARITY = 0.9999
+BATCH_INVARIANCE = 0.99999
+
+
+@pytest.fixture(scope="module")
+def reference() -> Any:
+    require("torch")
+    sentence_transformers = require("sentence_transformers")
+    return sentence_transformers.SentenceTransformer(
+        str(minilm_path()), device="cpu", local_files_only=True
+    )
+
+
+@pytest.fixture(scope="module")
+def expected(reference: Any) -> np.ndarray:
+    return reference.encode(MIXED_TEXTS, convert_to_numpy=True, normalize_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("parity") / "server.log"
+    with running_server(log, "--dimensions", "256,128") as running:  # `dimensions` too
+        yield running
+
+
+@pytest.fixture(scope="module")
+def exact_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """MLX's own kernels: what runs where the fast CPU path does not (macOS, no compiler)."""
+    log = tmp_path_factory.mktemp("parity-exact") / "server.log"
+    with running_server(log, "--exact-kernels") as running:
+        yield running
+
+
+def sixty_four_texts() -> list[str]:
+    """64 texts from 1 to ~300 words (some truncated at 256 tokens), deterministic."""
+    rng = random.Random(1234)
+    words = ["alpha", "beta", "gamma", "delta", "vector", "search", "query", "index", "model"]
+    texts = list(MIXED_TEXTS)
+    while len(texts) < 64:
+        count = rng.choice([1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 300])
+        texts.append(" ".join(rng.choice(words) for _ in range(count)))
+    return texts
+
+
+@pytest.mark.parametrize("which", ["server", "exact_server"])
+def test_vectors_match_sentence_transformers(
+    which: str, expected: np.ndarray, request: pytest.FixtureRequest
+) -> None:
+    server: Server = request.getfixturevalue(which)
+    with server.client() as http:
+        batched = embed(http, MIXED_TEXTS)
+        alone = np.concatenate([embed(http, text) for text in MIXED_TEXTS])
+    assert batched.shape == (len(MIXED_TEXTS), MINILM_DIM)
+    batched_min = float(cosines(batched, expected).min())
+    alone_min = float(cosines(alone, expected).min())
+    print(f"{which}: parity min cosine: batched {batched_min:.7f}, alone {alone_min:.7f}")
+    assert batched_min >= PARITY
+    assert alone_min >= PARITY
+    assert float(np.abs(batched - expected).max()) < 1e-3
+    # the texts differ, so agreement is not an accident of near-identical vectors
+    assert float(cosines(expected[:-1], expected[1:]).max()) < 0.99
+
+
+def test_dimensions_match_truncated_sentence_transformers(server: Server, reference: Any) -> None:
+    for size in (256, 128):
+        expected = reference.encode(
+            MIXED_TEXTS, convert_to_numpy=True, truncate_dim=size, normalize_embeddings=True
+        )
+        with server.client() as http:
+            got = embed(http, MIXED_TEXTS, dimensions=size)
+        assert got.shape == (len(MIXED_TEXTS), size)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        assert float(cosines(got, expected).min()) >= PARITY
+
+
+def test_token_ids_and_usage_match_the_real_tokenizer(
+    server: Server, reference: Any, expected: np.ndarray
+) -> None:
+    tokenizer = reference.tokenizer
+    encoded = tokenizer(MIXED_TEXTS, truncation=True, max_length=256)["input_ids"]
+    too_long = sum(len(ids) > 256 for ids in tokenizer(MIXED_TEXTS)["input_ids"])
+    with server.client() as http:
+        response = http.post("/v1/embeddings", json={"model": "minilm", "input": MIXED_TEXTS})
+        from_ids = embed(http, encoded)
+    assert response.json()["usage"]["prompt_tokens"] == sum(len(ids) for ids in encoded)
+    assert too_long >= 1
+    assert response.headers["x-mlx-stack-truncated-inputs"] == str(too_long)
+    assert float(cosines(from_ids, expected).min()) >= PARITY
+
+
+def test_batching_does_not_change_vectors(server: Server) -> None:
+    texts = sixty_four_texts()
+    with server.client() as http:
+        batched = embed(http, texts)
+        for index in (0, 6, 7, 8, 30, 63):  # short, long, truncated, random ones
+            alone = embed(http, texts[index])[0]
+            assert float(alone @ batched[index]) >= BATCH_INVARIANCE, index
