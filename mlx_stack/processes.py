@@ -83,17 +83,31 @@ class Child:
         self.pump.join(timeout=2)
 
 
+def guarded(argv: Sequence[str], lifeline: int) -> list[str]:
+    """``argv`` run through ``mlx_stack.childguard`` when it is a Python program of ours.
+
+    The guard ends the child's process group when ``lifeline`` (the read end of a pipe only the
+    supervisor writes) reaches end-of-file: the supervisor's death, on macOS too.
+    """
+    if len(argv) > 1 and argv[0] == sys.executable:
+        return [sys.executable, "-m", "mlx_stack.childguard", "--fd", str(lifeline), *argv[1:]]
+    return list(argv)
+
+
 def start_child(argv: Sequence[str], env: Mapping[str, str], cwd: Path,
-                log: RotatingLog) -> Child:
+                log: RotatingLog, lifeline: int | None = None) -> Child:
     """Start ``argv`` in a new session (its own process group), its output pumped into ``log``.
 
-    On Linux the child gets PR_SET_PDEATHSIG, so it dies with its supervisor even on SIGKILL.
-    Raises OSError if the program cannot be run.
+    It dies with its supervisor even on SIGKILL: through PR_SET_PDEATHSIG on Linux, and through
+    the ``lifeline`` pipe (see ``guarded``) on every OS. Raises OSError if it cannot be run.
     """
     preexec = _linux_pdeathsig if sys.platform.startswith("linux") else None
+    if lifeline is not None:
+        argv = guarded(argv, lifeline)
     popen = subprocess.Popen(
         list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env=dict(env), cwd=cwd, start_new_session=True, close_fds=True, preexec_fn=preexec,
+        pass_fds=() if lifeline is None else (lifeline,),
     )
     try:
         create_time = psutil.Process(popen.pid).create_time()

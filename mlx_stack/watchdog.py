@@ -123,6 +123,9 @@ class Supervisor:
         self.dirty = True
         self.next_snapshot_at = 0.0
         self.started_wall = time.time()
+        # Children hold the read end; only this process holds the write end, so they see
+        # end-of-file exactly when the supervisor is gone (see childguard.py).
+        self.lifeline, self._lifeline_w = os.pipe()
 
     # ----- state -----------------------------------------------------------------------
 
@@ -219,7 +222,8 @@ class Supervisor:
             return
         log.mark(f"starting {m.name}: {' '.join(s.argv)}")
         try:
-            m.child = processes.start_child(s.argv, s.full_env(), self.paths.run, log)
+            m.child = processes.start_child(s.argv, s.full_env(), self.paths.run, log,
+                                            lifeline=self.lifeline)
         except OSError as exc:
             self._set_state(m, S.FATAL, f"cannot run {s.argv[0]}: {exc.strerror or exc}")
             return

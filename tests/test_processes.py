@@ -107,3 +107,22 @@ def test_log_tail_reads_the_end(tmp_path):
     p.write_text("".join(f"line {i}\n" for i in range(20000)))
     assert logs.tail(p, 3) == ["line 19997", "line 19998", "line 19999"]
     assert logs.tail(tmp_path / "none.log", 5) == []
+
+
+def test_the_lifeline_ends_a_child_group_when_the_supervisor_side_closes(tmp_path, started):
+    """The macOS stand-in for PR_SET_PDEATHSIG, shown here: closing the pipe's write end (what
+    the supervisor's death does) makes the guard end the child's whole process group."""
+    r, w = os.pipe()
+    log = RotatingLog(tmp_path / "g.log", 10_000_000, 1)
+    child = processes.start_child(WITH_GRANDCHILD, os.environ, tmp_path, log, lifeline=r)
+    started.append(child.record)
+    os.close(r)
+    assert child.record.argv[:3] == (WITH_GRANDCHILD[0], "-m", "mlx_stack.childguard")
+    path = tmp_path / "g.log"
+    assert wait_for(lambda: re.search(r"^grandchild \d+$", path.read_text(), re.M))
+    grandchild = int(re.search(r"^grandchild (\d+)$", path.read_text(), re.M).group(1))
+    assert processes.is_running(child.record)
+    os.close(w)
+    assert wait_for(lambda: child.poll() is not None, 10)
+    assert wait_for(lambda: not psutil.pid_exists(grandchild)
+                    or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE, 10)
