@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,65 @@ SOURCE = r"""
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+// One block of QB queries (rows i0..i0+QB-1) of one (batch, head): scores against all keys
+// (kt: K transposed and zero-padded to T16 columns), softmax, weighted sum of values; the
+// output overwrites the queries. Register tiles of QB x 16; needs D % 16 == 0.
+template <int QB>
+static void mlxs_attend_block(float* base, const float* __restrict__ kt,
+                              const float* __restrict__ m, int64_t T, int64_t T16,
+                              int64_t H, int64_t D, int64_t h, int64_t i0, float scale,
+                              float* __restrict__ s) {
+  const int64_t row = 3 * H * D;
+  float* q[QB];
+  for (int r = 0; r < QB; ++r) q[r] = base + (i0 + r) * row + h * D;
+  for (int64_t j0 = 0; j0 < T16; j0 += 16) {
+    float acc[QB][16] = {};
+    for (int64_t c = 0; c < D; ++c) {
+      const float* __restrict__ kc = kt + c * T16 + j0;
+      for (int r = 0; r < QB; ++r) {
+        const float a = q[r][c];
+#pragma omp simd
+        for (int jj = 0; jj < 16; ++jj) acc[r][jj] += a * kc[jj];
+      }
+    }
+    for (int r = 0; r < QB; ++r)
+#pragma omp simd
+      for (int jj = 0; jj < 16; ++jj) s[r * T16 + j0 + jj] = acc[r][jj] * scale;
+  }
+  for (int r = 0; r < QB; ++r) {
+    float* __restrict__ sr = s + r * T16;
+    if (m) {
+#pragma omp simd
+      for (int64_t j = 0; j < T; ++j) sr[j] += m[j];
+    }
+    float top = -FLT_MAX;
+    for (int64_t j = 0; j < T; ++j) top = sr[j] > top ? sr[j] : top;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < T; ++j) {
+      float e = expf(sr[j] - top);
+      sr[j] = e;
+      sum += e;
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < T; ++j) sr[j] *= inv;
+  }
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    float acc[QB][16] = {};
+    for (int64_t j = 0; j < T; ++j) {
+      const float* __restrict__ v = base + j * row + 2 * H * D + h * D + d0;
+      for (int r = 0; r < QB; ++r) {
+        const float w = s[r * T16 + j];
+#pragma omp simd
+        for (int jj = 0; jj < 16; ++jj) acc[r][jj] += w * v[jj];
+      }
+    }
+    for (int r = 0; r < QB; ++r)
+#pragma omp simd
+      for (int jj = 0; jj < 16; ++jj) q[r][d0 + jj] = acc[r][jj];
+  }
+}
 extern "C" {
 // x[r] = softmax(x[r] * scale + bias[r / bias_period]) for each row r; bias may be null
 void mlxs_softmax(float* x, int64_t rows, int64_t cols, float scale,
@@ -105,6 +165,31 @@ void mlxs_add_layernorm(float* x, const float* __restrict__ bias,
     for (int64_t c = 0; c < cols; ++c) o[c] = (o[c] - mean) * inv * gamma[c] + beta[c];
   }
 }
+// Self-attention of (batch, head) pairs [first, last) of qkv [B, T, 3, H, D] (row-major), with
+// an additive mask [B, T] (or null). Each query's output overwrites its own q slot, so the
+// context ends up in qkv[:, :, 0]. D % 16 == 0; scratch holds D * T16 + 4 * T16 floats,
+// T16 = T rounded up to 16.
+void mlxs_attention(float* qkv, const float* __restrict__ mask, int64_t T, int64_t H,
+                    int64_t D, float scale, int64_t first, int64_t last,
+                    float* __restrict__ scratch) {
+  const int64_t row = 3 * H * D;
+  const int64_t T16 = (T + 15) / 16 * 16;
+  float* __restrict__ kt = scratch;
+  float* __restrict__ s = scratch + D * T16;
+  for (int64_t i = 0; i < D * T16; ++i) kt[i] = 0.0f;
+  for (int64_t pair = first; pair < last; ++pair) {
+    const int64_t b = pair / H, h = pair % H;
+    float* base = qkv + b * T * row;
+    const float* m = mask ? mask + b * T : nullptr;
+    for (int64_t j = 0; j < T; ++j) {
+      const float* __restrict__ k = base + j * row + H * D + h * D;
+      for (int64_t c = 0; c < D; ++c) kt[c * T16 + j] = k[c];
+    }
+    int64_t i0 = 0;
+    for (; i0 + 4 <= T; i0 += 4) mlxs_attend_block<4>(base, kt, m, T, T16, H, D, h, i0, scale, s);
+    for (; i0 < T; ++i0) mlxs_attend_block<1>(base, kt, m, T, T16, H, D, h, i0, scale, s);
+  }
+}
 // up = up * silu(gate)
 void mlxs_swiglu(float* up, const float* __restrict__ gate, int64_t n) {
 #pragma omp simd
@@ -112,6 +197,9 @@ void mlxs_swiglu(float* up, const float* __restrict__ gate, int64_t n) {
 }
 }
 """
+
+_PARALLEL_WORK = 1 << 22
+"""Multiply-adds (pairs x tokens^2 x head_dim) above which attention uses two threads."""
 
 _FLAGS = ("-O3", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c++17")
 _ARCH_FLAGS = ("-march=native",)
@@ -131,6 +219,47 @@ class Kernels:
             library.mlxs_add_layernorm, ptr, ptr, ptr, ptr, ptr, i64, i64, f32
         )
         self._swiglu = _function(library.mlxs_swiglu, ptr, ptr, i64)
+        self._attention = _function(
+            library.mlxs_attention, ptr, ptr, i64, i64, i64, f32, i64, i64, ptr
+        )
+        self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernels")
+        self.parallel_work = _PARALLEL_WORK
+
+    def attention_(self, qkv: Any, mask: Any | None, heads: int, scale: float) -> None:
+        """Softmax attention over ``qkv`` ``[batch, tokens, 3 * heads * head_dim]`` (q, k, v
+        side by side, heads inside each; ``head_dim`` a multiple of 16). The context replaces
+        q: read it as ``qkv.reshape(batch, tokens, 3, -1)[:, :, 0]``. Large jobs use two
+        threads."""
+        view = _view(qkv)
+        batch, tokens, width = view.shape
+        head_dim = width // (3 * heads)
+        if head_dim * 3 * heads != width or head_dim % 16:
+            raise ValueError(f"qkv width {width} is not 3 x {heads} heads of 16k dims")
+        mask_ptr = _pointer(mask, tokens)
+        pairs = batch * heads
+        padded = -(-tokens // 16) * 16
+
+        def run(first: int, last: int) -> None:
+            scratch = np.empty(head_dim * padded + 4 * padded, dtype=np.float32)
+            self._attention(
+                view.ctypes.data,
+                mask_ptr,
+                tokens,
+                heads,
+                head_dim,
+                scale,
+                first,
+                last,
+                scratch.ctypes.data,
+            )
+
+        if pairs < 2 or pairs * tokens * tokens * head_dim < self.parallel_work:
+            run(0, pairs)
+            return
+        half = pairs // 2
+        other = self._helper.submit(run, half, pairs)  # ctypes releases the GIL
+        run(0, half)
+        other.result()
 
     def softmax_(self, scores: Any, scale: float, bias: Any | None, bias_period: int) -> None:
         """Softmax over the last axis after ``scores * scale + bias[row // bias_period]``."""
@@ -329,6 +458,21 @@ def _self_test(kernels: Kernels) -> None:
     gate = x[::-1].copy()
     expected = x * gate / (1.0 + np.exp(-gate.astype(np.float64)))
     _agree("swiglu", run(kernels.swiglu_, x, gate), expected)
+
+    heads, tokens, dim = 4, 37, 32
+    for batch, parallel_work in ((1, _PARALLEL_WORK), (3, 0)):  # one thread, then two
+        kernels.parallel_work = parallel_work
+        qkv = rng.normal(size=(batch, tokens, 3, heads, dim)).astype(np.float32)
+        pad = np.where(rng.random((batch, tokens)) < 0.3, -10000.0, 0.0).astype(np.float32)
+        q, k, v = (qkv[:, :, n].transpose(0, 2, 1, 3).astype(np.float64) for n in range(3))
+        scores = q @ k.transpose(0, 1, 3, 2) * 0.25 + pad[:, None, None, :]
+        probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        expected = (probs @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, heads * dim)
+        flat = qkv.reshape(batch, tokens, -1)
+        got = run(lambda a, m: kernels.attention_(a, m, 4, 0.25), flat, pad)
+        _agree("attention", got.reshape(batch, tokens, 3, -1)[:, :, 0], expected)
+    kernels.parallel_work = _PARALLEL_WORK
 
 
 def _agree(name: str, got: np.ndarray, expected: np.ndarray) -> None:
