@@ -48,7 +48,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="L2-normalise vectors (default: the folder's; on without sentence-transformers files)",
     )
-    parser.add_argument("--max-seq-len", type=int, help="truncate inputs to N tokens")
+    parser.add_argument(
+        "--max-seq-len", type=int, help="maximum tokens per input (default: the folder's)"
+    )
     parser.add_argument(
         "--dimensions",
         type=_int_list,
