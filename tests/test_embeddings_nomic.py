@@ -163,6 +163,12 @@ class Reference:
         transformers = require("transformers")
         from tokenizers import Tokenizer
 
+        if not hasattr(transformers, "NomicBertModel"):
+            pytest.fail(
+                f"transformers {transformers.__version__} has no NomicBertModel (the native port "
+                "is in 5.x; tested with 5.23): pip install -U transformers",
+                pytrace=False,
+            )
         model, info = transformers.NomicBertModel.from_pretrained(
             str(folder), output_loading_info=True
         )

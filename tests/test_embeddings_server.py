@@ -253,6 +253,9 @@ BAD_BODIES = {
     "zero dimensions": json.dumps({"model": "minilm", "input": "a", "dimensions": 0}).encode(),
     "bad input_type": json.dumps({"model": "minilm", "input": "a", "input_type": "x"}).encode(),
     "model wrong type": json.dumps({"model": 7, "input": "a"}).encode(),
+    "deeply nested": b"[" * 100_000,
+    "unpaired surrogate": b'{"model": "minilm", "input": ["ok", "a\\ud800b"]}',
+    "nan dimensions": b'{"model": "minilm", "input": "a", "dimensions": NaN}',
 }
 
 

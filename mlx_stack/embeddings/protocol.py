@@ -89,6 +89,7 @@ def _parse_input(raw: Any) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]
         for index, text in enumerate(raw):
             if not text:
                 raise invalid(f"'input[{index}]' is an empty string", "input")
+            _check_unicode(index, text)
         return tuple(raw), ()
     if all(isinstance(item, list) for item in raw):
         for index, ids in enumerate(raw):
@@ -100,6 +101,19 @@ def _parse_input(raw: Any) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]
     raise invalid(
         "'input' items must all be strings or all be token arrays (lists of integers)", "input"
     )
+
+
+def _check_unicode(index: int, text: str) -> None:
+    """JSON can carry unpaired surrogates (``"\\ud800"``), which no tokenizer accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end].encode("unicode_escape").decode("ascii")
+        raise invalid(
+            f"'input[{index}]' is not valid Unicode (unpaired surrogate {bad} at position "
+            f"{exc.start}); send UTF-8 text",
+            "input",
+        ) from None
 
 
 def _is_token_array(items: list[Any]) -> bool:

@@ -176,6 +176,8 @@ async def _read_json(request: Request, limit: int) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise invalid(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise invalid("the request body is nested too deeply to be an embeddings request") from None
 
 
 def _render(
