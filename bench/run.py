@@ -478,6 +478,10 @@ def render(
         "Ratios are the other server's figure divided by mlx-stack's (texts/s: below 1 means "
         "mlx-stack is faster; latency and memory: above 1 means mlx-stack is faster/smaller).",
         "",
+        "## Targets",
+        "",
+        *target_lines(servers, peaks),
+        "",
         "## Results",
         "",
         "| workload | server | texts/s | tokens/s | p50 ms | p95 ms | texts/s ratio | "
@@ -515,6 +519,37 @@ def render(
         )
     lines += ["", "## Notes", "", *(f"- {note}" for note in notes), ""]
     return "\n".join(lines)
+
+
+def target_lines(servers: list[Server], peaks: dict[str, float]) -> list[str]:
+    """The issue's targets against the sentence-transformers server, met or not."""
+    ours = servers[0]
+    baseline = next((s for s in servers if s.name == "sentence-transformers"), None)
+    lines: list[str] = []
+    if baseline is None:
+        return ["- sentence-transformers did not run: targets not evaluated"]
+    for name in ("batches", "single-concurrent", "single-sequential"):
+        if name not in ours.results:
+            continue
+        a, b = median_of(ours.results[name]), median_of(baseline.results[name])
+        met = "met" if a.texts_per_s >= b.texts_per_s else "NOT met"
+        lines.append(
+            f"- throughput >= sentence-transformers, {name}: {a.texts_per_s:.1f} vs "
+            f"{b.texts_per_s:.1f} texts/s ({a.texts_per_s / b.texts_per_s:.2f}x): {met}"
+        )
+    if "single-sequential" in ours.results:
+        a = median_of(ours.results["single-sequential"])
+        b = median_of(baseline.results["single-sequential"])
+        met = "met" if a.p50_ms <= b.p50_ms else "NOT met"
+        lines.append(
+            f"- single-text p50 latency <= sentence-transformers: {a.p50_ms:.1f} vs "
+            f"{b.p50_ms:.1f} ms: {met}"
+        )
+    peak = peaks[ours.name]
+    lines.append(
+        f"- peak RSS < 500 MB with MiniLM: {peak:.0f} MB: {'met' if peak < 500 else 'NOT met'}"
+    )
+    return lines
 
 
 def median_of(values: list[Measurement]) -> Measurement:
