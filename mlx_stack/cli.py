@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from typing import Any, TypeVar
 
 import click
 
-from mlx_stack import __version__, embedding_record, lifecycle, logs
+from mlx_stack import __version__, embedding_record, lifecycle, logs, render
 from mlx_stack.catalog import (
     Catalog,
     CatalogEntry,
@@ -23,6 +24,7 @@ from mlx_stack.errors import MlxStackError
 from mlx_stack.hardware import detect
 from mlx_stack.paths import StatePaths
 from mlx_stack.proxykey import ensure_key, read_key
+from mlx_stack.services import Plan
 from mlx_stack.stackfile import EMBEDDINGS_MODEL_NAME, Stack, load_stack
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -59,6 +61,56 @@ def _say(service: str, message: str) -> None:
     click.echo(f"  {service:<12} {message}", err=True)
 
 
+def _emit(body: object) -> None:
+    """The one way a command writes JSON: stdout, nothing else on it (messages go to stderr)."""
+    click.echo(json.dumps(body, indent=2))
+
+
+JSON_HELP = "Machine-readable output on stdout (docs/status.md)."
+
+
+@contextlib.contextmanager
+def _loading(as_json: bool) -> Iterator[tuple[lifecycle.Report, lifecycle.Watch | None]]:
+    """Live progress on a terminal; plain lines on stderr otherwise (logs, CI, --json)."""
+    con = render.console(stderr=True)
+    if as_json or not con.is_terminal:
+        yield _say, None
+        return
+    with render.LoadDisplay(con) as display:
+        yield display.say, display.update
+
+
+def _service_names(include_logs: bool = False) -> list[str]:
+    """Names a SERVICE argument accepts, from the stack file (for shell completion)."""
+    names: list[str] = []
+    with contextlib.suppress(Exception):  # completion must never print a traceback
+        paths, catalog = _context()
+        stack = _load(paths, catalog)
+        names = [t.name for t in stack.tiers] + (["embeddings"] if stack.embeddings else [])
+        names.append("proxy")
+        if include_logs:
+            names.append("supervisor")
+    return names
+
+
+def _complete_services(
+    _ctx: click.Context, _param: click.Parameter, incomplete: str
+) -> list[str]:
+    return [n for n in _service_names() if n.startswith(incomplete)]
+
+
+def _complete_log_names(
+    _ctx: click.Context, _param: click.Parameter, incomplete: str
+) -> list[str]:
+    return [n for n in _service_names(include_logs=True) if n.startswith(incomplete)]
+
+
+def _complete_models(_ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[str]:
+    with contextlib.suppress(Exception):
+        return [e.name for e in _context()[1] if e.name.startswith(incomplete)]
+    return []
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mlx-stack")
 def main() -> None:
@@ -74,6 +126,7 @@ def main() -> None:
     "--add-embeddings",
     "add_model",
     metavar="MODEL",
+    shell_complete=_complete_models,
     help="Add an embeddings tier with MODEL to an existing stack file.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing stack file (or embeddings tier).")
@@ -81,9 +134,15 @@ def main() -> None:
 @click.option(
     "--exist-ok", is_flag=True, help="Leave an existing stack file as it is (for scripts)."
 )
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_friendly
 def init(
-    with_embeddings: bool, add_model: str | None, force: bool, pull: bool, exist_ok: bool
+    with_embeddings: bool,
+    add_model: str | None,
+    force: bool,
+    pull: bool,
+    exist_ok: bool,
+    as_json: bool,
 ) -> None:
     """Write the stack file for this machine (and the proxy key)."""
     from mlx_stack import stackinit
@@ -91,9 +150,14 @@ def init(
     paths, catalog = _context()
     hw = detect()
     if exist_ok and not force and not add_model and paths.stack_file.exists():
-        click.echo(f"{paths.stack_file} exists; left as it is")
         key_file = stackinit.key_file_of(paths, catalog, hw)
-        if ensure_key(key_file):
+        created = ensure_key(key_file)
+        if as_json:
+            _emit({"stack_file": str(paths.stack_file), "written": False,
+                   "key_file": str(key_file), "key_created": created})
+            return
+        click.echo(f"{paths.stack_file} exists; left as it is")
+        if created:
             click.echo(f"created the missing proxy key in {key_file} (mode 0600)")
         return
     if add_model:
@@ -110,9 +174,28 @@ def init(
         res = stackinit.init_stack(
             paths, catalog, hw, with_embeddings=with_embeddings, force=force, pull=puller
         )
-    click.echo(f"wrote {res.path} ({hw.summary})")
     warning = embedding_record.mismatch(
         paths, embedding_record.current_identity(paths, res.stack.embeddings))
+    if as_json:
+        e = res.stack.embeddings
+        _emit({
+            "stack_file": str(res.path),
+            "written": True,
+            "hardware": hw.summary,
+            "tiers": [{"name": t.name, "model": t.model.name, "quant": t.quant, "port": t.port}
+                      for t in res.stack.tiers],
+            "embeddings": None if e is None else {
+                "model": e.model.name, "quant": e.quant, "port": e.port,
+                "served_as": EMBEDDINGS_MODEL_NAME},
+            "not_downloaded": [{"tier": tier, "model": entry.name,
+                                "fix": f"mlx-stack pull {entry.name}"}
+                               for tier, entry in res.missing],
+            "key_file": str(res.key_file),
+            "key_created": res.key_created,
+            "warnings": [warning] if warning else [],
+        })
+        return
+    click.echo(f"wrote {res.path} ({hw.summary})")
     if warning:
         click.secho(f"warning: {warning}", fg="yellow", err=True)
     for t in res.stack.tiers:
@@ -132,16 +215,24 @@ def init(
 
 @main.command()
 @click.option(
-    "--tier", metavar="NAME", help="Start only this model server (a tier or 'embeddings')."
+    "--tier",
+    metavar="NAME",
+    shell_complete=_complete_services,
+    help="Start only this model server (a tier or 'embeddings').",
 )
 @click.option(
     "--foreground",
     is_flag=True,
     help="Run the supervisor in this process (for launchd and systemd).",
 )
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_friendly
-def up(tier: str | None, foreground: bool) -> None:
-    """Start the stack under its supervisor; return when every service answers real requests."""
+def up(tier: str | None, foreground: bool, as_json: bool) -> None:
+    """Start the stack under its supervisor; return when every service answers real requests.
+
+    On a terminal, each model server shows a bar while it loads: its memory against the size
+    of its weights; the bar fills only once the server answers a real request.
+    """
     paths, catalog = _context()
     stack = _load(paths, catalog)
     if foreground:
@@ -150,12 +241,22 @@ def up(tier: str | None, foreground: bool) -> None:
     warning = embedding_record.mismatch(paths, ident)
     if warning:
         click.secho(f"warning: {warning}", fg="yellow", err=True)
-    lifecycle.up(stack, paths, tier=tier, report=_say)
+    with _loading(as_json) as (report, watch):
+        plan = lifecycle.up(stack, paths, tier=tier, report=report, watch=watch)
     if ident is not None and tier in (None, "embeddings"):
         embedding_record.record(paths, ident)
     p = stack.proxy
     host = "127.0.0.1" if p.host in ("0.0.0.0", "::") else p.host
     names = [t.name for t in stack.tiers] + ([EMBEDDINGS_MODEL_NAME] if stack.embeddings else [])
+    if as_json:
+        _emit({
+            "endpoint": f"http://{host}:{p.port}/v1",
+            "models": names,
+            "started": [tier] if tier else [s.name for s in plan.all],
+            "warnings": [warning] if warning else [],
+            "services": [r.to_json() for r in lifecycle.status(paths, plan)],
+        })
+        return
     if tier is None:
         click.echo(f"stack is up: http://{host}:{p.port}/v1 serves {', '.join(names)}")
         click.echo("  the key: `mlx-stack key`; state: `mlx-stack status`")
@@ -164,40 +265,56 @@ def up(tier: str | None, foreground: bool) -> None:
 
 
 @main.command()
-@click.option("--tier", metavar="NAME", help=f"Stop only this service ({SERVICES_HELP}).")
+@click.option(
+    "--tier",
+    metavar="NAME",
+    shell_complete=_complete_services,
+    help=f"Stop only this service ({SERVICES_HELP}).",
+)
 @click.option(
     "--timeout",
     default=60.0,
     show_default=True,
     help="Seconds to wait for the stack to stop before killing the supervisor.",
 )
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_friendly
-def down(tier: str | None, timeout: float) -> None:
+def down(tier: str | None, timeout: float, as_json: bool) -> None:
     """Stop the proxy, then every model server (whole process groups), then the supervisor."""
     paths = StatePaths.from_env()
     stopped = lifecycle.down(paths, tier=tier, report=_say, timeout_s=timeout)
+    if as_json:
+        _emit({"stopped": stopped})
+        return
     click.echo(f"stopped {len(stopped)} service(s)" if stopped else "nothing was running")
 
 
+def _plan_or_none(paths: StatePaths, catalog: Catalog) -> Plan | None:
+    try:
+        return lifecycle.plan_for(_load(paths, catalog), paths)
+    except MlxStackError:
+        return None
+
+
 @main.command()
-@click.argument("service", required=False)
+@click.argument("service", required=False, shell_complete=_complete_services)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_friendly
-def restart(service: str | None) -> None:
+def restart(service: str | None, as_json: bool) -> None:
     """Restart SERVICE (or every service); this also clears a `fatal` state."""
-    paths = StatePaths.from_env()
-    lifecycle.restart(paths, service, report=_say)
+    paths, catalog = _context()
+    plan = _plan_or_none(paths, catalog)
+    with _loading(as_json) as (report, watch):
+        names = lifecycle.restart(paths, service, report=report, watch=watch, plan=plan)
+    if as_json:
+        _emit({"restarted": names,
+               "services": [r.to_json() for r in lifecycle.status(paths, plan)]})
+        return
     click.echo(f"{service or 'the stack'} is ready")
 
 
-def _fmt_uptime(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/status.md).")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_friendly
 def status(as_json: bool) -> None:
     """Show every service: state, model, port, pid, uptime, restarts, last exit."""
@@ -220,40 +337,20 @@ def status(as_json: bool) -> None:
             "warnings": warnings,
             "services": [r.to_json() for r in rows],
         }
-        click.echo(json.dumps(body, indent=2))
+        _emit(body)
         return
     if problem:
         click.secho(f"stack file: {problem}", fg="yellow", err=True)
     for w in warnings:
         click.secho(f"warning: {w}", fg="yellow", err=True)
-    click.echo(
-        f"{'SERVICE':<12} {'STATE':<10} {'MODEL':<26} {'PORT':>5} {'PID':>7} "
-        f"{'UPTIME':>8} {'RSS':>7} {'RESTARTS':>8}  DETAIL"
-    )
-    colours = {
-        "ready": "green",
-        "starting": "yellow",
-        "unhealthy": "yellow",
-        "backoff": "red",
-        "fatal": "red",
-        "stopping": "yellow",
-    }
-    for r in rows:
-        state = click.style(f"{r.state:<10}", fg=colours.get(r.state))
-        rss = f"{r.rss_bytes / 2**20:.0f}M" if r.rss_bytes else "-"
-        detail = r.detail or (f"last exit: {r.last_exit}" if r.last_exit else "")
-        click.echo(
-            f"{r.name:<12} {state} {(r.model or '-'):<26} {r.port:>5} "
-            f"{(r.pid or '-')!s:>7} {_fmt_uptime(r.uptime_s):>8} {rss:>7} "
-            f"{r.restarts:>8}  {detail}"
-        )
-        if r.state == "fatal" and r.last_exit_log:
-            for line in r.last_exit_log[-5:]:
-                click.echo(f"{'':<12} | {line}")
+    con = render.console()
+    con.print(render.status_table(rows))
+    for line in render.fatal_logs(rows):
+        con.print(line, markup=False)
 
 
 @main.command("logs")
-@click.argument("service")
+@click.argument("service", shell_complete=_complete_log_names)
 @click.option("-n", "lines", default=50, show_default=True, help="How many lines to show.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option(
@@ -286,7 +383,7 @@ def logs_cmd(service: str, lines: int, follow: bool, all_files: bool) -> None:
 
 @main.command()
 @click.option("--type", "kind", type=click.Choice(["chat", "embedding"]), help="Only this type.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_friendly
 def models(kind: str | None, as_json: bool) -> None:
     """List the model catalog."""
@@ -311,7 +408,7 @@ def models(kind: str | None, as_json: bool) -> None:
             row |= {"params_b": e.params_b, "tier_hint": e.tier_hint}
         rows.append(row)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        _emit(rows)
         return
     for r in rows:
         extra = (
@@ -329,8 +426,9 @@ def models(kind: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.option("--print", "show", is_flag=True, help="Print the unit file instead of installing it.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_friendly
-def install(show: bool) -> None:
+def install(show: bool, as_json: bool) -> None:
     """Run the stack at login: a launchd agent (macOS) or a systemd user unit (Linux)."""
     from mlx_stack import autostart
 
@@ -344,24 +442,31 @@ def install(show: bool) -> None:
         raise MlxStackError("a supervisor started by `mlx-stack up` runs this stack; "
                             "`mlx-stack down` first, so the service manager can own it")
     autostart.install(unit)
+    if as_json:
+        _emit({"unit": str(unit.path), "system": unit.system, "installed": True})
+        return
     click.echo(f"installed {unit.path} ({unit.system}); the stack starts now and at every login")
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_friendly
-def uninstall() -> None:
+def uninstall(as_json: bool) -> None:
     """Remove the launchd agent or systemd unit (stopping the stack it runs)."""
     from mlx_stack import autostart
 
     unit = autostart.unit_for(StatePaths.from_env())
-    if autostart.uninstall(unit):
+    removed = autostart.uninstall(unit)
+    if as_json:
+        _emit({"unit": str(unit.path), "system": unit.system, "removed": removed})
+    elif removed:
         click.echo(f"removed {unit.path}")
     else:
         click.echo(f"not installed ({unit.path} does not exist)")
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_friendly
 def doctor(as_json: bool) -> None:
     """Check the machine for the stack: platform, MLX, BLAS, stack, key, models, ports, disk."""
@@ -370,7 +475,7 @@ def doctor(as_json: bool) -> None:
     paths, catalog = _context()
     checks = run_checks(paths, catalog, running=lifecycle.stack_running(paths))
     if as_json:
-        click.echo(json.dumps([c.to_json() for c in checks], indent=2))
+        _emit([c.to_json() for c in checks])
     else:
         colours = {Level.OK: "green", Level.WARN: "yellow", Level.FAIL: "red"}
         for c in checks:
@@ -383,16 +488,20 @@ def doctor(as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("model")
+@click.argument("model", shell_complete=_complete_models)
 @click.option("--quant", metavar="Q", help="Quantisation id (default: the model's first).")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_friendly
-def pull(model: str, quant: str | None) -> None:
+def pull(model: str, quant: str | None, as_json: bool) -> None:
     """Download MODEL into the Hugging Face cache, with a progress bar."""
     from mlx_stack.sources import pull as do_pull
 
     _, catalog = _context()
     q = catalog.get(model).quant(quant)
     path = do_pull(q.sources)
+    if as_json:
+        _emit({"model": model, "quant": q.id, "path": str(path)})
+        return
     click.echo(f"{model} ({q.id}) is at {path}")
 
 
@@ -409,4 +518,4 @@ def key() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="mlx-stack")

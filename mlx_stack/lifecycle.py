@@ -34,6 +34,26 @@ from mlx_stack.states import ServiceState
 
 Report = Callable[[str, str], None]
 POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """Where one service is while `up` waits: what a progress display needs, nothing more.
+
+    ``rss_bytes`` against ``weights_bytes`` is the loading measure: a model server's memory
+    grows by the size of its weights as it reads them (the runtime adds a few hundred MB, so
+    small models pass 100% early; the display caps it until the service answers).
+    """
+
+    name: str
+    state: str
+    elapsed_s: float
+    rss_bytes: int | None
+    weights_bytes: int | None
+    ready: bool
+
+
+Watch = Callable[[Sequence[LoadProgress]], None]
 SUPERVISOR_START_S = 30.0
 
 
@@ -160,12 +180,15 @@ def wait_ready(
     *,
     fingerprints: dict[str, str] | None = None,
     fresh: bool = False,
+    watch: Watch | None = None,
+    sizes: dict[str, int | None] | None = None,
 ) -> None:
     """Follow the supervisor's snapshots until every named service is ready, or one fails.
 
     A snapshot written before the supervisor applied our command may still show the old
     process as ready: with ``fingerprints``, a service counts only once it runs that
-    definition; with ``fresh``, only once its process started after ``since``.
+    definition; with ``fresh``, only once its process started after ``since``. ``watch`` is
+    called on every poll with each service's progress (``sizes``: the weights each one loads).
     """
     seen: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
@@ -174,9 +197,12 @@ def wait_ready(
         if snap is None:
             raise ServiceStartError("the supervisor is gone:\n" + _supervisor_log_tail(paths))
         failures, ready = [], 0
+        progress: list[LoadProgress] = []
+        now = time.time()
         for name in names:
             s = snap.service(name)
             if s is None:
+                progress.append(LoadProgress(name, "waiting", now - since, None, None, False))
                 continue
             if seen.get(name) != s.state:
                 seen[name] = s.state
@@ -184,7 +210,18 @@ def wait_ready(
             wanted_fp = (fingerprints or {}).get(name)
             current = wanted_fp in (None, s.fingerprint) and (
                 not fresh or (s.started_at is not None and s.started_at >= since))
-            if s.state == ServiceState.READY.value and current:
+            is_ready = s.state == ServiceState.READY.value and current
+            if watch is not None:
+                started = s.started_at if s.started_at and s.process else None
+                progress.append(LoadProgress(
+                    name,
+                    s.state,
+                    now - (started or since),
+                    processes.rss_bytes(s.process) if s.process else None,
+                    (sizes or {}).get(name),
+                    is_ready,
+                ))
+            if is_ready:
                 ready += 1
             elif s.state == ServiceState.FATAL.value or (
                 s.state == ServiceState.BACKOFF.value
@@ -193,6 +230,8 @@ def wait_ready(
                 and s.last_exit.at >= since
             ):
                 failures.append(_failure_text(s))
+        if watch is not None:
+            watch(progress)
         if failures:
             raise ServiceStartError(
                 "\n".join(failures)
@@ -208,7 +247,12 @@ def wait_ready(
 
 
 def up(
-    stack: Stack, paths: StatePaths, *, tier: str | None = None, report: Report = _quiet
+    stack: Stack,
+    paths: StatePaths,
+    *,
+    tier: str | None = None,
+    report: Report = _quiet,
+    watch: Watch | None = None,
 ) -> Plan:
     """Start the stack (or one model server) under the supervisor; return once ready."""
     plan = plan_for(stack, paths).require_complete()
@@ -239,14 +283,21 @@ def up(
     targets = [tier] if tier else [s.name for s in plan.all]
     limit = stack.watchdog.start_timeout_max_s + 60
     wait_ready(paths, targets, report, since, limit,
-               fingerprints={s.name: s.fingerprint for s in plan.all})
+               fingerprints={s.name: s.fingerprint for s in plan.all},
+               watch=watch, sizes={s.name: s.weights_bytes for s in plan.all})
     return plan
 
 
 def restart(
-    paths: StatePaths, service: str | None, report: Report = _quiet, timeout_s: float = 1860.0
-) -> None:
-    """Restart one service (or all); this also clears FATAL."""
+    paths: StatePaths,
+    service: str | None,
+    report: Report = _quiet,
+    timeout_s: float = 1860.0,
+    *,
+    watch: Watch | None = None,
+    plan: Plan | None = None,
+) -> list[str]:
+    """Restart one service (or all), this also clears FATAL; return the names restarted."""
     snap = _live_snapshot(paths)
     if snap is None:
         raise StateError("no supervisor is running this stack; `mlx-stack up` starts it")
@@ -255,7 +306,9 @@ def restart(
     if answer.startswith("error"):
         raise StateError(answer.removeprefix("error: "))
     names = [service] if service else [s.name for s in snap.services if s.wanted]
-    wait_ready(paths, names, report, since, timeout_s, fresh=True)
+    sizes = {s.name: s.weights_bytes for s in plan.all} if plan else None
+    wait_ready(paths, names, report, since, timeout_s, fresh=True, watch=watch, sizes=sizes)
+    return names
 
 
 def down(

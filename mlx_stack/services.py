@@ -58,6 +58,8 @@ class ServiceSpec:
     secret_env: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     #: Inherited variables the child must not see (they change its behaviour in harmful ways).
     unset_env: frozenset[str] = frozenset()
+    #: Size of the weight files it loads: what `up` measures loading progress against.
+    weights_bytes: int | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -96,6 +98,18 @@ def _mlx_child_env() -> dict[str, str]:
 
 def weights_path(entry: CatalogEntry, quant: str) -> Path | None:
     return locate_first(entry.quant(quant).sources)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".npz", ".bin", ".gguf")
+
+
+def weights_size(model_path: Path) -> int | None:
+    """Bytes of the weight files in a model folder (symlinks into the hub cache followed)."""
+    try:
+        files = [p for p in model_path.rglob("*") if p.name.endswith(WEIGHT_SUFFIXES)]
+        return sum(p.stat().st_size for p in files) or None
+    except OSError:
+        return None
 
 
 def missing_weights_message(name: str, entry: CatalogEntry, quant: str) -> str:
@@ -151,6 +165,7 @@ def chat_service(tier: ChatTier, model_path: Path) -> ServiceSpec:
         tier.model.name,
         Probe(ProbeKind.CHAT, url, probe_model),
         READY_TIMEOUT_S[ServiceKind.CHAT],
+        weights_bytes=weights_size(model_path),
     )
 
 
@@ -191,6 +206,7 @@ def embeddings_service(emb: EmbeddingsTier, model_path: Path) -> ServiceSpec:
         m.name,
         Probe(ProbeKind.EMBEDDING, url, m.name),
         READY_TIMEOUT_S[ServiceKind.EMBEDDINGS],
+        weights_bytes=weights_size(model_path),
     )
 
 

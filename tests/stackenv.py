@@ -64,6 +64,52 @@ class StackEnv:
             )
         return res
 
+    def cli_env(self, extra: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the CLI with extra environment variables (shell completion is driven this way)."""
+        return subprocess.run([*MLX_STACK, *args], env={**self.env, **extra},
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    def cli_on_terminal(self, *args: str, timeout: float = 600) -> tuple[int, str]:
+        """Run the CLI with a pseudo-terminal as its stdout and stderr, as a person would see it.
+
+        Returns the exit code and everything written to the terminal (ANSI codes included).
+        """
+        import pty
+        import select
+        import time
+
+        master, slave = pty.openpty()
+        proc = subprocess.Popen(
+            [*MLX_STACK, *args],
+            env={**self.env, "TERM": "xterm-256color", "COLUMNS": "120"},
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=slave,
+        )
+        os.close(slave)
+        out = bytearray()
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([master], [], [], 0.5)
+                if ready:
+                    try:
+                        chunk = os.read(master, 65536)
+                    except OSError:  # EIO: the child closed the terminal
+                        break
+                    if not chunk:
+                        break
+                    out += chunk
+                elif proc.poll() is not None:
+                    break
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            os.close(master)
+        return code, out.decode("utf-8", errors="replace")
+
     def key(self) -> str:
         return (self.home / "proxy.key").read_text().strip()
 

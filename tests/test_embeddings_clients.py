@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_embeddings_support import (
+from embedserver import (
     MINILM_DIM,
     MIXED_TEXTS,
     Server,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_embeddings_support import (
+from embedserver import (
     MIXED_TEXTS,
     Server,
     cosines,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_embeddings_support import (
+from embedserver import (
     MINILM_DIM,
     MIXED_TEXTS,
     Server,

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_embeddings_support import (
+from embedserver import (
     MINILM_DIM,
     REPO,
     Server,

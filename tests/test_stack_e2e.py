@@ -126,11 +126,31 @@ def test_the_key_never_reaches_logs_config_or_output(live_stack):
 
 def test_up_twice_is_harmless(live_stack):
     before = {s["name"]: s["pid"] for s in live_stack.status()["services"]}
-    res = live_stack.cli("up", check=True)
-    assert "stack is up" in res.stdout
+    res = live_stack.cli("up", "--json", check=True)
+    body = json.loads(res.stdout)  # stdout holds the JSON alone
+    assert body["endpoint"] == live_stack.url("proxy") + "/v1"
+    assert body["models"] == ["standard", "fast", "local-embed"]
+    assert {s["name"]: s["pid"] for s in body["services"]} == before
     after = live_stack.status()["services"]
     assert {s["name"]: s["pid"] for s in after} == before
     assert all(s["state"] == "ready" and s["restarts"] == 0 for s in after)
+
+
+def test_up_on_a_terminal_shows_each_service_loading(live_stack):
+    """A person running `up` sees a live line per model server: state, memory against the
+    weights' size, elapsed time; the line ends ready. Scripts (no terminal) get plain lines."""
+    stopped = json.loads(live_stack.cli("down", "--tier", "embeddings", "--json",
+                                        check=True).stdout)
+    assert stopped == {"stopped": ["embeddings"]}
+    code, screen = live_stack.cli_on_terminal("up", "--tier", "embeddings", timeout=300)
+    assert code == 0, screen
+    assert "embeddings is up" in screen
+    assert "weights" in screen and " MB" in screen  # memory / weights size of the model
+    assert "\x1b[" in screen  # coloured: it is a terminal
+    assert "━" in screen  # the bar
+    last = [line for line in screen.splitlines() if "embeddings" in line and "weights" in line][-1]
+    assert "ready" in last and "✓" in last, last
+    assert {s["name"]: s["state"] for s in live_stack.status()["services"]}["embeddings"] == "ready"
 
 
 def test_logs_command(live_stack):
@@ -159,11 +179,12 @@ def test_a_stopped_tier_falls_back_and_comes_back_alone(live_stack):
 def test_down_leaves_nothing_behind(live_stack):
     """Runs last in this module: stop everything and check every process and port is gone."""
     pids = [s["pid"] for s in live_stack.status()["services"]]
-    res = live_stack.cli("down", check=True)
-    assert "stopped 4 service(s)" in res.stdout
+    res = live_stack.cli("down", "--json", check=True)
+    assert sorted(json.loads(res.stdout)["stopped"]) == ["embeddings", "fast", "proxy", "standard"]
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     for port in live_stack.ports.values():
         assert ports.is_free(port)
     assert all(s["state"] == "stopped" for s in live_stack.status()["services"])
     assert live_stack.cli("down", check=True).stdout.strip() == "nothing was running"
+    assert "STATE" in live_stack.cli("status", check=True).stdout

@@ -3,6 +3,7 @@ supervised by a real `mlx-stack up`, with the watchdog's timers shortened in the
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -189,8 +190,10 @@ def test_up_foreground_runs_attached_and_stops_on_sigterm(tmp_path):
 
 def test_restart_command_restarts_and_waits_for_ready(stack):
     before = wait_for(stack, lambda s: s["standard"]["state"] == "ready", what="standard ready")
-    res = stack.cli("restart", "standard", check=True, timeout=300)
-    assert "standard is ready" in res.stdout
+    res = stack.cli("restart", "standard", "--json", check=True, timeout=300)
+    body = json.loads(res.stdout)
+    assert body["restarted"] == ["standard"]
+    assert {s["name"]: s["state"] for s in body["services"]}["standard"] == "ready"
     after = services(stack)
     assert after["standard"]["state"] == "ready"
     assert after["standard"]["pid"] != before["standard"]["pid"]

@@ -1,4 +1,4 @@
-"""Helpers shared by the ``test_embeddings_*`` modules (this module holds no tests).
+"""Helpers shared by the ``test_embeddings_*`` modules: a real embeddings server in a subprocess.
 
 Servers run as real subprocesses (``python -m mlx_stack.embeddings``) in their own session on
 a free port; :func:`stop` signals the whole process group, so nothing outlives a test even
