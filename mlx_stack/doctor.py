@@ -74,8 +74,8 @@ def check_blas() -> Check:
     if info.optimised:
         return Check("blas", Level.OK, info.describe())
     return Check("blas", Level.WARN, info.describe() + ": MLX on the CPU is ~30x slower",
-                 "apt-get install libopenblas0-pthread, or set MLX_STACK_BLAS to an OpenBLAS "
-                 "library exposing cblas_sgemm")
+                 "pip install mkl (x86_64), or apt-get install libopenblas0-pthread, or set "
+                 "MLX_STACK_BLAS to a library exposing cblas_sgemm")
 
 
 def check_key(paths: StatePaths, stack: Stack | None) -> Check:

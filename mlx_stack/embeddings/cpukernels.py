@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -313,10 +314,31 @@ def _function(function: Any, *argtypes: Any) -> Any:
     return function
 
 
+@dataclass(frozen=True)
+class Pinned:
+    """A constant vector (a bias, a norm's weight) whose address is taken once, not per call.
+
+    Holds the array, so the memory stays alive; the kernels only read it.
+    """
+
+    array: Any
+    address: int
+    length: int
+
+
+def pin(array: Any) -> Pinned:
+    view = _view(array, writable=False)
+    return Pinned(array, int(view.ctypes.data), int(view.shape[-1]))
+
+
 def _pointer(array: Any | None, cols: int) -> int | None:
     """Address of a vector/rows argument whose last axis must be ``cols`` long."""
     if array is None:
         return None
+    if isinstance(array, Pinned):
+        if array.length != cols:
+            raise ValueError(f"expected a last axis of {cols}, got {array.length}")
+        return array.address
     view = _view(array, writable=False)
     if view.shape[-1] != cols:
         raise ValueError(f"expected a last axis of {cols}, got shape {view.shape}")
