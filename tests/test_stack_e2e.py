@@ -130,6 +130,7 @@ def test_up_twice_is_harmless(live_stack):
     body = json.loads(res.stdout)  # stdout holds the JSON alone
     assert body["endpoint"] == live_stack.url("proxy") + "/v1"
     assert body["models"] == ["standard", "fast", "local-embed"]
+    assert body["started"] == []  # all were running already
     assert {s["name"]: s["pid"] for s in body["services"]} == before
     after = live_stack.status()["services"]
     assert {s["name"]: s["pid"] for s in after} == before
@@ -170,7 +171,8 @@ def test_a_stopped_tier_falls_back_and_comes_back_alone(live_stack):
         model="standard", messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
     assert out.choices[0].message.content is not None
-    live_stack.cli("up", "--tier", "standard", check=True)
+    up = json.loads(live_stack.cli("up", "--tier", "standard", "--json", check=True).stdout)
+    assert up["started"] == ["standard"]
     after = {s["name"]: s for s in live_stack.status()["services"]}
     assert after["standard"]["state"] == "ready"
     assert after["proxy"]["pid"] == proxy_pid  # restarting a tier does not restart the proxy
