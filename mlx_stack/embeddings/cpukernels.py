@@ -37,33 +37,44 @@ SOURCE = r"""
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+// Register tiles of the attention kernel: QB queries x 16*NK keys for the scores, QB queries x
+// 16*NV dims for the values. With AVX-512 (32 vector registers) 8 x 32 tiles; else 4 x 16.
+#ifdef __AVX512F__
+#define MLXS_QB 8
+#define MLXS_NK 2
+#else
+#define MLXS_QB 4
+#define MLXS_NK 1
+#endif
 // One block of QB queries (rows i0..i0+QB-1) of one (batch, head): scores against all keys
-// (kt: K transposed and zero-padded to T16 columns), softmax, weighted sum of values; the
-// output overwrites the queries. Register tiles of QB x 16; needs D % 16 == 0.
-template <int QB>
+// (kt: K transposed, zero-padded to TP columns), softmax, weighted sum of the values (vc: V of
+// this head packed [T, D], so the loop streams a compact buffer, not rows 3*H*D apart); the
+// output overwrites the queries. Needs D % 16 == 0 (D % 32 == 0 for NV == 2).
+template <int QB, int NK, int NV>
 static void mlxs_attend_block(float* base, const float* __restrict__ kt,
-                              const float* __restrict__ m, int64_t T, int64_t T16,
+                              const float* __restrict__ vc,
+                              const float* __restrict__ m, int64_t T, int64_t TP,
                               int64_t H, int64_t D, int64_t h, int64_t i0, float scale,
                               float* __restrict__ s) {
   const int64_t row = 3 * H * D;
   float* q[QB];
   for (int r = 0; r < QB; ++r) q[r] = base + (i0 + r) * row + h * D;
-  for (int64_t j0 = 0; j0 < T16; j0 += 16) {
-    float acc[QB][16] = {};
+  for (int64_t j0 = 0; j0 < TP; j0 += 16 * NK) {
+    float acc[QB][16 * NK] = {};
     for (int64_t c = 0; c < D; ++c) {
-      const float* __restrict__ kc = kt + c * T16 + j0;
+      const float* __restrict__ kc = kt + c * TP + j0;
       for (int r = 0; r < QB; ++r) {
         const float a = q[r][c];
 #pragma omp simd
-        for (int jj = 0; jj < 16; ++jj) acc[r][jj] += a * kc[jj];
+        for (int jj = 0; jj < 16 * NK; ++jj) acc[r][jj] += a * kc[jj];
       }
     }
     for (int r = 0; r < QB; ++r)
 #pragma omp simd
-      for (int jj = 0; jj < 16; ++jj) s[r * T16 + j0 + jj] = acc[r][jj] * scale;
+      for (int jj = 0; jj < 16 * NK; ++jj) s[r * TP + j0 + jj] = acc[r][jj] * scale;
   }
   for (int r = 0; r < QB; ++r) {
-    float* __restrict__ sr = s + r * T16;
+    float* __restrict__ sr = s + r * TP;
     if (m) {
 #pragma omp simd
       for (int64_t j = 0; j < T; ++j) sr[j] += m[j];
@@ -73,7 +84,10 @@ static void mlxs_attend_block(float* base, const float* __restrict__ kt,
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < T; ++j) {
-      float e = expf(sr[j] - top);
+      // exp of a large negative (a masked key) is zero; clamping first keeps every lane on
+      // the vector expf's fast path (out-of-range lanes fall back to scalar code, ~3x slower)
+      const float d = sr[j] - top;
+      const float e = d < -80.0f ? 0.0f : expf(fmaxf(d, -80.0f));
       sr[j] = e;
       sum += e;
     }
@@ -81,20 +95,30 @@ static void mlxs_attend_block(float* base, const float* __restrict__ kt,
 #pragma omp simd
     for (int64_t j = 0; j < T; ++j) sr[j] *= inv;
   }
-  for (int64_t d0 = 0; d0 < D; d0 += 16) {
-    float acc[QB][16] = {};
+  for (int64_t d0 = 0; d0 < D; d0 += 16 * NV) {
+    float acc[QB][16 * NV] = {};
     for (int64_t j = 0; j < T; ++j) {
-      const float* __restrict__ v = base + j * row + 2 * H * D + h * D + d0;
+      const float* __restrict__ v = vc + j * D + d0;
       for (int r = 0; r < QB; ++r) {
-        const float w = s[r * T16 + j];
+        const float w = s[r * TP + j];
 #pragma omp simd
-        for (int jj = 0; jj < 16; ++jj) acc[r][jj] += w * v[jj];
+        for (int jj = 0; jj < 16 * NV; ++jj) acc[r][jj] += w * v[jj];
       }
     }
     for (int r = 0; r < QB; ++r)
 #pragma omp simd
-      for (int jj = 0; jj < 16; ++jj) q[r][d0 + jj] = acc[r][jj];
+      for (int jj = 0; jj < 16 * NV; ++jj) q[r][d0 + jj] = acc[r][jj];
   }
+}
+template <int NV>
+static void mlxs_attend_pair(float* base, const float* kt, const float* vc, const float* m,
+                             int64_t T, int64_t TP,
+                             int64_t H, int64_t D, int64_t h, float scale, float* s) {
+  int64_t i0 = 0;
+  for (; i0 + MLXS_QB <= T; i0 += MLXS_QB)
+    mlxs_attend_block<MLXS_QB, MLXS_NK, NV>(base, kt, vc, m, T, TP, H, D, h, i0, scale, s);
+  for (; i0 < T; ++i0)
+    mlxs_attend_block<1, MLXS_NK, NV>(base, kt, vc, m, T, TP, H, D, h, i0, scale, s);
 }
 extern "C" {
 // x[r] = softmax(x[r] * scale + bias[r / bias_period]) for each row r; bias may be null
@@ -112,7 +136,8 @@ void mlxs_softmax(float* x, int64_t rows, int64_t cols, float scale,
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t c = 0; c < cols; ++c) {
-      float e = expf(o[c] - top);
+      const float d = o[c] - top;
+      const float e = d < -80.0f ? 0.0f : expf(fmaxf(d, -80.0f));
       o[c] = e;
       sum += e;
     }
@@ -168,27 +193,29 @@ void mlxs_add_layernorm(float* x, const float* __restrict__ bias,
 }
 // Self-attention of (batch, head) pairs [first, last) of qkv [B, T, 3, H, D] (row-major), with
 // an additive mask [B, T] (or null). Each query's output overwrites its own q slot, so the
-// context ends up in qkv[:, :, 0]. D % 16 == 0; scratch holds D * T16 + 4 * T16 floats,
-// T16 = T rounded up to 16.
+// context ends up in qkv[:, :, 0]. D % 16 == 0; scratch holds 2 * D * TP + 8 * TP floats,
+// TP = T rounded up to 32.
 void mlxs_attention(float* qkv, const float* __restrict__ mask, int64_t T, int64_t H,
                     int64_t D, float scale, int64_t first, int64_t last,
                     float* __restrict__ scratch) {
   const int64_t row = 3 * H * D;
-  const int64_t T16 = (T + 15) / 16 * 16;
+  const int64_t TP = (T + 16 * MLXS_NK - 1) / (16 * MLXS_NK) * (16 * MLXS_NK);
   float* __restrict__ kt = scratch;
-  float* __restrict__ s = scratch + D * T16;
-  for (int64_t i = 0; i < D * T16; ++i) kt[i] = 0.0f;
+  float* __restrict__ vc = scratch + D * TP;
+  float* __restrict__ s = vc + D * TP;
+  for (int64_t i = 0; i < D * TP; ++i) kt[i] = 0.0f;
   for (int64_t pair = first; pair < last; ++pair) {
     const int64_t b = pair / H, h = pair % H;
     float* base = qkv + b * T * row;
     const float* m = mask ? mask + b * T : nullptr;
     for (int64_t j = 0; j < T; ++j) {
       const float* __restrict__ k = base + j * row + H * D + h * D;
-      for (int64_t c = 0; c < D; ++c) kt[c * T16 + j] = k[c];
+      const float* __restrict__ v = k + H * D;
+      for (int64_t c = 0; c < D; ++c) kt[c * TP + j] = k[c];
+      for (int64_t c = 0; c < D; ++c) vc[j * D + c] = v[c];
     }
-    int64_t i0 = 0;
-    for (; i0 + 4 <= T; i0 += 4) mlxs_attend_block<4>(base, kt, m, T, T16, H, D, h, i0, scale, s);
-    for (; i0 < T; ++i0) mlxs_attend_block<1>(base, kt, m, T, T16, H, D, h, i0, scale, s);
+    if (D % 32 == 0) mlxs_attend_pair<2>(base, kt, vc, m, T, TP, H, D, h, scale, s);
+    else mlxs_attend_pair<1>(base, kt, vc, m, T, TP, H, D, h, scale, s);
   }
 }
 // up = up * silu(gate)
@@ -238,10 +265,10 @@ class Kernels:
             raise ValueError(f"qkv width {width} is not 3 x {heads} heads of 16k dims")
         mask_ptr = _pointer(mask, tokens)
         pairs = batch * heads
-        padded = -(-tokens // 16) * 16
+        padded = -(-tokens // 32) * 32
 
         def run(first: int, last: int) -> None:
-            scratch = np.empty(head_dim * padded + 4 * padded, dtype=np.float32)
+            scratch = np.empty(2 * head_dim * padded + 8 * padded, dtype=np.float32)
             self._attention(
                 view.ctypes.data,
                 mask_ptr,
@@ -481,8 +508,9 @@ def _self_test(kernels: Kernels) -> None:
     expected = x * gate / (1.0 + np.exp(-gate.astype(np.float64)))
     _agree("swiglu", run(kernels.swiglu_, x, gate), expected)
 
-    heads, tokens, dim = 4, 37, 32
-    for batch, parallel_work in ((1, _PARALLEL_WORK), (3, 0)):  # one thread, then two
+    heads, tokens = 4, 37
+    # one thread, then two; a head size of 48 takes the 16-wide value tiles
+    for batch, parallel_work, dim in ((1, _PARALLEL_WORK, 32), (3, 0, 32), (2, 0, 48)):
         kernels.parallel_work = parallel_work
         qkv = rng.normal(size=(batch, tokens, 3, heads, dim)).astype(np.float32)
         pad = np.where(rng.random((batch, tokens)) < 0.3, -10000.0, 0.0).astype(np.float32)
