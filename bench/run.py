@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,8 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 import corpus  # noqa: E402  (a sibling file, found through the path set just above)
+
+from mlx_stack.ports import free_port, holder  # noqa: E402
 
 MODEL_NAME = "minilm"
 BATCH_CLIENTS = 4
@@ -149,6 +150,10 @@ def main() -> int:
                     print(f"round {round_index + 1}/{args.rounds}: {server.name}: {workload.name}")
                     result = drive(server.port, workload)
                     server.results.setdefault(workload.name, []).append(result)
+        dead = [s for s in live if s.process is not None and s.process.poll() is not None]
+        if dead:  # its results may have come from a process that is gone: refuse them
+            raise SystemExit(", ".join(s.name for s in dead) + " exited during the run: see "
+                             + ", ".join(str(s.log) for s in dead))
         peaks = {server.name: peak_rss_mb(server) for server in live}
         report = render(
             live,
@@ -227,12 +232,6 @@ def build_workloads(texts: list[str], tokens: list[int]) -> list[Workload]:
 
 
 # --- the servers ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def parse_blas(spec: str) -> tuple[str, str]:
@@ -326,6 +325,16 @@ def running(servers: list[Server]) -> Iterator[list[Server]]:
             stop(server)
 
 
+def owns_port(server: Server) -> bool:
+    """Whether the process listening on the server's port is this server (or its child)."""
+    assert server.process is not None
+    pid = holder(server.port).pid
+    if pid is None:
+        return True  # the OS does not say: trust the answer
+    root = psutil.Process(server.process.pid)
+    return pid in {root.pid, *(c.pid for c in root.children(recursive=True))}
+
+
 def wait_ready(server: Server) -> str | None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     probe = json.dumps({"model": MODEL_NAME, "input": ["ready?"]}).encode()
@@ -337,7 +346,9 @@ def wait_ready(server: Server) -> str | None:
         with contextlib.suppress(OSError, http.client.HTTPException):
             status, _ = post(server.port, probe, timeout=30)
             if status == 200:
-                return None
+                return None if owns_port(server) else (
+                    f"port {server.port} answers, but from {holder(server.port)}, "
+                    "not this server")
         time.sleep(0.25)
     return f"no answer within {READY_TIMEOUT_S:.0f} s (log: {server.log})"
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -47,8 +50,35 @@ def holder(port: int) -> PortHolder:
     return PortHolder(None, None)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A port the OS says is free now (for tests and temporary servers)."""
+    """A free port for a server about to start (tests, benchmarks), never the same one twice
+    in a process.
+
+    Not one from ``bind(0)``: those come from the OS's ephemeral range, which is also where
+    every outgoing connection gets its local port, so in the seconds before a server binds
+    (it loads a model first) a client socket may take the port and the server fails with
+    "address in use". Ports below that range are only ever taken on purpose.
+    """
+    low = _ephemeral_low()
+    candidates = list(range(max(1024, low - 12000), low)) if low > 2048 else []
+    random.shuffle(candidates)
+    for port in candidates[:500]:
+        if port not in _handed_out and is_free(port):
+            _handed_out.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _handed_out.add(port)
+    return port
+
+
+def _ephemeral_low() -> int:
+    """The first port of the OS's ephemeral range (Linux: ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152 if sys.platform == "darwin" else 32768

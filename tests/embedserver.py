@@ -12,7 +12,6 @@ import base64
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+
+from mlx_stack.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_DEADLINE = 180.0
@@ -53,12 +54,6 @@ def require(module: str) -> object:
         return importlib.import_module(module)
     except ImportError as exc:
         pytest.fail(f"{module} is needed for this test ({exc}); {PARITY_INSTALL}", pytrace=False)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def child_env() -> dict[str, str]:

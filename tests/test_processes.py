@@ -126,3 +126,15 @@ def test_the_lifeline_ends_a_child_group_when_the_supervisor_side_closes(tmp_pat
     assert wait_for(lambda: child.poll() is not None, 10)
     assert wait_for(lambda: not psutil.pid_exists(grandchild)
                     or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE, 10)
+
+
+def test_free_ports_are_distinct_and_outside_the_ephemeral_range():
+    """A port in the ephemeral range can be taken by any outgoing connection's local end in
+    the seconds before a server binds it (this broke a benchmark run): stay below it."""
+    from mlx_stack import ports
+
+    handed = [ports.free_port() for _ in range(50)]
+    assert len(set(handed)) == 50
+    low = ports._ephemeral_low()
+    assert all(1024 <= p < low for p in handed), (low, handed)
+    assert all(ports.is_free(p) for p in handed)
