@@ -27,12 +27,13 @@ MAX_ROWS_PER_PASS = 512
 """Texts per forward pass, whatever the token budget (bounds pooling and padding memory)."""
 WAVE_PASSES = 4
 """A wave takes up to this many passes' worth of queued tokens, so lengths sort well."""
-PASS_OVERHEAD_TOKENS = 48.0
+PASS_OVERHEAD_TOKENS = 32.0
 ROW_OVERHEAD_TOKENS = 2.0
 ATTENTION_SPAN = 512.0
-"""The cost model of a pass, in tokens' worth of compute, fitted on MiniLM on 2 cores: a
-pass costs ~8 ms (48 tokens) by itself, each row ~0.3 ms more, and a token's attention work
-grows with its length, to as much as its other work at ~512 tokens."""
+"""The cost model of a pass, in tokens' worth of compute (``bench/costmodel.py`` fits it).
+On MiniLM, 2 cores, MKL, two fits (median errors 3% and 8%): a pass costs 3.2-4.0 ms
+(29-36 tokens) by itself, each row 1.2-2.5 tokens more, and a token's attention work grows
+with its length, to as much as its other work at ~512 tokens (the best span of both fits)."""
 ATTENTION_ROWS = 128
 """Bounds ``rows x longest^2`` to ``max_batch_tokens x 128``: the attention scores' memory."""
 
