@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import time
 from collections.abc import Callable, Iterator
 from functools import wraps
 from typing import Any, TypeVar
@@ -242,25 +241,20 @@ def up(tier: str | None, foreground: bool, as_json: bool) -> None:
     warning = embedding_record.mismatch(paths, ident)
     if warning:
         click.secho(f"warning: {warning}", fg="yellow", err=True)
-    since = time.time()
     with _loading(as_json) as (report, watch):
-        plan = lifecycle.up(stack, paths, tier=tier, report=report, watch=watch)
+        result = lifecycle.up(stack, paths, tier=tier, report=report, watch=watch)
     if ident is not None and tier in (None, "embeddings"):
         embedding_record.record(paths, ident)
     p = stack.proxy
     host = "127.0.0.1" if p.host in ("0.0.0.0", "::") else p.host
     names = [t.name for t in stack.tiers] + ([EMBEDDINGS_MODEL_NAME] if stack.embeddings else [])
     if as_json:
-        rows = lifecycle.status(paths, plan)
-        now = time.time()
         _emit({
             "endpoint": f"http://{host}:{p.port}/v1",
             "models": names,
-            # services whose process this call started (an `up` of a running stack: none)
-            "started": [r.name for r in rows
-                        if r.uptime_s is not None and now - r.uptime_s >= since - 1.0],
+            "started": list(result.started),
             "warnings": [warning] if warning else [],
-            "services": [r.to_json() for r in rows],
+            "services": [r.to_json() for r in lifecycle.status(paths, result.plan)],
         })
         return
     if tier is None:

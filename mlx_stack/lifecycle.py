@@ -246,6 +246,13 @@ def wait_ready(
     )
 
 
+@dataclass(frozen=True)
+class UpResult:
+    plan: Plan
+    #: Services whose process this `up` started (none for an `up` of a running stack).
+    started: tuple[str, ...]
+
+
 def up(
     stack: Stack,
     paths: StatePaths,
@@ -253,7 +260,7 @@ def up(
     tier: str | None = None,
     report: Report = _quiet,
     watch: Watch | None = None,
-) -> Plan:
+) -> UpResult:
     """Start the stack (or one model server) under the supervisor; return once ready."""
     plan = plan_for(stack, paths).require_complete()
     names = [s.name for s in plan.model_servers]
@@ -285,7 +292,12 @@ def up(
     wait_ready(paths, targets, report, since, limit,
                fingerprints={s.name: s.fingerprint for s in plan.all},
                watch=watch, sizes={s.name: s.weights_bytes for s in plan.all})
-    return plan
+    snap = _live_snapshot(paths)
+    started = tuple(
+        s.name for s in (snap.services if snap else ())
+        if s.process is not None and s.started_at is not None and s.started_at >= since
+    )
+    return UpResult(plan, started)
 
 
 def restart(
