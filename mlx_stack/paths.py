@@ -39,6 +39,11 @@ class StatePaths:
         return self.home / "run"
 
     @property
+    def commands(self) -> Path:
+        """The folder the CLI drops commands into (``contract/commands.py``)."""
+        return self.run / "commands"
+
+    @property
     def state_file(self) -> Path:
         return self.run / "state.json"
 

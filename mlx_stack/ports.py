@@ -82,3 +82,9 @@ def _ephemeral_low() -> int:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 49152 if sys.platform == "darwin" else 32768
+
+
+def connect_host(bind_host: str) -> str:
+    """The address to reach a server bound to ``bind_host`` from this machine: a wildcard
+    bind (``0.0.0.0``, ``::``) is reached on loopback."""
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host

@@ -1,13 +1,35 @@
-"""Shared fixtures: a tiny chat model built once per session, and real stacks in temp folders."""
+"""Shared fixtures: a tiny chat model built once per session, and real stacks in temp folders.
+
+The tests come in three tiers, one folder each (docs/architecture.md, "Tests"):
+
+- ``unit/``: pure logic and the supervisor on a fake runtime; no subprocess, no sleep.
+- ``integration/``: real child processes (a small fake model server, the CLI) in temp folders.
+- ``e2e/``: the real servers (mlx_lm.server, the embeddings server, LiteLLM) on real weights.
+
+Each test gets its tier as a marker, so ``pytest -m unit`` runs the fast tier alone.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "support"))
+
 from stackenv import StackEnv, write_stack
 from tinymodel import build_tiny_chat_model
+
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = next((t for t in TIERS if f"/tests/{t}/" in str(item.path)), None)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,168 @@
+"""`mlx-stack doctor`: check what the stack needs on this machine, each finding with a fix.
+
+Every check is a small function returning a ``Check``; none changes anything.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlx_stack import ports
+from mlx_stack.config.catalog import Catalog
+from mlx_stack.config.hardware import detect
+from mlx_stack.config.stackfile import Stack, load_stack
+from mlx_stack.errors import MlxStackError
+from mlx_stack.paths import StatePaths
+
+MIN_FREE_GB = 5.0
+
+
+class Level(str, enum.Enum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    level: Level
+    detail: str
+    fix: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "level": self.level.value, "detail": self.detail,
+                "fix": self.fix}
+
+
+def check_platform() -> Check:
+    hw = detect()
+    if hw.system == "Darwin" and hw.machine != "arm64":
+        return Check("platform", Level.FAIL, hw.summary, "MLX needs Apple Silicon on macOS")
+    return Check("platform", Level.OK, f"{hw.summary}; Python {platform.python_version()}")
+
+
+def check_mlx() -> Check:
+    """Import MLX in a child (an import failure must not take doctor down) and ask its device."""
+    code = "import mlx.core as mx; print(mx.default_device())"
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Check("mlx", Level.FAIL, f"cannot run Python: {exc}", "reinstall mlx-stack")
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        fix = ("pip install 'mlx[cpu]' (Linux) or 'mlx[cuda]' (NVIDIA)"
+               if platform.system() != "Darwin" else "pip install mlx")
+        return Check("mlx", Level.FAIL, f"MLX does not import: {last}", fix)
+    return Check("mlx", Level.OK, f"MLX default device: {res.stdout.strip()}")
+
+
+def check_blas() -> Check:
+    from mlx_stack.embeddings.blas import preload
+
+    info = preload()
+    if info.optimised:
+        return Check("blas", Level.OK, info.describe())
+    return Check("blas", Level.WARN, info.describe() + ": MLX on the CPU is ~30x slower",
+                 "pip install mkl (x86_64), or apt-get install libopenblas0-pthread, or set "
+                 "MLX_STACK_BLAS to a library exposing cblas_sgemm")
+
+
+def check_key(paths: StatePaths, stack: Stack | None) -> Check:
+    path = paths.key_file(stack.proxy.key_file if stack else "proxy.key")
+    if not path.exists():
+        return Check("proxy key", Level.FAIL, f"no key at {path}", "mlx-stack init --exist-ok")
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return Check("proxy key", Level.WARN, f"{path} is readable by others ({oct(mode & 0o777)})",
+                     f"chmod 600 {path}")
+    key = path.read_text(encoding="utf-8").strip()
+    if not key.startswith("sk-") or len(key) < 20:
+        return Check("proxy key", Level.FAIL, f"{path} holds a malformed key",
+                     "delete it, then mlx-stack init --exist-ok")
+    return Check("proxy key", Level.OK, f"{path} (mode 600)")
+
+
+def check_stack(paths: StatePaths, catalog: Catalog) -> tuple[Check, Stack | None]:
+    try:
+        stack = load_stack(paths.stack_file, catalog, platform.system())
+    except MlxStackError as exc:
+        first = str(exc).splitlines()
+        return Check("stack file", Level.FAIL, first[-1].strip(" -"),
+                     "mlx-stack init, or fix the file (docs/troubleshooting.md)"), None
+    n = len(stack.tiers) + (1 if stack.embeddings else 0)
+    return Check("stack file", Level.OK, f"{paths.stack_file}: {n} model server(s)"), stack
+
+
+def check_models(stack: Stack) -> list[Check]:
+    from mlx_stack.config.plan import missing_weights_message, weights_path
+
+    out = []
+    entries = [(t.name, t.model, t.quant) for t in stack.tiers]
+    if stack.embeddings:
+        e = stack.embeddings
+        entries.append((e.name, e.model, e.quant))
+    for name, model, quant in entries:
+        path = weights_path(model, quant)
+        if path is None:
+            msg = missing_weights_message(name, model, quant)
+            out.append(Check(f"model {name}", Level.FAIL, msg.split(";")[0],
+                             msg.split("get them with: ")[-1]))
+        else:
+            out.append(Check(f"model {name}", Level.OK, f"{model.name} ({quant}) at {path}"))
+    return out
+
+
+def check_ports(stack: Stack, running: bool) -> list[Check]:
+    if running:
+        return [Check("ports", Level.OK, "the stack is running and holds its ports")]
+    out = []
+    services = [(t.name, t.port) for t in stack.tiers]
+    if stack.embeddings:
+        services.append(("embeddings", stack.embeddings.port))
+    services.append(("proxy", stack.proxy.port))
+    for name, port in services:
+        if ports.is_free(port):
+            out.append(Check(f"port {port}", Level.OK, f"free for {name}"))
+        else:
+            out.append(Check(f"port {port}", Level.FAIL, f"{name}'s port is held by "
+                             f"{ports.holder(port)}", "stop that program or change the port"))
+    return out
+
+
+def check_disk(paths: StatePaths) -> list[Check]:
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    out = []
+    for label, folder in (("state folder", paths.home), ("model cache", hf_home)):
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free_gb = shutil.disk_usage(probe).free / 2**30
+        level = Level.OK if free_gb >= MIN_FREE_GB else Level.WARN
+        out.append(Check(f"disk ({label})", level, f"{free_gb:.1f} GB free at {probe}",
+                         "" if level is Level.OK else "free some space: models need GBs"))
+    return out
+
+
+def run_checks(paths: StatePaths, catalog: Catalog, running: bool,
+               extra: list[Callable[[], Check]] | None = None) -> list[Check]:
+    checks = [check_platform(), check_mlx(), check_blas()]
+    stack_check, stack = check_stack(paths, catalog)
+    checks.append(stack_check)
+    checks.append(check_key(paths, stack))
+    if stack is not None:
+        checks += check_models(stack)
+        checks += check_ports(stack, running)
+    checks += check_disk(paths)
+    checks += [f() for f in extra or []]
+    return checks

@@ -1,0 +1,293 @@
+"""From the stack file to the services to run: command line, environment, port, probe.
+
+The one plan builder: `up`, `status`, `doctor` and the supervisor all call :func:`load_plan`
+(or :func:`build_plan` on a stack already read), so they agree on what a stack runs. Pure
+apart from looking up where weights are on disk, so what `up` would run can be shown and
+tested without starting anything.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlx_stack.config.catalog import CatalogEntry, load_catalog
+from mlx_stack.config.modelfolder import weights_size
+from mlx_stack.config.proxykey import ENV_VAR, read_key
+from mlx_stack.config.settings import WatchSettings
+from mlx_stack.config.sources import describe_missing, locate_first
+from mlx_stack.config.stackfile import ChatTier, EmbeddingsTier, Stack, load_stack
+from mlx_stack.errors import ConfigError, ServiceStartError
+from mlx_stack.litellm.config import (
+    MLX_LM_DEFAULT_MODEL,
+    PROXY_ENV,
+    PROXY_UNSET_ENV,
+    build_config,
+    render_config,
+)
+from mlx_stack.paths import StatePaths
+from mlx_stack.ports import connect_host
+
+
+class ServiceKind(str, enum.Enum):
+    CHAT = "chat"
+    EMBEDDINGS = "embeddings"
+    PROXY = "proxy"
+
+
+class ProbeKind(str, enum.Enum):
+    CHAT = "chat"  # a one-token chat completion
+    EMBEDDING = "embedding"  # a one-text embedding
+    PROXY = "proxy"  # the proxy's readiness route (no upstream call)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The real request that proves a service works (run by ``supervisor/probes.py``)."""
+
+    kind: ProbeKind
+    url: str  # base URL, e.g. http://127.0.0.1:8000
+    model: str = MLX_LM_DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """Everything needed to run one service; built by keyword (see the builders below)."""
+
+    name: str
+    kind: ServiceKind
+    argv: tuple[str, ...]
+    port: int
+    host: str
+    probe: Probe
+    model: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    #: A file the service reads, written before it starts (the proxy's config): (path, text).
+    config_file: tuple[Path, str] | None = None
+    #: Environment that must never be logged or fingerprinted in clear (the proxy key).
+    secret_env: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    #: Inherited variables the child must not see (they change its behaviour in harmful ways).
+    unset_env: frozenset[str] = frozenset()
+    #: Size of the weight files it loads: what `up` measures loading progress against.
+    weights_bytes: int | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes exactly when a restart is needed to apply a new definition."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.argv, sorted(self.env.items()), self.port, self.host]).encode())
+        if self.config_file is not None:
+            h.update(self.config_file[1].encode())
+        h.update(hashlib.sha256("".join(sorted(self.secret_env.values())).encode()).digest())
+        return h.hexdigest()[:16]
+
+    def full_env(self) -> dict[str, str]:
+        inherited = {k: v for k, v in os.environ.items() if k not in self.unset_env}
+        return {**inherited, **self.env, **self.secret_env}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every service of a stack, in start order (model servers first, the proxy last).
+
+    ``missing`` names the model servers that cannot start because their weights are not on
+    this machine, with the command that fetches them.
+    """
+
+    model_servers: tuple[ServiceSpec, ...]
+    proxy: ServiceSpec
+    missing: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def all(self) -> tuple[ServiceSpec, ...]:
+        return (*self.model_servers, self.proxy)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every service name, the missing ones included (what commands may target)."""
+        return (*(s.name for s in self.model_servers), *self.missing, self.proxy.name)
+
+    def require_complete(self) -> Plan:
+        """Raise, before anything starts, if any service lacks its weights."""
+        if self.missing:
+            lines = "\n".join(f"  - {m}" for m in self.missing.values())
+            raise ServiceStartError(f"nothing was started:\n{lines}")
+        return self
+
+
+@dataclass(frozen=True)
+class LoadedPlan:
+    """What the supervisor needs from the stack file: the plan and the watchdog settings."""
+
+    plan: Plan
+    settings: WatchSettings
+
+
+def _script(name: str) -> tuple[str, ...]:
+    """Run a console script of this Python's environment through this Python.
+
+    Spelling the interpreter out makes the child's command line equal to what we record, which
+    is how a later `down` recognises the process (a shebang script's cmdline starts with the
+    interpreter).
+    """
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return (sys.executable, str(candidate))
+    return (name,)
+
+
+def _mlx_child_env() -> dict[str, str]:
+    """Environment for MLX children: offline hub, and the fast BLAS on Linux CPUs."""
+    from mlx_stack.embeddings.blas import child_env
+
+    return {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **child_env({})}
+
+
+def weights_path(entry: CatalogEntry, quant: str) -> Path | None:
+    return locate_first(entry.quant(quant).sources)
+
+
+def missing_weights_message(name: str, entry: CatalogEntry, quant: str) -> str:
+    q = entry.quant(quant)
+    how = (
+        [f"mlx-stack pull {entry.name} --quant {quant}"]
+        if any(s.kind == "hf" for s in q.sources)
+        else []
+    )
+    extra = describe_missing(q.sources)
+    if extra:
+        how.append(extra)
+    return (
+        f"{name}: weights of {entry.name} ({quant}) are not on this machine; "
+        f"get them with: {' or: '.join(how) or 'see its catalog entry'}"
+    )
+
+
+def chat_service(tier: ChatTier, model_path: Path) -> ServiceSpec:
+    address = ("--host", "127.0.0.1", "--port", str(tier.port))
+    if tier.backend == "vllm-mlx":
+        argv = (*_script("vllm-mlx"), "serve", str(model_path), *address)
+        probe_model = str(model_path)
+    else:
+        argv = (sys.executable, "-m", "mlx_lm", "server", "--model", str(model_path), *address)
+        probe_model = MLX_LM_DEFAULT_MODEL
+    return ServiceSpec(
+        name=tier.name,
+        kind=ServiceKind.CHAT,
+        argv=argv,
+        env=_mlx_child_env(),
+        port=tier.port,
+        host="127.0.0.1",
+        model=tier.model.name,
+        probe=Probe(ProbeKind.CHAT, f"http://127.0.0.1:{tier.port}", probe_model),
+        weights_bytes=weights_size(model_path),
+    )
+
+
+def embeddings_service(emb: EmbeddingsTier, model_path: Path) -> ServiceSpec:
+    m = emb.model
+    argv = [
+        sys.executable, "-m", "mlx_stack.embeddings",
+        "--model-path", str(model_path),
+        "--served-name", m.name,
+        "--host", "127.0.0.1",
+        "--port", str(emb.port),
+        "--pooling", m.pooling,
+        "--normalize" if m.normalize else "--no-normalize",
+        "--max-seq-len", str(m.max_sequence_length),
+    ]  # fmt: skip
+    if m.matryoshka_dimensions:
+        argv += ["--dimensions", ",".join(str(d) for d in m.matryoshka_dimensions)]
+    if m.query_prefix:
+        argv += ["--query-prefix", m.query_prefix]
+    if m.document_prefix:
+        argv += ["--document-prefix", m.document_prefix]
+    return ServiceSpec(
+        name=emb.name,
+        kind=ServiceKind.EMBEDDINGS,
+        argv=tuple(argv),
+        env=_mlx_child_env(),
+        port=emb.port,
+        host="127.0.0.1",
+        model=m.name,
+        probe=Probe(ProbeKind.EMBEDDING, f"http://127.0.0.1:{emb.port}", m.name),
+        weights_bytes=weights_size(model_path),
+    )
+
+
+def proxy_service(
+    stack: Stack, paths: StatePaths, key: str, served_paths: dict[str, str]
+) -> ServiceSpec:
+    p = stack.proxy
+    cfg = paths.litellm_config
+    argv = (
+        sys.executable, "-m", "mlx_stack.litellm.launch",
+        "--config", str(cfg),
+        "--host", p.host,
+        "--port", str(p.port),
+        "--num_workers", "1",
+    )  # fmt: skip
+    return ServiceSpec(
+        name="proxy",
+        kind=ServiceKind.PROXY,
+        argv=argv,
+        env=dict(PROXY_ENV),
+        port=p.port,
+        host=p.host,
+        probe=Probe(ProbeKind.PROXY, f"http://{connect_host(p.host)}:{p.port}"),
+        config_file=(cfg, render_config(build_config(stack, served_paths))),
+        secret_env={ENV_VAR: key},
+        unset_env=PROXY_UNSET_ENV,
+    )
+
+
+def build_plan(stack: Stack, paths: StatePaths, key: str | None = None) -> Plan:
+    """Resolve weights and build every spec a stack needs; no process is touched.
+
+    A stack with neither a chat tier nor an embeddings tier has nothing to run: refused here,
+    so `up` and a reload of a running supervisor refuse it alike. ``key`` defaults to the one
+    in the stack's key file.
+    """
+    if not stack.tiers and stack.embeddings is None:
+        raise ConfigError(
+            stack.path or "stack",
+            ["the stack has no chat tier and no embeddings tier: nothing to run; add a tier, "
+             "or run `mlx-stack init --add-embeddings MODEL`"],
+        )
+    if key is None:
+        key = read_key(paths.key_file(stack.proxy.key_file))
+    servers: list[ServiceSpec] = []
+    missing: dict[str, str] = {}
+    served_paths: dict[str, str] = {}
+    for t in stack.tiers:
+        path = weights_path(t.model, t.quant)
+        if path is None:
+            missing[t.name] = missing_weights_message(t.name, t.model, t.quant)
+            continue
+        servers.append(chat_service(t, path))
+        served_paths[t.name] = str(path)
+    if stack.embeddings is not None:
+        e = stack.embeddings
+        path = weights_path(e.model, e.quant)
+        if path is None:
+            missing[e.name] = missing_weights_message(e.name, e.model, e.quant)
+        else:
+            servers.append(embeddings_service(e, path))
+    return Plan(tuple(servers), proxy_service(stack, paths, key, served_paths), missing)
+
+
+def load_stack_file(paths: StatePaths) -> Stack:
+    """The stack file, validated against the shipped catalog and the user's."""
+    return load_stack(paths.stack_file, load_catalog(paths.user_catalog), platform.system())
+
+
+def load_plan(paths: StatePaths) -> LoadedPlan:
+    """Read the stack file, the catalog and the key, and plan the services."""
+    stack = load_stack_file(paths)
+    return LoadedPlan(build_plan(stack, paths), stack.watchdog)

@@ -1,0 +1,52 @@
+"""The stack file's settings sections, each default and meaning written once, here.
+
+``proxy:`` and ``watchdog:`` are read into these frozen dataclasses; the schema the stack file
+is validated against (``stackfile.PROXY_FIELDS``, ``WATCHDOG_FIELDS``) and the configuration
+reference (docs/configuration.md) are generated from the same fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _doc(default: object, text: str) -> object:
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    """Timers and limits of the watchdog (the stack file's ``watchdog:`` section)."""
+
+    probe_interval_s: float = _doc(10.0, "seconds between health probes of a ready service")
+    probe_timeout_s: float = _doc(30.0, "seconds a probe may take before it counts as failed")
+    failure_threshold: int = _doc(3, "failed probes in a row before a hung service is restarted")
+    start_timeout_s: float = _doc(
+        120.0, "seconds a start may go without progress (log output, memory growth) before it "
+        "is declared failed")
+    start_timeout_max_s: float = _doc(1800.0, "seconds a start may take at most, even loading")
+    backoff_initial_s: float = _doc(1.0, "first delay before a restart; doubles each time")
+    backoff_max_s: float = _doc(60.0, "longest delay before a restart")
+    stable_after_s: float = _doc(300.0, "seconds ready after which the backoff starts afresh")
+    crashloop_restarts: int = _doc(5, "restarts within crashloop_window_s that mean fatal")
+    crashloop_window_s: float = _doc(600.0, "the crash-loop window, seconds")
+    stop_timeout_s: float = _doc(10.0, "seconds between SIGTERM and SIGKILL on stop")
+    log_max_mb: float = _doc(50.0, "size at which a service log is rotated, MB")
+    log_backups: int = _doc(5, "rotated logs kept per service")
+
+    @property
+    def log_max_bytes(self) -> int:
+        return int(self.log_max_mb * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """The LiteLLM proxy (the stack file's ``proxy:`` section; ``key_file`` is ``proxy.auth``)."""
+
+    host: str = _doc("127.0.0.1", "address the LiteLLM proxy binds; keep 127.0.0.1 unless you "
+                     "mean it")
+    port: int = _doc(4000, "port of the LiteLLM proxy")
+    key_file: str = _doc(
+        "proxy.key", "file holding the proxy master key (mode 0600), relative to the state folder")
+    timeout_s: float = _doc(600.0, "seconds a request to a tier may take before it fails")
+    num_retries: int = _doc(1, "retries of a failed request (then fallbacks to other tiers)")

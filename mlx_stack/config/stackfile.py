@@ -1,0 +1,307 @@
+"""The stack file (``stack.yaml``): what to run. Parsed and validated once, into frozen objects.
+
+Validation happens before anything starts: a bad stack file starts nothing and changes nothing.
+Every problem is reported at once with ``file:line`` and the field path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from mlx_stack.config.catalog import Catalog, ChatModel, EmbeddingModel
+from mlx_stack.config.schema import Field, Problems, close_matches, fields_of, read_mapping
+from mlx_stack.config.settings import ProxySettings, WatchSettings
+from mlx_stack.config.yamlfile import YamlDoc, load_yaml, parse_yaml
+from mlx_stack.errors import CatalogError, ConfigError
+
+CHAT_BACKENDS = ("mlx-lm", "vllm-mlx")
+EMBED_BACKENDS = ("mlx-embed",)
+RESERVED_NAMES = ("embeddings", "proxy", "local-embed")
+EMBEDDINGS_MODEL_NAME = "local-embed"
+_TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+TIER_FIELDS = [
+    Field("model", (str,), "catalog name of a chat model (`mlx-stack models --type chat`)"),
+    Field("quant", (str, type(None)), "quantisation id; default: the model's first", None),
+    Field("port", (int,), "port on 127.0.0.1 the model server listens on"),
+    Field("backend", (str,), "mlx-lm (macOS and Linux) or vllm-mlx (macOS)", "mlx-lm"),
+]
+EMBEDDINGS_FIELDS = [
+    Field(
+        "model", (str,), "catalog name of an embedding model (`mlx-stack models --type embedding`)"
+    ),
+    Field("quant", (str, type(None)), "quantisation id; default: the model's first", None),
+    Field("port", (int,), "port on 127.0.0.1 the embeddings server listens on", 8003),
+    Field("backend", (str,), "mlx-embed (the project's own embeddings server)", "mlx-embed"),
+]
+AUTH_FIELDS = fields_of(ProxySettings, ["key_file"])
+PROXY_FIELDS = [
+    *fields_of(ProxySettings, ["host", "port"]),
+    Field("auth", (dict,), "how clients authenticate: a master key in key_file", {}),
+    *fields_of(ProxySettings, ["timeout_s", "num_retries"]),
+]
+WATCHDOG_FIELDS = fields_of(WatchSettings)
+STACK_FIELDS = [
+    Field("version", (int,), "stack file format version", 1),
+    Field("tiers", (dict, type(None)), "chat tiers by name (standard, fast, ...)", {}),
+    Field("embeddings", (dict, type(None)), "the optional embeddings tier", None),
+    Field("proxy", (dict, type(None)), "the LiteLLM proxy in front of all tiers", {}),
+    Field("watchdog", (dict, type(None)), "health probes, restarts and log rotation", {}),
+]
+
+
+@dataclass(frozen=True)
+class ChatTier:
+    name: str
+    model: ChatModel
+    quant: str
+    port: int
+    backend: str
+
+
+@dataclass(frozen=True)
+class EmbeddingsTier:
+    model: EmbeddingModel
+    quant: str
+    port: int
+    backend: str
+    name: str = "embeddings"
+
+
+@dataclass(frozen=True)
+class Stack:
+    tiers: tuple[ChatTier, ...]
+    embeddings: EmbeddingsTier | None
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    path: Path | None = None
+    watchdog: WatchSettings = field(default_factory=WatchSettings)
+
+    def tier(self, name: str) -> ChatTier:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        names = [t.name for t in self.tiers]
+        raise ConfigError(
+            self.path or "stack",
+            [
+                f"no tier named {name!r}{close_matches(name, names)}; "
+                f"tiers: {', '.join(names) or 'none'}"
+            ],
+        )
+
+    def with_embeddings(self, emb: EmbeddingsTier | None) -> Stack:
+        return replace(self, embeddings=emb)
+
+
+def _check_port(value: int, path: str, problems: Problems) -> None:
+    if not 1024 <= value <= 65535:
+        problems.add(path, f"port {value} is out of range: use 1024-65535")
+
+
+def _resolve_quant(
+    model_name: str, quant: str | None, catalog: Catalog, path: str, problems: Problems
+) -> str | None:
+    try:
+        return catalog.get(model_name).quant(quant).id
+    except CatalogError as exc:
+        problems.add(path, str(exc))
+        return None
+
+
+def _read_tiers(raw: dict, catalog: Catalog, system: str, problems: Problems) -> list[ChatTier]:
+    tiers: list[ChatTier] = []
+    for name, body in raw.items():
+        path = f"tiers.{name}"
+        if not isinstance(name, str) or not _TIER_NAME.match(name):
+            problems.add(path, f"tier name {name!r} must be lower case letters, digits, - or _")
+            continue
+        if name in RESERVED_NAMES:
+            problems.add(path, f"{name!r} is reserved; choose another tier name")
+            continue
+        d = read_mapping(body, path, TIER_FIELDS, problems)
+        if d is None:
+            continue
+        _check_port(d["port"], f"{path}.port", problems)
+        if d["backend"] not in CHAT_BACKENDS:
+            problems.add(
+                f"{path}.backend",
+                f"unknown backend {d['backend']!r}"
+                f"{close_matches(d['backend'], CHAT_BACKENDS)}; use {' or '.join(CHAT_BACKENDS)}",
+            )
+            continue
+        if d["backend"] == "vllm-mlx" and system != "Darwin":
+            problems.add(f"{path}.backend", "vllm-mlx runs on macOS only; use backend: mlx-lm here")
+            continue
+        try:
+            model = catalog.chat(d["model"])
+        except CatalogError as exc:
+            problems.add(f"{path}.model", str(exc))
+            continue
+        quant = _resolve_quant(model.name, d["quant"], catalog, f"{path}.quant", problems)
+        if quant is not None:
+            tiers.append(ChatTier(name, model, quant, d["port"], d["backend"]))
+    return tiers
+
+
+def _read_embeddings(raw: dict, catalog: Catalog, problems: Problems) -> EmbeddingsTier | None:
+    d = read_mapping(raw, "embeddings", EMBEDDINGS_FIELDS, problems)
+    if d is None:
+        return None
+    _check_port(d["port"], "embeddings.port", problems)
+    if d["backend"] not in EMBED_BACKENDS:
+        problems.add("embeddings.backend", f"unknown backend {d['backend']!r}; use mlx-embed")
+        return None
+    try:
+        model = catalog.embedding(d["model"])
+    except CatalogError as exc:
+        problems.add("embeddings.model", str(exc))
+        return None
+    quant = _resolve_quant(model.name, d["quant"], catalog, "embeddings.quant", problems)
+    if quant is None:
+        return None
+    return EmbeddingsTier(model, quant, d["port"], d["backend"])
+
+
+def _read_proxy(raw: dict, problems: Problems) -> ProxySettings:
+    d = read_mapping(raw, "proxy", PROXY_FIELDS, problems)
+    if d is None:
+        return ProxySettings()
+    auth = read_mapping(d["auth"], "proxy.auth", AUTH_FIELDS, problems) or {
+        "key_file": ProxySettings().key_file}
+    _check_port(d["port"], "proxy.port", problems)
+    try:
+        ipaddress.ip_address(d["host"])
+    except ValueError:
+        problems.add("proxy.host", f"{d['host']!r} is not an IP address (e.g. 127.0.0.1)")
+    if d["timeout_s"] <= 0:
+        problems.add("proxy.timeout_s", "must be > 0")
+    if not 0 <= d["num_retries"] <= 10:
+        problems.add("proxy.num_retries", "must be between 0 and 10")
+    return ProxySettings(host=d["host"], port=d["port"], key_file=auth["key_file"],
+                         timeout_s=float(d["timeout_s"]), num_retries=d["num_retries"])
+
+
+def _read_watchdog(raw: dict, problems: Problems) -> WatchSettings:
+    d = read_mapping(raw, "watchdog", WATCHDOG_FIELDS, problems)
+    if d is None:
+        return WatchSettings()
+    for key, value in d.items():
+        if value <= 0 and key != "log_backups":
+            problems.add(f"watchdog.{key}", f"must be > 0, got {value}")
+    if d["log_backups"] < 0:
+        problems.add("watchdog.log_backups", "must be >= 0")
+    return WatchSettings(**{k: float(v) if isinstance(v, int) and k.endswith(("_s", "_mb"))
+                            else v for k, v in d.items()})
+
+
+def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
+    """Validate a parsed stack file against the catalog; raise ConfigError with every problem."""
+    problems = Problems(doc)
+    data = {} if doc.data is None else doc.data
+    top = read_mapping(data, "", STACK_FIELDS, problems)
+    if top is None:
+        raise ConfigError(doc.path, problems.items)
+    if top["version"] != 1:
+        problems.add("version", f"unsupported version {top['version']}; this mlx-stack reads 1")
+    tiers = _read_tiers(top["tiers"] or {}, catalog, system, problems)
+    emb = _read_embeddings(top["embeddings"], catalog, problems) if top["embeddings"] else None
+    proxy = _read_proxy(top["proxy"] or {}, problems)
+    watchdog = _read_watchdog(top["watchdog"] or {}, problems)
+    ports: dict[int, str] = {}
+    for name, port, path in [
+        *((t.name, t.port, f"tiers.{t.name}.port") for t in tiers),
+        *((("embeddings", emb.port, "embeddings.port"),) if emb else ()),
+        ("proxy", proxy.port, "proxy.port"),
+    ]:
+        if port in ports:
+            problems.add(path, f"port {port} is used by both {ports[port]!r} and {name!r}")
+        ports.setdefault(port, name)
+    if problems:
+        raise ConfigError(doc.path, problems.items)
+    return Stack(tuple(tiers), emb, proxy, doc.path, watchdog)
+
+
+def load_stack(path: Path, catalog: Catalog, system: str) -> Stack:
+    if not path.exists():
+        raise ConfigError(path, [f"{path}: no stack file; run `mlx-stack init` to create one"])
+    return parse_stack(load_yaml(path), catalog, system)
+
+
+def parse_stack_text(text: str, path: Path, catalog: Catalog, system: str) -> Stack:
+    return parse_stack(parse_yaml(text, path), catalog, system)
+
+
+def _q(text: str) -> str:
+    """A YAML scalar that stays a string."""
+    return (
+        text
+        if re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", text)
+        and text not in ("yes", "no", "true", "false", "null", "on", "off")
+        else f'"{text}"'
+    )
+
+
+def render_embeddings(emb: EmbeddingsTier) -> str:
+    return (
+        "# The embeddings tier: the project's own OpenAI-compatible server, served through the\n"
+        "# proxy as model 'local-embed'.\n"
+        "embeddings:\n"
+        f"  model: {_q(emb.model.name)}  # {emb.model.dimensions} dimensions\n"
+        f"  quant: {_q(emb.quant)}\n"
+        f"  port: {emb.port}\n"
+        f"  backend: {emb.backend}\n"
+    )
+
+
+def render_watchdog(w: WatchSettings) -> str:
+    """The ``watchdog:`` section with the settings that differ from the defaults ('' if none)."""
+    default = WatchSettings()
+    lines = []
+    for f in WATCHDOG_FIELDS:
+        value, base = getattr(w, f.name), getattr(default, f.name)
+        if value != base:
+            lines.append(f"  {f.name}: {value:g}\n")
+    return "watchdog:\n" + "".join(lines) if lines else ""
+
+
+def render_stack(stack: Stack, header: str = "", hints: list[str] | None = None) -> str:
+    """The stack file as YAML text with comments, as ``init`` writes it."""
+    out = ["# mlx-stack stack file: see stack.example.yaml for every key.\n"]
+    if header:
+        out.append(f"# {header}\n")
+    out.append(
+        "version: 1\n\n# Chat tiers: each is a model server on 127.0.0.1, a model in the proxy.\n"
+    )
+    if stack.tiers:
+        out.append("tiers:\n")
+        for t in stack.tiers:
+            out.append(
+                f"  {t.name}:\n    model: {_q(t.model.name)}\n    quant: {_q(t.quant)}\n"
+                f"    port: {t.port}\n    backend: {t.backend}\n"
+            )
+    else:
+        out.append("tiers: {}\n")
+    for hint in hints or []:
+        out.append(f"# {hint}\n")
+    out.append("\n")
+    if stack.embeddings is not None:
+        out.append(render_embeddings(stack.embeddings) + "\n")
+    p = stack.proxy
+    out.append(
+        "# The LiteLLM proxy: one OpenAI-compatible endpoint for every tier.\n"
+        "proxy:\n"
+        f"  host: {p.host}\n"
+        f"  port: {p.port}\n"
+        "  auth:\n"
+        f"    key_file: {_q(p.key_file)}  # `mlx-stack key` shows the key\n"
+        f"  timeout_s: {p.timeout_s:g}\n"
+        f"  num_retries: {p.num_retries}\n"
+    )
+    watchdog = render_watchdog(stack.watchdog)
+    if watchdog:
+        out.append("\n# The watchdog: probes, restarts, log rotation (see stack.example.yaml).\n")
+        out.append(watchdog)
+    return "".join(out)

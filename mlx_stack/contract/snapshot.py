@@ -1,0 +1,199 @@
+"""The supervisor's record of the stack (``run/state.json``): the other half of the contract.
+
+The supervisor writes a snapshot atomically on every change and every few seconds; `status`,
+`up` and `down` read it. Each process is recorded with its start time and command line, so a
+PID reused after a crash or a reboot is never signalled. Records are built by keyword.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlx_stack.atomic import write_atomic
+from mlx_stack.errors import StateError
+from mlx_stack.supervisor.processes import ProcessRecord, is_running
+
+STATE_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # 2: before warnings and faults; read so leftovers are found
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a service's process last ended."""
+
+    code: int | None
+    signal: int | None
+    at: float  # wall clock
+    log_tail: tuple[str, ...]
+    expected: bool = False  # we stopped it on purpose (down, restart, an edit): not a failure
+
+    @classmethod
+    def from_returncode(cls, rc: int, at: float, log_tail: list[str],
+                        expected: bool = False) -> ExitInfo:
+        if rc < 0:
+            return cls(None, -rc, at, tuple(log_tail), expected)
+        return cls(rc, None, at, tuple(log_tail), expected)
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = str(self.signal)
+            return f"killed by {name}"
+        return f"exit code {self.code}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "signal": self.signal,
+            "at": self.at,
+            "description": self.describe(),
+            "log_tail": list(self.log_tail),
+            "expected": self.expected,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ExitInfo:
+        return cls(d.get("code"), d.get("signal"), float(d["at"]), tuple(d.get("log_tail", [])),
+                   bool(d.get("expected", False)))
+
+
+@dataclass(frozen=True)
+class ServiceSnapshot:
+    """One service as the supervisor last saw it."""
+
+    name: str
+    kind: str
+    state: str
+    reason: str = ""
+    model: str | None = None
+    port: int = 0
+    wanted: bool = True
+    process: ProcessRecord | None = None
+    fingerprint: str = ""
+    started_at: float | None = None  # wall clock, of the current process
+    restarts: int = 0
+    last_exit: ExitInfo | None = None
+    last_probe_ms: float | None = None
+    #: A supervisor error while handling this service (a bug, contained): shown in `status`.
+    fault: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "state": self.state,
+            "reason": self.reason,
+            "model": self.model,
+            "port": self.port,
+            "wanted": self.wanted,
+            "process": self.process.to_json() if self.process else None,
+            "fingerprint": self.fingerprint,
+            "started_at": self.started_at,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit.to_json() if self.last_exit else None,
+            "last_probe_ms": self.last_probe_ms,
+            "fault": self.fault,
+        }
+
+    @classmethod
+    def from_json(cls, name: str, d: dict[str, Any]) -> ServiceSnapshot:
+        return cls(
+            name=name,
+            kind=str(d["kind"]),
+            state=str(d["state"]),
+            reason=str(d.get("reason", "")),
+            model=d.get("model"),
+            port=int(d.get("port", 0)),
+            wanted=bool(d.get("wanted", True)),
+            process=ProcessRecord.from_json(d["process"]) if d.get("process") else None,
+            fingerprint=str(d.get("fingerprint", "")),
+            started_at=d.get("started_at"),
+            restarts=int(d.get("restarts", 0)),
+            last_exit=ExitInfo.from_json(d["last_exit"]) if d.get("last_exit") else None,
+            last_probe_ms=d.get("last_probe_ms"),
+            fault=str(d.get("fault", "")),
+        )
+
+
+@dataclass(frozen=True)
+class SupervisorSnapshot:
+    """The supervisor itself and every service it supervises."""
+
+    pid: int
+    create_time: float
+    argv: tuple[str, ...]
+    started_at: float
+    stack_error: str | None = None
+    shutting_down: bool = False
+    services: tuple[ServiceSnapshot, ...] = ()
+    #: Problems the supervisor worked around (a failed log or snapshot write), newest last.
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def record(self) -> ProcessRecord:
+        return ProcessRecord(self.pid, self.pid, self.create_time, self.argv)
+
+    def service(self, name: str) -> ServiceSnapshot | None:
+        return next((s for s in self.services if s.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "supervisor": {
+                "pid": self.pid,
+                "create_time": self.create_time,
+                "argv": list(self.argv),
+                "started_at": self.started_at,
+                "stack_error": self.stack_error,
+                "shutting_down": self.shutting_down,
+                "warnings": list(self.warnings),
+            },
+            "services": {s.name: s.to_json() for s in self.services},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SupervisorSnapshot:
+        sup = d["supervisor"]
+        return cls(
+            pid=int(sup["pid"]),
+            create_time=float(sup["create_time"]),
+            argv=tuple(sup["argv"]),
+            started_at=float(sup["started_at"]),
+            stack_error=sup.get("stack_error"),
+            shutting_down=bool(sup.get("shutting_down")),
+            services=tuple(ServiceSnapshot.from_json(n, s) for n, s in d["services"].items()),
+            warnings=tuple(str(w) for w in sup.get("warnings", ())),
+        )
+
+
+def snapshot_text(snap: SupervisorSnapshot) -> str:
+    return json.dumps(snap.to_json(), indent=2) + "\n"
+
+
+def save_snapshot(path: Path, snap: SupervisorSnapshot) -> None:
+    write_atomic(path, snapshot_text(snap))
+
+
+def load_snapshot(path: Path) -> SupervisorSnapshot | None:
+    """The last snapshot, or None if there is none (or it is from an older mlx-stack)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StateError(f"{path} is unreadable ({exc}); if no stack runs, delete it") from None
+    if not isinstance(raw, dict) or raw.get("version") not in READABLE_VERSIONS:
+        return None
+    try:
+        return SupervisorSnapshot.from_json(raw)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StateError(f"{path} is corrupt ({exc}); if no stack runs, delete it") from None
+
+
+def supervisor_alive(snap: SupervisorSnapshot | None) -> bool:
+    return snap is not None and is_running(snap.record)

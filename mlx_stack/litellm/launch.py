@@ -1,0 +1,84 @@
+"""Run the LiteLLM proxy, with one compatibility shim: JSON bodies sent as form data.
+
+``curl -d '{"model": ...}'`` without ``-H 'Content-Type: application/json'`` sends a JSON body
+labelled ``application/x-www-form-urlencoded``; LiteLLM then parses it as a form and answers
+"Missing required parameter". Agents' quick checks do exactly this, so POST bodies that are a
+JSON object are relabelled ``application/json`` before LiteLLM sees them. Everything else is
+LiteLLM's own command line (``litellm --config ... --host ... --port ...``), unchanged.
+
+Started as ``python -m mlx_stack.litellm.launch <litellm arguments>``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+_FORM = b"application/x-www-form-urlencoded"
+_MAX_SNIFF = 64 * 1024 * 1024
+
+
+class JsonBodyShim:
+    """ASGI middleware: relabel a form-typed POST body that is really a JSON object."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = scope.get("headers") or []
+        ctype = next((v for k, v in headers if k == b"content-type"), b"")
+        if ctype.split(b";")[0].strip().lower() not in (_FORM, b""):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            msg: Message = await receive()
+            if msg["type"] != "http.request":
+                break
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if not msg.get("more_body") or size > _MAX_SNIFF:
+                break
+        body = b"".join(chunks)
+        if body.lstrip()[:1] == b"{" and _is_json(body):
+            scope = dict(scope)
+            scope["headers"] = [(k, v) for k, v in headers if k != b"content-type"] + [
+                (b"content-type", b"application/json")
+            ]
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _is_json(body: bytes) -> bool:
+    try:
+        return isinstance(json.loads(body), dict)
+    except ValueError:
+        return False
+
+
+def main() -> None:
+    from litellm.proxy import proxy_server
+    from litellm.proxy.proxy_cli import run_server
+
+    # The CLI serves "litellm.proxy.proxy_server:app" by import path; with one worker that is
+    # this very module object, so the middleware added here is the one that serves.
+    proxy_server.app.add_middleware(JsonBodyShim)
+    run_server(prog_name="litellm")
+
+
+if __name__ == "__main__":
+    main()
