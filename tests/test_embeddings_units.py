@@ -14,12 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_stack.embeddings.apierror import ApiError
-from mlx_stack.embeddings.batcher import MAX_ROWS_PER_PASS, Batcher, BatchPolicy, plan_passes
-from mlx_stack.embeddings.metrics import ServerMetrics
-from mlx_stack.embeddings.model import finish
-from mlx_stack.embeddings.protocol import MAX_INPUTS, parse_request
-from mlx_stack.embeddings.settings import ModelFolderError, resolve
+from mlx_stack.embeddings.api.apierror import ApiError
+from mlx_stack.embeddings.api.metrics import ServerMetrics
+from mlx_stack.embeddings.api.protocol import MAX_INPUTS, parse_request
+from mlx_stack.embeddings.model.encoder import finish
+from mlx_stack.embeddings.model.settings import ModelFolderError, resolve
+from mlx_stack.embeddings.serving.batcher import (
+    MAX_ROWS_PER_PASS,
+    Batcher,
+    BatchPolicy,
+    plan_passes,
+)
 
 # --- plan_passes -----------------------------------------------------------------------------
 

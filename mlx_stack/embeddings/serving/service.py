@@ -20,14 +20,14 @@ from typing import Protocol
 
 import numpy as np
 
-from . import fingerprint
-from .apierror import ApiError, ErrorKind, invalid
+from ..api.apierror import ApiError, ErrorKind, invalid
+from ..api.metrics import ServerMetrics
+from ..model import fingerprint
+from ..model.encoder import EmbeddingModel, Embeddings, finish
+from ..model.fingerprint import Fingerprint
+from ..model.settings import ModelSettings
+from ..model.tokenizer import Encoded
 from .batcher import Batcher, BatchPolicy, PassReport
-from .fingerprint import Fingerprint
-from .metrics import ServerMetrics
-from .model import EmbeddingModel, Embeddings, finish
-from .settings import ModelSettings
-from .tokenizer import Encoded
 
 log = logging.getLogger("mlx_stack.embeddings")
 
