@@ -5,8 +5,8 @@ CPU; the elementwise work around them becomes it, since MLX computes transcenden
 one scalar at a time there. So for the BERT family (mlx-embeddings' ``bert`` and
 ``xlm_roberta``) each encoder layer is replaced by :class:`KernelBertLayer`: the same weights
 and maths, the four weight products still in MLX (its BLAS), and attention (scores, softmax,
-weighted values), GELU, bias additions and residual layer norms in the vectorised C++ of
-``kernels.py``. Our ``nomic_bert`` gets the softmax and SwiGLU kernels through its hooks.
+weighted values), GELU, bias additions and residual layer norms in ``kernels.cpp``'s
+vectorised C++. Our ``nomic_bert`` gets the softmax and SwiGLU kernels through its hooks.
 Other architectures keep MLX's kernels, except that GELU modules get ``fastgelu.py``'s
 compiled polynomial.
 
