@@ -217,10 +217,6 @@ def load() -> Kernels | None:
     return kernels
 
 
-def failure() -> str | None:
-    return _failure
-
-
 def _build() -> Path:
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
