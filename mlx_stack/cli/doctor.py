@@ -68,7 +68,7 @@ def check_mlx() -> Check:
 
 
 def check_blas() -> Check:
-    from mlx_stack.embeddings.blas import preload
+    from mlx_stack.embeddings.cpu.blas import preload
 
     info = preload()
     if info.optimised:

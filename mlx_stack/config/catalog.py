@@ -17,6 +17,7 @@ from pathlib import Path
 from mlx_stack.config.schema import Field, Problems, close_matches, read_mapping
 from mlx_stack.config.sources import Source, SourceError, parse_source
 from mlx_stack.config.yamlfile import YamlDoc, parse_yaml
+from mlx_stack.embeddings.model.architectures import POOLINGS
 from mlx_stack.errors import CatalogError, ConfigError
 
 
@@ -25,7 +26,6 @@ class ModelType(str, enum.Enum):
     EMBEDDING = "embedding"
 
 
-POOLINGS = ("mean", "cls", "last")
 TIER_HINTS = ("standard", "fast")
 
 

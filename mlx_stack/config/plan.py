@@ -144,7 +144,7 @@ def _script(name: str) -> tuple[str, ...]:
 
 def _mlx_child_env() -> dict[str, str]:
     """Environment for MLX children: offline hub, and the fast BLAS on Linux CPUs."""
-    from mlx_stack.embeddings.blas import child_env
+    from mlx_stack.embeddings.cpu.blas import child_env
 
     return {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **child_env({})}
 

@@ -1,10 +1,10 @@
 """``python -m mlx_stack.embeddings``: serve one local embedding model over HTTP.
 
-Loads an optimised BLAS before anything can import ``mlx.core`` (see ``blas.py``): after that
+Loads an optimised BLAS before anything can import ``mlx.core`` (see ``cpu/blas.py``): after that
 import it would have no effect.
 """
 
-from . import blas
+from .cpu import blas
 
 blas.preload()
 

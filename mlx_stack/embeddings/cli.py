@@ -19,11 +19,11 @@ from typing import NoReturn
 
 from mlx_stack.errors import MlxStackError, PortInUseError
 
-from . import blas
-from .architectures import POOLINGS
-from .batcher import BatchPolicy
-from .service import MAX_CONCURRENT, ServiceOptions
-from .settings import ModelSettings, Overrides, resolve
+from .cpu import blas
+from .model.architectures import POOLINGS
+from .model.settings import ModelSettings, Overrides, resolve
+from .serving.batcher import BatchPolicy
+from .serving.service import MAX_CONCURRENT, ServiceOptions
 
 PROG = "mlx-stack embeddings"
 log = logging.getLogger("mlx_stack.embeddings")
@@ -171,8 +171,8 @@ def _serve(
 ) -> int:
     import uvicorn
 
-    from .server import ServedModel, create_app
-    from .service import EmbeddingService, default_loader
+    from .api.server import ServedModel, create_app
+    from .serving.service import EmbeddingService, default_loader
 
     host, port = sock.getsockname()[:2]
     log.info("%s", _startup_line(args.served_name, settings, options, host, port))

@@ -14,12 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_stack.embeddings.apierror import ApiError
-from mlx_stack.embeddings.batcher import MAX_ROWS_PER_PASS, Batcher, BatchPolicy, plan_passes
-from mlx_stack.embeddings.metrics import ServerMetrics
-from mlx_stack.embeddings.model import finish
-from mlx_stack.embeddings.protocol import MAX_INPUTS, parse_request
-from mlx_stack.embeddings.settings import ModelFolderError, resolve
+from mlx_stack.embeddings.api.apierror import ApiError
+from mlx_stack.embeddings.api.metrics import ServerMetrics
+from mlx_stack.embeddings.api.protocol import MAX_INPUTS, parse_request
+from mlx_stack.embeddings.cpu import kernels
+from mlx_stack.embeddings.model.encoder import finish
+from mlx_stack.embeddings.model.settings import ModelFolderError, resolve
+from mlx_stack.embeddings.serving.batcher import (
+    MAX_ROWS_PER_PASS,
+    Batcher,
+    BatchPolicy,
+    plan_passes,
+)
 
 # --- plan_passes -----------------------------------------------------------------------------
 
@@ -281,3 +287,13 @@ def test_finish_truncates_then_normalises() -> None:
     raw = finish(vectors, 2, normalize=False)
     np.testing.assert_allclose(raw[0], [3.0, 4.0])
     assert cut.dtype == np.float32 and cut.flags.c_contiguous
+
+
+def test_kernel_source_ships_with_the_package_and_keys_the_build() -> None:
+    code = kernels.read_source()
+    for symbol in ("softmax", "bias_add", "bias_gelu", "add_layernorm", "attention", "swiglu"):
+        assert f"void mlxs_{symbol}(" in code  # each one Kernels binds
+    name = kernels.library_name(code, "g++")
+    assert name == kernels.library_name(code, "g++")
+    assert name != kernels.library_name(code + "// edited\n", "g++")
+    assert name != kernels.library_name(code, "clang++")

@@ -20,14 +20,14 @@ from typing import Protocol
 
 import numpy as np
 
-from . import fingerprint
-from .apierror import ApiError, ErrorKind, invalid
+from mlx_stack.config.modelfolder import Fingerprint, fingerprint
+
+from ..api.apierror import ApiError, ErrorKind, invalid
+from ..api.metrics import ServerMetrics
+from ..model.encoder import Embeddings, TextEncoder, finish
+from ..model.settings import ModelSettings
+from ..model.tokenizer import Encoded
 from .batcher import Batcher, BatchPolicy, PassReport
-from .fingerprint import Fingerprint
-from .metrics import ServerMetrics
-from .model import EmbeddingModel, Embeddings, finish
-from .settings import ModelSettings
-from .tokenizer import Encoded
 
 log = logging.getLogger("mlx_stack.embeddings")
 
@@ -61,7 +61,7 @@ class Tokenizer(Protocol):
 
 
 class Embedder(Protocol):
-    """What the service needs of a model; :class:`EmbeddingModel` in production."""
+    """What the service needs of a model; :class:`TextEncoder` in production."""
 
     load_seconds: float
     fast_kernels: tuple[str, ...]
@@ -79,7 +79,7 @@ Loader = Callable[[ModelSettings], Embedder]
 
 
 def default_loader(fast_kernels: bool = True) -> Loader:
-    return lambda settings: EmbeddingModel.load(settings, fast_kernels=fast_kernels)
+    return lambda settings: TextEncoder.load(settings, fast_kernels=fast_kernels)
 
 
 class EmbeddingService:
@@ -118,7 +118,7 @@ class EmbeddingService:
 
     def _load(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            identity = fingerprint.of_folder(self.settings.path)
+            identity = fingerprint(self.settings.path)
             model = self._loader(self.settings)
         except BaseException as exc:  # a crash in loading must surface, not hang at 503
             loop.call_soon_threadsafe(self._failed, exc)

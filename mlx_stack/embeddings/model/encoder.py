@@ -3,8 +3,8 @@
 The network comes from ``network.py`` (mlx-embeddings' model classes, or our own for
 architectures it lacks); tokenising, padding, pooling and normalisation are ours, so they behave
 the same across architectures and follow the folder's sentence-transformers settings rather than
-each class's hard-wired choice. Batching across requests is ``batcher.py``'s job: :meth:`forward`
-runs exactly the batch it is given.
+each class's hard-wired choice. Batching across requests is ``serving/batcher.py``'s job:
+:meth:`forward` runs exactly the batch it is given.
 
 Not thread-safe: the server calls one instance from a single worker thread.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import blas
+from ..cpu import blas
 from .settings import ModelSettings
 from .tokenizer import Encoded, TextTokenizer, pad_batch
 
@@ -40,8 +40,11 @@ class Embeddings:
         return sum(self.token_counts)
 
 
-class EmbeddingModel:
-    """A loaded network plus its tokenizer and pooling recipe."""
+class TextEncoder:
+    """A loaded network plus its tokenizer and pooling recipe: texts in, sentence vectors out.
+
+    Not the catalog's ``mlx_stack.catalog.EmbeddingModel`` (an entry describing a model).
+    """
 
     def __init__(self, settings: ModelSettings, network: Any, tokenizer: TextTokenizer) -> None:
         self.settings = settings
@@ -51,11 +54,11 @@ class EmbeddingModel:
         self.fast_kernels: tuple[str, ...] = ()
 
     @classmethod
-    def load(cls, settings: ModelSettings, fast_kernels: bool = True) -> EmbeddingModel:
+    def load(cls, settings: ModelSettings, fast_kernels: bool = True) -> TextEncoder:
         """Load weights from the local folder and run one real forward pass.
 
         ``fast_kernels`` swaps MLX's slow CPU softmax/GELU for faster equivalents
-        (``fastpath.py``).
+        (``cpu/fastpath.py``).
         """
         started = time.monotonic()
         blas.preload()  # no-op if done already; must precede the first mlx import
@@ -67,7 +70,7 @@ class EmbeddingModel:
         tokenizer = TextTokenizer(settings.path, settings.max_seq_len)
         instance = cls(settings, network, tokenizer)
         if fast_kernels:
-            from . import fastpath
+            from ..cpu import fastpath
 
             instance.fast_kernels = fastpath.install(network.module)
         warm = instance.embed([WARM_UP_TEXT])

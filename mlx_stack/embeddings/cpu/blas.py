@@ -128,22 +128,6 @@ def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
-    """MLX float32 matmul GFLOP/s; imports ``mlx.core``, so call only after :func:`preload`."""
-    import time
-
-    import mlx.core as mx
-
-    a = mx.random.normal((size, size))
-    b = mx.random.normal((size, size))
-    mx.eval(a @ b)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        mx.eval(a @ b)
-    seconds = (time.perf_counter() - start) / repeats
-    return 2 * size**3 / seconds / 1e9
-
-
 def _try_load(path: str) -> BlasInfo | None:
     if not os.path.isfile(path):
         return None

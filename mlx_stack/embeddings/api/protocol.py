@@ -32,10 +32,6 @@ class EmbeddingRequest:
     dimensions: int | None = None
     input_type: InputType | None = None
 
-    @property
-    def count(self) -> int:
-        return len(self.texts) or len(self.token_ids)
-
 
 def parse_request(body: Any) -> EmbeddingRequest:
     """Validate a decoded JSON body; unknown fields (``user``, provider extras) are ignored."""

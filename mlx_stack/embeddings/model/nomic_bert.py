@@ -24,9 +24,9 @@ MASKED = -1e9
 
 Attend = Callable[[mx.array, mx.array, mx.array, mx.array, float], mx.array]
 """``(q, k, v, mask_rows, scale) -> context``: q/k/v ``[batch, heads, tokens, head_dim]``,
-``mask_rows`` ``[batch, tokens]`` added to every row of scores. ``fastpath.py`` may swap it."""
+``mask_rows`` ``[batch, tokens]`` added to every row of scores. ``cpu/fastpath.py`` may swap it."""
 GatedActivation = Callable[[mx.array, mx.array], mx.array]
-"""``(up, gate) -> up * act(gate)``; ``fastpath.py`` may swap it."""
+"""``(up, gate) -> up * act(gate)``; ``cpu/fastpath.py`` may swap it."""
 
 
 def mlx_attention(

@@ -5,7 +5,7 @@ CPU; the elementwise work around them becomes it, since MLX computes transcenden
 one scalar at a time there. So for the BERT family (mlx-embeddings' ``bert`` and
 ``xlm_roberta``) each encoder layer is replaced by :class:`KernelBertLayer`: the same weights
 and maths, the four weight products still in MLX (its BLAS), and attention (scores, softmax,
-weighted values), GELU, bias additions and residual layer norms in ``cpukernels.py``'s
+weighted values), GELU, bias additions and residual layer norms in ``kernels.cpp``'s
 vectorised C++. Our ``nomic_bert`` gets the softmax and SwiGLU kernels through its hooks.
 Other architectures keep MLX's kernels, except that GELU modules get ``fastgelu.py``'s
 compiled polynomial.
@@ -23,8 +23,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpukernels, fastgelu, nomic_bert
-from .cpukernels import Kernels, Pinned
+from ..model import nomic_bert
+from . import fastgelu
+from .kernels import Kernels, Pinned, pin
+from .kernels import load as load_kernels
 
 _BERT_LAYERS = {"BertLayer": False, "XLMRobertaLayer": True}
 """mlx-embeddings layer class -> whether its ``__call__`` returns a 1-tuple."""
@@ -34,7 +36,7 @@ def install(module: nn.Module) -> tuple[str, ...]:
     """Apply every replacement that works here; returns what was swapped, for the log."""
     if mx.default_device() != mx.cpu:
         return ()
-    kernels = cpukernels.load()
+    kernels = load_kernels()
     done: list[str] = []
     if kernels is not None:
         layers = _swap_bert_layers(module, kernels)
@@ -73,11 +75,11 @@ class KernelBertLayer(nn.Module):
         # Vectors only the C++ kernels read, their addresses taken once: in a plain object,
         # not module attributes (~2.5 us saved per vector per call; ~0.13 ms per MiniLM pass).
         self._vectors = _LayerVectors(
-            qkv_bias=cpukernels.pin(qkv_bias),
-            out_bias=cpukernels.pin(layer.attention.output.dense.bias),
+            qkv_bias=pin(qkv_bias),
+            out_bias=pin(layer.attention.output.dense.bias),
             out_norm=_norm(layer.attention.output.LayerNorm),
-            up_bias=cpukernels.pin(layer.intermediate.dense.bias),
-            down_bias=cpukernels.pin(layer.output.dense.bias),
+            up_bias=pin(layer.intermediate.dense.bias),
+            down_bias=pin(layer.output.dense.bias),
             down_norm=_norm(layer.output.LayerNorm),
         )
         self._kernels = kernels
@@ -169,7 +171,7 @@ def _mask_rows(attention_mask: Any, batch: int, length: int) -> mx.array | None:
 
 
 def _norm(norm: nn.LayerNorm) -> tuple[Pinned, Pinned, float]:
-    return cpukernels.pin(norm.weight), cpukernels.pin(norm.bias), float(norm.eps)
+    return pin(norm.weight), pin(norm.bias), float(norm.eps)
 
 
 def _swap_bert_layers(module: nn.Module, kernels: Kernels) -> int:

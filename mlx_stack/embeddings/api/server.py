@@ -22,15 +22,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from ..cpu.blas import BlasInfo
+from ..serving.service import EmbeddingService, Status
 from .apierror import ApiError, ErrorKind, invalid
-from .blas import BlasInfo
 from .protocol import (
     EmbeddingRequest,
     EncodingFormat,
     embeddings_response,
     parse_request,
 )
-from .service import EmbeddingService, Status
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 """2048 inputs of ~8 KB each; larger bodies get 413 before being read whole."""
