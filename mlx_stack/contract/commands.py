@@ -226,10 +226,9 @@ class Mailbox:
             return Received(cid, None, parsed)
         return Received(cid, parsed, None)
 
-    def answer(self, answer: Answer) -> None:
-        """Write the answer; raises OSError (the caller logs it and goes on)."""
-        write_atomic(self.folder / f"{answer.id}{ANSWER_SUFFIX}",
-                     json.dumps(answer.to_json()), mode=0o600)
+    def answer_file(self, answer: Answer) -> tuple[Path, str]:
+        """Where the answer goes and its text; the supervisor writes it atomically."""
+        return self.folder / f"{answer.id}{ANSWER_SUFFIX}", json.dumps(answer.to_json())
 
     def sweep(self, now_wall: float, older_than_s: float = STALE_ANSWER_S) -> None:
         """Remove answers nobody collected."""

@@ -64,6 +64,7 @@ RETRY_WRITE_S = 1.0
 LOCK_CHECK_S = 5.0
 WARNING_KEEP_S = 600.0
 REPEAT_LOG_S = 60.0
+FAULT_KEEP_S = 60.0
 
 PlanLoader = Callable[[], LoadedPlan]
 
@@ -295,7 +296,8 @@ class Supervisor:
 
     def _send(self, answer: Answer) -> None:
         try:
-            self.mailbox.answer(answer)
+            path, text = self.mailbox.answer_file(answer)
+            self.rt.write_file(path, text, 0o600)
             self.recovered("answer", "command answers can be written again")
         except OSError as exc:
             self.warn("answer", f"cannot answer command {answer.id}: {exc.strerror or exc}")
@@ -341,8 +343,12 @@ class Supervisor:
         if s.config_file is not None:
             try:
                 self.rt.write_file(s.config_file[0], s.config_file[1], 0o600)
-            except OSError as exc:
-                self._fail(m, now, f"cannot write {s.config_file[0]}: {exc.strerror or exc}")
+            except OSError as exc:  # a full disk is no crash loop: retry, never give up
+                m.consecutive_failures += 1
+                delay = backoff_delay(m.consecutive_failures, self.settings)
+                m.next_start_at = now + delay
+                self._set_state(m, S.BACKOFF, f"cannot write {s.config_file[0]}: "
+                                f"{exc.strerror or exc}; retrying in {delay:.1f} s")
                 return
         if not self.rt.port_free(s.port, connect_host(s.host)):
             self._set_state(
@@ -548,11 +554,12 @@ class Supervisor:
             self.step(m, now)
         except Exception as exc:
             text = self.internal_error(f"service {m.name}", exc)
+            m.fault_at = now
             if m.fault != text:
                 m.fault = text
                 self.dirty = True
             return
-        if m.fault:
+        if m.fault and now - m.fault_at >= FAULT_KEEP_S:
             m.fault = ""
             self.dirty = True
         if m.log is not None:

@@ -28,8 +28,9 @@ class Managed:
     wanted: bool = True
     state: ServiceState = S.STOPPED
     reason: str = ""
-    #: A supervisor error while stepping this service (contained; cleared by a clean step).
+    #: A supervisor error while stepping this service (contained); kept a minute after the last.
     fault: str = ""
+    fault_at: float = 0.0
     child: ChildProcess | None = None
     log: LogSink | None = None
     started_at: float = 0.0

@@ -37,7 +37,7 @@ class ServiceState(str, enum.Enum):
 
 S = ServiceState
 TRANSITIONS: dict[ServiceState, frozenset[ServiceState]] = {
-    S.STOPPED: frozenset({S.STARTING, S.FATAL}),
+    S.STOPPED: frozenset({S.STARTING, S.BACKOFF, S.FATAL}),  # BACKOFF: could not even start
     S.STARTING: frozenset({S.READY, S.BACKOFF, S.FATAL, S.STOPPING}),
     S.READY: frozenset({S.UNHEALTHY, S.BACKOFF, S.FATAL, S.STOPPING}),
     S.UNHEALTHY: frozenset({S.READY, S.BACKOFF, S.FATAL, S.STOPPING}),
