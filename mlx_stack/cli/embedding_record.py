@@ -22,13 +22,22 @@ from mlx_stack.paths import StatePaths
 GUIDE = "docs/embeddings.md#never-mix-vectors-from-two-models"
 
 
+SCHEME = 2
+"""How ``weights`` is computed: 2 is the served ``content_sha256``. A record of scheme 1 (a hash
+of file names and sizes, before 2026-11) is compared by model and quantisation only, so an
+upgrade does not look like a model switch; the next `up` records it anew."""
+
+
 @dataclass(frozen=True)
 class EmbeddingIdentity:
     model: str
     quant: str
     weights: str  # the folder's content_sha256, as the embeddings server reports it
+    scheme: int = SCHEME
 
     def same_space(self, other: EmbeddingIdentity) -> bool:
+        if self.scheme != other.scheme:
+            return (self.model, self.quant) == (other.model, other.quant)
         return (self.model, self.quant, self.weights) == (other.model, other.quant, other.weights)
 
     def label(self) -> str:
@@ -48,7 +57,7 @@ def _file(paths: StatePaths) -> Path:
 def recorded(paths: StatePaths) -> EmbeddingIdentity | None:
     try:
         raw = json.loads(_file(paths).read_text(encoding="utf-8"))
-        return EmbeddingIdentity(**raw["current"])
+        return EmbeddingIdentity(**{"scheme": 1, **raw["current"]})
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlx_stack.atomic import write_atomic
 from mlx_stack.errors import StateError
 from mlx_stack.supervisor.processes import ProcessRecord, is_running
 
@@ -173,10 +172,6 @@ class SupervisorSnapshot:
 
 def snapshot_text(snap: SupervisorSnapshot) -> str:
     return json.dumps(snap.to_json(), indent=2) + "\n"
-
-
-def save_snapshot(path: Path, snap: SupervisorSnapshot) -> None:
-    write_atomic(path, snapshot_text(snap))
 
 
 def load_snapshot(path: Path) -> SupervisorSnapshot | None:

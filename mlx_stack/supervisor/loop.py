@@ -62,6 +62,7 @@ PROGRESS_CHECK_S = 1.0
 SNAPSHOT_EVERY_S = 2.0
 RETRY_WRITE_S = 1.0
 LOCK_CHECK_S = 5.0
+SWEEP_S = 60.0
 WARNING_KEEP_S = 600.0
 REPEAT_LOG_S = 60.0
 FAULT_KEEP_S = 60.0
@@ -118,6 +119,7 @@ class Supervisor:
         self.started_wall = runtime.wall()
         self._next_snapshot_at = 0.0
         self._next_lock_check = 0.0
+        self._next_sweep = 0.0
         self._reload: Future[LoadedPlan] | None = None
         self._reload_waiters: list[str] = []  # answered when the reload in flight completes
         self._next_waiters: list[str] = []  # arrived during it: answered after the next one
@@ -619,6 +621,9 @@ class Supervisor:
                 self.emergency_stop()
                 done = True
         self._contained("lock", lambda: self._check_lock(now))
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_S
+            self._contained("sweep", lambda: self.mailbox.sweep(self.rt.wall()))
         self._contained("snapshot", lambda: self._maybe_snapshot(now, force=done))
         return not done
 

@@ -41,6 +41,13 @@ def test_status_json_shows_every_service_ready(live_stack):
     assert served["model"] == "all-minilm-l6-v2" and len(served["weights"]) == 64
 
 
+def test_the_recorded_embeddings_identity_is_the_one_the_server_reports(live_stack):
+    """One model-folder identity: what `up` records equals the served content_sha256."""
+    recorded = json.loads((live_stack.home / "embeddings-model.json").read_text())["current"]
+    models = httpx.get(f"{live_stack.url('embeddings')}/v1/models", timeout=30).json()["data"]
+    assert recorded["weights"] == models[0]["content_sha256"]
+
+
 def test_curl_style_embedding_through_the_proxy(live_stack):
     """The README's curl: a JSON body with no Content-Type header (curl -d)."""
     r = httpx.post(

@@ -199,3 +199,153 @@ def test_restart_command_restarts_and_waits_for_ready(stack):
     assert after["standard"]["pid"] != before["standard"]["pid"]
     assert after["embeddings"]["pid"] == before["embeddings"]["pid"]
     assert stack.cli("restart", "nosuch").returncode != 0
+
+
+# --- no input stops the supervisor (the real CLI against the live stack) --------------------
+
+
+def ready_pids(env: StackEnv) -> dict[str, int]:
+    now = wait_for(env, lambda s: all(x["state"] == "ready" for x in s.values()), what="ready")
+    return {n: s["pid"] for n, s in now.items()}
+
+
+def supervisor_pid(env: StackEnv) -> int:
+    return json.loads((env.home / "run" / "state.json").read_text())["supervisor"]["pid"]
+
+
+def no_traceback(res) -> None:
+    assert "Traceback" not in res.stdout + res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("args", [["restart", "nosuch"], ["down", "--tier", "nosuch"],
+                                  ["up", "--tier", "nosuch"], ["logs", "nosuch"],
+                                  ["restart", "standrad"]])
+def test_a_typo_names_the_services_and_the_stack_keeps_serving(stack, args):
+    before, sup = ready_pids(stack), supervisor_pid(stack)
+    res = stack.cli(*args, timeout=60)
+    assert res.returncode != 0
+    assert f"no service named {args[-1]!r}" in res.stderr
+    assert "standard" in res.stderr and "embeddings" in res.stderr
+    assert "proxy" in res.stderr or args[0] == "up"  # `up --tier` takes model servers only
+    if args[-1] == "standrad":
+        assert "did you mean 'standard'" in res.stderr
+    no_traceback(res)
+    time.sleep(1.0)
+    assert ready_pids(stack) == before and supervisor_pid(stack) == sup
+
+
+def test_garbage_in_the_command_folder_is_answered_removed_and_harmless(stack):
+    before, sup = ready_pids(stack), supervisor_pid(stack)
+    folder = stack.home / "run" / "commands"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "junk.json").write_bytes(b"\x00not json at all")
+    (folder / "list.json").write_text('["restart", "standard"]')
+    (folder / "boom.json").write_text('{"action": "explode", "target": "standard"}')
+    (folder / "ghost.json").write_text('{"action": "restart", "target": "nosuch"}')
+    (folder / "adir.json").mkdir()
+    deadline = time.monotonic() + 10
+    names = ("junk", "list", "boom", "ghost", "adir")
+    while time.monotonic() < deadline and not all(
+            (folder / f"{n}.answer").exists() for n in names):
+        time.sleep(0.1)
+    answers = {n: json.loads((folder / f"{n}.answer").read_text()) for n in names}
+    assert {n: a["error"]["code"] for n, a in answers.items()} == {
+        "junk": "malformed", "list": "malformed", "boom": "unknown_action",
+        "ghost": "unknown_service", "adir": "malformed"}
+    assert "no service named 'nosuch'" in answers["ghost"]["error"]["message"]
+    assert not any((folder / f"{n}.json").exists() for n in names)
+    log = stack.cli("logs", "supervisor", "-n", "100").stdout
+    assert "refused a command" in log and "not JSON" in log
+    assert ready_pids(stack) == before and supervisor_pid(stack) == sup
+    # The CLI still drives the same supervisor.
+    assert stack.cli("down", "--tier", "nosuch").returncode != 0
+
+
+def test_an_alias_bomb_over_the_stack_file_is_refused_and_nothing_freezes(stack):
+    path = stack.home / "stack.yaml"
+    good = path.read_text()
+    before, sup = ready_pids(stack), supervisor_pid(stack)
+    bomb = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    bomb += [f"{x}: &{x} [{','.join(['*' + y] * 9)}]"
+             for x, y in zip("bcdefghi", "abcdefgh", strict=True)]
+    try:
+        path.write_text("\n".join(bomb) + "\n")
+        t0 = time.monotonic()
+        res = stack.cli("status", "--json", timeout=30)
+        took = time.monotonic() - t0
+        assert res.returncode == 0, res.stderr
+        assert took < 10, took  # the CLI's own parse is refused too (107 s before)
+        deadline = time.monotonic() + 20
+        problem = ""
+        while time.monotonic() < deadline and "nested aliases" not in problem:
+            problem = stack.status()["problem"] or ""
+            time.sleep(0.3)
+        assert "expands to more than 100,000 values (nested aliases?)" in problem
+        assert ready_pids(stack) == before and supervisor_pid(stack) == sup
+    finally:
+        path.write_text(good)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and stack.status()["problem"]:
+        time.sleep(0.3)
+    assert stack.status()["problem"] is None
+    assert ready_pids(stack) == before
+
+
+def test_a_snapshot_that_cannot_be_written_is_a_warning_not_an_exit(stack):
+    """state.json replaced by a folder: every write of it fails (EISDIR), for real."""
+    before, sup = ready_pids(stack), supervisor_pid(stack)
+    state = stack.home / "run" / "state.json"
+    saved = state.read_text()
+    state.unlink()
+    state.mkdir()
+    (state / "blocker").write_text("x")
+    try:
+        deadline = time.monotonic() + 15
+        log = ""
+        while time.monotonic() < deadline and "cannot write" not in log:
+            log = stack.cli("logs", "supervisor", "-n", "50").stdout
+            time.sleep(0.3)
+        assert f"warning: cannot write {state}: Is a directory" in log
+        res = stack.cli("status")
+        assert res.returncode == 5 and "unreadable" in res.stderr  # says what, not a traceback
+        no_traceback(res)
+        time.sleep(3)  # a few more failed writes
+        alive = [psutil.pid_exists(p) for p in [sup, *before.values()]]
+        assert all(alive), alive
+    finally:
+        (state / "blocker").unlink()
+        state.rmdir()
+    del saved
+    after = ready_pids(stack)
+    assert after == before and supervisor_pid(stack) == sup
+    warnings = stack.status()["warnings"]
+    assert any("Is a directory" in w for w in warnings), warnings
+    assert "is written again" in stack.cli("logs", "supervisor", "-n", "50").stdout
+
+
+def test_two_ups_at_once_start_one_supervisor_and_signal_nothing(tmp_path):
+    """Leftover cleanup happens only under the lock: the second `up` never ends the first's
+    fresh children."""
+    import subprocess
+
+    from stackenv import MLX_STACK
+
+    env = write_stack(tmp_path / "twice", None)
+    procs = [subprocess.Popen([*MLX_STACK, "up"], env=env.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        pids = ready_pids(env)
+        sups = [line for line in (env.home / "logs" / "supervisor.log").read_text().splitlines()
+                if "another supervisor already runs" in line]
+        assert len(sups) <= 1  # the loser said so and exited; nothing else happened
+        first_log = (env.home / "logs" / "embeddings.log").read_text()
+        assert first_log.count("starting embeddings") == 1  # never signalled and restarted
+        assert ready_pids(env) == pids
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        env.cli("down", timeout=120)
+        env.kill_everything()

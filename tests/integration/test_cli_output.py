@@ -39,7 +39,7 @@ def test_status_colours_states_on_a_terminal(tmp_path):
 
 def test_status_table_styles_every_state():
     rows = [
-        ServiceStatus(name, "chat", state, "m", 8000 + i, None, None, None, None, 0, None, (), "")
+        ServiceStatus(name=name, kind="chat", state=state, model="m", port=8000 + i)
         for i, (name, state) in enumerate(
             [("a", "ready"), ("b", "fatal"), ("c", "backoff"), ("d", "starting")])
     ]
@@ -54,8 +54,9 @@ def test_status_table_styles_every_state():
 
 
 def test_fatal_services_show_their_last_log_lines():
-    row = ServiceStatus("std", "chat", "fatal", "m", 8000, None, None, None, None, 5,
-                        "exit code 1", tuple(f"line {i}" for i in range(9)), "crash loop")
+    row = ServiceStatus(name="std", kind="chat", state="fatal", model="m", port=8000, restarts=5,
+                        last_exit="exit code 1",
+                        last_exit_log=tuple(f"line {i}" for i in range(9)), detail="crash loop")
     lines = render.fatal_logs([row])
     assert lines[0].startswith("std: last lines of its log")
     assert lines[1:] == [f"  | line {i}" for i in range(4, 9)]

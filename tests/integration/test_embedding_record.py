@@ -31,3 +31,17 @@ def test_same_model_other_weights_is_a_switch_too(tmp_path):
     record(paths, EmbeddingIdentity("m", "fp32", "w2"))
     data = json.loads((tmp_path / "embeddings-model.json").read_text())
     assert data["previous"]["weights"] == "w1" and data["current"]["weights"] == "w2"
+
+
+def test_a_record_from_before_the_identity_change_is_no_false_alarm(tmp_path):
+    """Records written before the identity became the served content_sha256 (no "scheme")
+    compare by model and quantisation, so upgrading mlx-stack warns of nothing."""
+    from mlx_stack.cli.embedding_record import mismatch, recorded
+
+    (tmp_path / "embeddings-model.json").write_text(json.dumps(
+        {"current": {"model": "m", "quant": "fp32", "weights": "old-style-hash"}}))
+    old = recorded(StatePaths(tmp_path))
+    assert old is not None and old.scheme == 1
+    assert mismatch(StatePaths(tmp_path), EmbeddingIdentity("m", "fp32", "new" * 20)) is None
+    switched = mismatch(StatePaths(tmp_path), EmbeddingIdentity("other", "fp32", "new"))
+    assert switched is not None and "from m (fp32" in switched

@@ -218,3 +218,30 @@ def test_every_client_example_is_in_a_doc():
     for example in sorted((ROOT / "examples" / "clients").glob("*.py")):
         marker = f"<!-- snippet: {example.relative_to(ROOT).as_posix()} -->"
         assert marker in shown, f"{example.name} is in no doc"
+
+
+def test_the_architecture_doc_names_every_package_and_module_of_the_tree():
+    """docs/architecture.md's package table matches mlx_stack/: no module missing or invented."""
+    text = (DOCS / "architecture.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    documented: set[str] = set()
+    for row in rows:
+        first, _, rest = row[2:].partition("|")
+        pkg = first.strip().strip("`").rstrip("/")
+        if not (ROOT / "mlx_stack" / pkg).is_dir():
+            continue
+        for name in re.findall(r"`([\w/]+(?:\.py|\.cpp|/))`", rest):
+            documented.add(f"{pkg}/{name}".rstrip("/"))
+    tree = {p.relative_to(ROOT / "mlx_stack").as_posix()
+            for p in (ROOT / "mlx_stack").rglob("*") if p.suffix in (".py", ".cpp")
+            and p.name not in ("__init__.py", "__main__.py") and "__pycache__" not in p.parts
+            and len(p.relative_to(ROOT / "mlx_stack").parts) > 1}
+    subpackages = {p.rsplit("/", 1)[0] for p in tree if p.count("/") > 1}
+    expected = {p for p in tree if p.count("/") == 1} | subpackages
+    assert documented, "no package table found"
+    missing = sorted(expected - documented)
+    invented = sorted(d for d in documented - expected if not (ROOT / "mlx_stack" / d).exists())
+    assert not missing, f"modules the architecture doc does not name: {missing}"
+    assert not invented, f"the architecture doc names what does not exist: {invented}"
+    top = {p.name for p in (ROOT / "mlx_stack").glob("*.py") if p.name != "__init__.py"}
+    assert all(f"`{name}`" in text for name in top), sorted(top)

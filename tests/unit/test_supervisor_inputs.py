@@ -267,3 +267,15 @@ def test_an_alias_bomb_saved_over_the_stack_file_is_refused_fast(tmp_path):
     a = sc.command(Action.RELOAD)
     assert time.monotonic() - t0 < 1.0 and "larger than 262,144 bytes" in a.error.message
     assert json.loads(sc.rt.files[sc.paths.state_file])["supervisor"]["stack_error"]
+
+
+def test_answers_nobody_collected_are_swept(tmp_path):
+    import os
+
+    box = Mailbox(tmp_path)
+    old, fresh = tmp_path / "old.answer", tmp_path / "new.answer"
+    old.write_text("{}")
+    fresh.write_text("{}")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    box.sweep(time.time())
+    assert not old.exists() and fresh.exists()
