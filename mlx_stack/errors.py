@@ -6,6 +6,7 @@ with ``error.exit_code``, so no user ever sees a traceback for a failure we fore
     MlxStackError
     ├── ConfigError            a YAML file (stack file, catalog) is malformed or invalid
     ├── CatalogError           a model or quantisation is not in the catalog
+    ├── UnknownServiceError    a command names a service the stack does not have
     ├── PortInUseError         a port the stack needs is held by another program
     ├── ServiceStartError      a service exited or never became ready
     ├── StateError             the state folder is unusable (permissions, a corrupt file)
@@ -41,6 +42,12 @@ class ConfigError(MlxStackError):
 
 
 class CatalogError(MlxStackError):
+    exit_code = 2
+
+
+class UnknownServiceError(MlxStackError):
+    """A typo in a service name: refused before anything is sent or started."""
+
     exit_code = 2
 
 

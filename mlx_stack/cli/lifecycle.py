@@ -26,7 +26,13 @@ from mlx_stack.contract.snapshot import (
     load_snapshot,
     supervisor_alive,
 )
-from mlx_stack.errors import ConfigError, PortInUseError, ServiceStartError, StateError
+from mlx_stack.errors import (
+    ConfigError,
+    PortInUseError,
+    ServiceStartError,
+    StateError,
+    UnknownServiceError,
+)
 from mlx_stack.logfiles import tail
 from mlx_stack.paths import StatePaths
 from mlx_stack.ports import connect_host, holder, is_free
@@ -118,6 +124,15 @@ def _live_snapshot(paths: StatePaths) -> SupervisorSnapshot | None:
     return snap if supervisor_alive(snap) else None
 
 
+def _snapshot_or_problem(paths: StatePaths) -> tuple[SupervisorSnapshot | None, str | None]:
+    """For reporting commands (status, logs): an unreadable state file is a problem to show,
+    not a reason to show nothing."""
+    try:
+        return load_snapshot(paths.state_file), None
+    except StateError as exc:
+        return None, str(exc)
+
+
 def _supervisor_log_tail(paths: StatePaths) -> str:
     lines = tail(paths.log_file("supervisor"), 10)
     return "\n".join(f"      | {x}" for x in lines) or "      | (empty)"
@@ -135,13 +150,13 @@ def send(paths: StatePaths, action: Action, target: str | None = None,
 def check_service_name(name: str, known: Sequence[str]) -> None:
     """Refuse a name the stack does not have before anything is sent or started."""
     if name not in known:
-        raise StateError(known_names_message(name, known))
+        raise UnknownServiceError(known_names_message(name, known))
 
 
 def known_services(paths: StatePaths, plan: Plan | None) -> list[str]:
     """The services a command may name: the running supervisor's, and the stack file's."""
-    snap = _live_snapshot(paths)
-    names = [s.name for s in snap.services] if snap else []
+    snap, _ = _snapshot_or_problem(paths)
+    names = [s.name for s in snap.services] if snap and supervisor_alive(snap) else []
     return names + [n for n in (plan.names if plan else ()) if n not in names]
 
 
@@ -388,7 +403,7 @@ def down(
 
 def status(paths: StatePaths, plan: Plan | None) -> list[ServiceStatus]:
     """Every configured service and every one the supervisor knows, as it last saw them."""
-    snap = load_snapshot(paths.state_file)
+    snap, problem = _snapshot_or_problem(paths)
     alive = supervisor_alive(snap)
     rows: list[ServiceStatus] = []
     known = {s.name: s for s in snap.services} if snap else {}
@@ -412,6 +427,7 @@ def status(paths: StatePaths, plan: Plan | None) -> list[ServiceStatus]:
             leftover = s is not None and s.process is not None and processes.is_running(s.process)
             detail = ("left behind by a supervisor that died; `mlx-stack down` ends it"
                       if leftover else "supervisor not running" if s is not None
+                      else "unknown: the supervisor's state file is unreadable" if problem
                       else "not started")
             pid = s.process.pid if leftover and s is not None and s.process else None
             rows.append(ServiceStatus(state=ServiceState.STOPPED.value, pid=pid, detail=detail,
@@ -437,8 +453,10 @@ def status(paths: StatePaths, plan: Plan | None) -> list[ServiceStatus]:
 
 def supervisor_warnings(paths: StatePaths) -> list[str]:
     """Problems the running supervisor worked around recently (failed writes...)."""
-    snap = _live_snapshot(paths)
-    return list(snap.warnings) if snap else []
+    snap, problem = _snapshot_or_problem(paths)
+    if problem:
+        return [problem]
+    return list(snap.warnings) if snap and supervisor_alive(snap) else []
 
 
 def stack_running(paths: StatePaths) -> bool:
@@ -447,8 +465,8 @@ def stack_running(paths: StatePaths) -> bool:
 
 def stack_problem(paths: StatePaths) -> str | None:
     """The supervisor's view of an invalid stack file edit, if any."""
-    snap = _live_snapshot(paths)
-    return snap.stack_error if snap else None
+    snap, _ = _snapshot_or_problem(paths)
+    return snap.stack_error if snap and supervisor_alive(snap) else None
 
 
 def run_foreground(plan: Plan, paths: StatePaths, tier: str | None = None) -> int:

@@ -165,7 +165,10 @@ def test_logs_command(live_stack):
     res = live_stack.cli("logs", "embeddings", "-n", "5", check=True)
     assert 0 < len(res.stdout.splitlines()) <= 5
     bad = live_stack.cli("logs", "nosuch")
-    assert bad.returncode != 0 and "logs exist for" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "no service named 'nosuch'" in bad.stderr and "supervisor" in bad.stderr
+    traversal = live_stack.cli("logs", "../proxy")  # a name, never a path
+    assert traversal.returncode == 2 and "no service named" in traversal.stderr
 
 
 def test_a_stopped_tier_falls_back_and_comes_back_alone(live_stack):
