@@ -1,8 +1,10 @@
 """Runs in the supervisor process: the loop, its runtime seam, and the service processes' guard.
 
     main.py       the process: lock, leftovers, signals, stack file watcher, then the loop
-    loop.py       decides, each tick, for every service (the one owner of their state)
+    loop.py       the Supervisor: owns every service; commands, reloads, snapshot, shutdown
+    driver.py     one service's state machine, a tick at a time (start, probe, stop, fail)
     managed.py    what the loop knows about one service
+    reporter.py   the supervisor's log lines, warnings (shown in status), contained bugs
     runtime.py    everything the loop does to the world (real: OsRuntime; tests: a fake)
     states.py     the service states and their transition table
     policy.py     backoff, crash loops, start deadlines: pure functions

@@ -32,7 +32,7 @@ def _watch_stack_file(sup: Supervisor, path: Path) -> None:
             if any(Path(p).name == path.name for _, p in changes):
                 sup.reload_requested.set()
     except Exception as exc:  # no watching (a vanished folder...): SIGHUP and `up` still reload
-        sup.warn("watch", f"not watching {path} for edits any more: {exc}")
+        sup.report.say(f"warning: not watching {path} for edits any more: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,17 +55,17 @@ def main(argv: list[str] | None = None) -> int:
                      only=set(args.only or []) or None, lifeline=lifeline, lock=lock)
     try:
         for name in clean_leftovers(paths.state_file):
-            sup.say(f"ended {name}, left behind by a supervisor that died")
+            sup.report.say(f"ended {name}, left behind by a supervisor that died")
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: sup.stop_requested.set())
         signal.signal(signal.SIGHUP, lambda *_: sup.reload_requested.set())
         threading.Thread(target=_watch_stack_file, args=(sup, paths.stack_file), daemon=True,
                          name="stack-file-watch").start()
-        sup.say(f"mlx-stack supervisor {os.getpid()} for {paths.home}")
+        sup.report.say(f"mlx-stack supervisor {os.getpid()} for {paths.home}")
         sup.run()
-        sup.say("mlx-stack supervisor: every service stopped; exiting")
+        sup.report.say("mlx-stack supervisor: every service stopped; exiting")
     except MlxStackError as exc:
-        sup.say(f"mlx-stack supervisor: {exc}")
+        sup.report.say(f"mlx-stack supervisor: {exc}")
         return exc.exit_code
     finally:
         runtime.close()
