@@ -20,7 +20,18 @@ class WatchSettings:
 
     probe_interval_s: float = _doc(10.0, "seconds between health probes of a ready service")
     probe_timeout_s: float = _doc(30.0, "seconds a probe may take before it counts as failed")
-    failure_threshold: int = _doc(3, "failed probes in a row before a hung service is restarted")
+    failure_threshold: int = _doc(
+        3, "failed probes in a row (answered, but wrong) before a broken service is restarted")
+    liveness_interval_s: float = _doc(
+        1.0, "seconds between liveness checks (the service's own cheap health route) of a "
+        "running service")
+    liveness_timeout_s: float = _doc(2.0, "seconds a liveness check may take")
+    hang_after_s: float = _doc(
+        6.0, "seconds without any answer, CPU time or output after which a service is hung and "
+        "restarted (a stopped process: at once)")
+    unresponsive_max_s: float = _doc(
+        1800.0, "seconds a service may go without answering while it works (CPU, output) "
+        "before it is restarted anyway")
     start_timeout_s: float = _doc(
         120.0, "seconds a start may go without progress (log output, memory growth) before it "
         "is declared failed")

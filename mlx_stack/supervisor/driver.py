@@ -17,9 +17,12 @@ from mlx_stack.ports import connect_host
 from mlx_stack.supervisor.logsink import LogSink
 from mlx_stack.supervisor.managed import Managed
 from mlx_stack.supervisor.policy import (
+    Observation,
+    Verdict,
     backoff_delay,
     exit_is_unfixable,
     is_crash_loop,
+    judge_hang,
     should_reset_failures,
     start_deadline,
 )
@@ -102,6 +105,10 @@ class ServiceDriver:
         m.probe_failures = 0
         m.probe = None
         m.next_probe_at = now + 0.2
+        m.liveness = None
+        m.observations.clear()
+        m.unanswered_since = None
+        m.last_probe_timed_out = False
         m.killed = False
         self.set_state(m, S.STARTING)
 
@@ -121,9 +128,10 @@ class ServiceDriver:
         self._signal(m, signal.SIGKILL if kill else signal.SIGTERM)
         m.killed = kill
         m.stop_deadline = self.rt.monotonic() + self.settings.stop_timeout_s
-        if m.probe is not None:
-            m.probe.cancel()
-            m.probe = None
+        for fut in (m.probe, m.liveness):
+            if fut is not None:
+                fut.cancel()
+        m.probe = m.liveness = None
         self.set_state(m, S.STOPPING, reason)
 
     def _reap(self, m: Managed) -> int | None:
@@ -263,18 +271,70 @@ class ServiceDriver:
             return
         if should_reset_failures(m.ready_since, now, self.settings):
             m.consecutive_failures = 0
-        if res is None:
-            return
-        if res.ok:
-            m.probe_failures = 0
-            if st is S.UNHEALTHY:
-                m.ready_since = now
-                self.set_state(m, S.READY)
-            return
-        m.probe_failures += 1
+        self._watch_liveness(m, now)
+        if res is not None:
+            m.last_probe_timed_out = not res.ok and not res.answered
+            if res.ok:
+                m.probe_failures = 0
+            elif res.answered:  # a wrong answer: broken, whatever its health route says
+                m.probe_failures += 1
+                m.last_probe_detail = res.detail
+        self._settle(m, now)
+
+    def _settle(self, m: Managed, now: float) -> None:
+        """READY, UNHEALTHY or killed, from the real requests and the hang judgement."""
         n = self.settings.failure_threshold
-        if m.probe_failures >= n:
-            self._fail_by_killing(
-                m, now, f"hung: {m.probe_failures} failed probes in a row ({res.detail})")
+        j = judge_hang(m.observations, self.settings, m.unanswered_since)
+        if j.verdict in (Verdict.HUNG, Verdict.BROKEN):
+            self._fail_by_killing(m, now, f"{j.verdict.value}: {j.reason}")
+        elif m.probe_failures >= n:
+            self._fail_by_killing(m, now, f"broken: {m.probe_failures} failed probes in a row "
+                                  f"({m.last_probe_detail})")
+        elif j.verdict in (Verdict.SUSPECT, Verdict.BUSY):
+            self.set_state(m, S.UNHEALTHY, j.reason)
+        elif m.probe_failures:
+            self.set_state(m, S.UNHEALTHY,
+                           f"probe failed {m.probe_failures}/{n}: {m.last_probe_detail}")
         else:
-            self.set_state(m, S.UNHEALTHY, f"probe failed {m.probe_failures}/{n}: {res.detail}")
+            if m.state is not S.READY:
+                m.ready_since = now
+            busy = ("busy: a real request took longer than probe_timeout_s; its health route "
+                    "answers" if m.last_probe_timed_out else "")
+            self.set_state(m, S.READY, busy)
+
+    def _watch_liveness(self, m: Managed, now: float) -> None:
+        """Every liveness_interval_s: send the cheap liveness check, and look at the process.
+
+        A stopped process is recorded at once (its check would only time out), so a SIGSTOP
+        is seen within two intervals, not two timeouts.
+        """
+        assert m.spec is not None and m.record is not None
+        if now >= m.next_liveness_at:
+            m.next_liveness_at = now + self.settings.liveness_interval_s
+            if m.liveness is None:
+                m.liveness = self.rt.liveness(m.spec.probe, self.settings.liveness_timeout_s)
+            stats = self.rt.proc_stats(m.record)
+            if stats is not None and stats.stopped:
+                self._observe(m, now, ProbeResult(False, 0.0, "stopped", answered=False))
+        if m.liveness is None or not m.liveness.done():
+            return
+        fut, m.liveness = m.liveness, None
+        try:
+            res = fut.result()
+        except Exception as exc:  # a prober bug: count it as no answer
+            res = ProbeResult(False, 0.0, f"liveness error: {exc}", answered=False)
+        self._observe(m, now, res)
+
+    def _observe(self, m: Managed, now: float, res: ProbeResult) -> None:
+        assert m.record is not None
+        stats = self.rt.proc_stats(m.record)
+        m.observations.append(Observation(
+            at=now, answered=res.answered, alive=res.ok,
+            stopped=stats is not None and stats.stopped,
+            cpu_s=stats.cpu_s if stats is not None else None,
+            output=self.rt.file_size(self.paths.log_file(m.name)) or 0,
+        ))
+        if res.answered:
+            m.unanswered_since = None
+        elif m.unanswered_since is None:
+            m.unanswered_since = now

@@ -6,12 +6,14 @@ through ``Supervisor._set_state``. :meth:`Managed.snapshot` is how the rest of t
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from mlx_stack.config.plan import ServiceKind, ServiceSpec
 from mlx_stack.contract.snapshot import ExitInfo, ServiceSnapshot
 from mlx_stack.supervisor.logsink import LogSink
+from mlx_stack.supervisor.policy import Observation
 from mlx_stack.supervisor.probes import ProbeResult
 from mlx_stack.supervisor.processes import ProcessRecord
 from mlx_stack.supervisor.runtime import ChildProcess
@@ -43,10 +45,17 @@ class Managed:
     restart_times: list[float] = field(default_factory=list)
     restarts: int = 0
     next_start_at: float = 0.0
-    probe_failures: int = 0
+    probe_failures: int = 0  # real requests answered wrongly, in a row
     probe: Future[ProbeResult] | None = None
     next_probe_at: float = 0.0
     last_probe_ms: float | None = None
+    last_probe_detail: str = ""
+    last_probe_timed_out: bool = False
+    liveness: Future[ProbeResult] | None = None
+    next_liveness_at: float = 0.0
+    #: The last liveness checks, for ``policy.judge_hang`` (a minute or so at 1/s).
+    observations: deque[Observation] = field(default_factory=lambda: deque(maxlen=120))
+    unanswered_since: float | None = None
     last_exit: ExitInfo | None = None
     stop_deadline: float = 0.0
     killed: bool = False

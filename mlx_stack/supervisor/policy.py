@@ -3,12 +3,16 @@
 Numbers follow the supervisors people trust: exponential backoff capped (k8s CrashLoopBackOff,
 pm2), reset after a stable period; a crash loop (N restarts in a window) ends in FATAL
 (supervisord's startretries, systemd's StartLimitBurst); a start deadline that extends while the
-model is still loading (Ollama) instead of a fixed timeout.
+model is still loading (Ollama) instead of a fixed timeout; a hang told from long work by
+what the process shows (``judge_hang``), since peers that kill on a timeout kill long
+generations (LocalAI's busy watchdog) and peers without one never notice a deadlock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from mlx_stack.config.settings import WatchSettings
 
@@ -53,3 +57,93 @@ UNFIXABLE_EXIT_CODES = frozenset({2, 3, 126, 127})
 def exit_is_unfixable(code: int | None, during_start: bool) -> bool:
     """An exit during start with a code that says the arguments or environment are wrong."""
     return during_start and code in UNFIXABLE_EXIT_CODES
+
+
+# ----- hung or busy --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one liveness check saw of a running service."""
+
+    at: float
+    answered: bool  # its health route sent an HTTP response (any status)
+    alive: bool  # ... and it was 200
+    stopped: bool  # the process is stopped (SIGSTOP, a debugger): it cannot answer
+    cpu_s: float | None  # CPU time of its process tree so far
+    output: int  # bytes of log so far
+
+
+class Verdict(str, enum.Enum):
+    OK = "ok"  # answers its health route
+    SUSPECT = "suspect"  # no answer yet for less than hang_after_s: watch closely
+    BUSY = "busy"  # no answer, but it works (CPU, output): never restarted for that
+    BROKEN = "broken"  # answers, but unhealthy, failure_threshold times in a row
+    HUNG = "hung"  # stopped, or no answer, no CPU and no output for hang_after_s
+
+
+@dataclass(frozen=True)
+class Judgement:
+    verdict: Verdict
+    reason: str = ""
+
+
+#: CPU share of one core, over the hang window, that counts as working (idle servers with a
+#: deadlock measured ~0; a busy one near 1).
+BUSY_CPU_SHARE = 0.05
+
+
+def judge_hang(history: Sequence[Observation], s: WatchSettings,
+               unanswered_since: float | None = None) -> Judgement:
+    """Hung or busy, from the last liveness checks (oldest first).
+
+    ``unanswered_since``: when the current run of unanswered checks began, if it began before
+    the oldest observation kept.
+
+    A stopped process (seen twice) is hung at once. A process that does not answer is hung
+    only when, for ``hang_after_s``, it also used no CPU time and wrote no output; one that
+    keeps working is busy and is left alone up to ``unresponsive_max_s``.
+    """
+    if not history:
+        return Judgement(Verdict.OK)
+    last = history[-1]
+    if last.stopped and len(history) >= 2 and history[-2].stopped:
+        return Judgement(Verdict.HUNG, "stopped (SIGSTOP or a debugger): alive, never answers")
+    if last.answered:
+        if last.alive:
+            return Judgement(Verdict.OK)
+        bad = _trailing(history, lambda o: o.answered and not o.alive)
+        if len(bad) >= s.failure_threshold:
+            return Judgement(Verdict.BROKEN, f"its health route failed {len(bad)} times in a row")
+        return Judgement(Verdict.SUSPECT, f"health route failed {len(bad)}/"
+                         f"{s.failure_threshold}")
+    silent = _trailing(history, lambda o: not o.answered)
+    began = silent[0].at if unanswered_since is None else min(unanswered_since, silent[0].at)
+    silent_for = last.at - began
+    if silent_for < s.hang_after_s:
+        return Judgement(Verdict.SUSPECT, f"no answer for {silent_for:.0f} s: hung or busy?")
+    window = [o for o in history if o.at >= last.at - s.hang_after_s]
+    first = window[0]
+    cpu = (last.cpu_s - first.cpu_s) if last.cpu_s is not None and first.cpu_s is not None else 0
+    out = last.output - first.output
+    span = max(last.at - first.at, 1e-9)
+    if cpu >= BUSY_CPU_SHARE * span or out > 0:
+        work = f"CPU +{cpu:.1f} s, output +{out} bytes in {span:.0f} s"
+        if silent_for >= s.unresponsive_max_s:
+            return Judgement(Verdict.HUNG, f"no answer for {silent_for:.0f} s although working "
+                             f"({work}); the limit is unresponsive_max_s")
+        return Judgement(Verdict.BUSY, f"busy: no answer for {silent_for:.0f} s, but working "
+                         f"({work})")
+    return Judgement(Verdict.HUNG, f"no answer for {silent_for:.0f} s, no CPU time, no output: "
+                     "deadlocked")
+
+
+def _trailing(history: Sequence[Observation], pred: Callable[[Observation], bool]
+              ) -> list[Observation]:
+    """The observations at the end of ``history`` for which ``pred`` holds."""
+    out: list[Observation] = []
+    for o in reversed(history):
+        if not pred(o):
+            break
+        out.append(o)
+    return out[::-1]

@@ -1,13 +1,22 @@
-"""Health probes through each service's real API.
+"""Health probes through each service's real API: readiness, and a cheap liveness check.
 
 An open port is not readiness: mlx_lm.server loads its model on the first request, and an
 embeddings server is useless until a forward pass works. So a chat tier must answer a one-token
 completion, the embeddings tier a one-text embedding, and the proxy its readiness route.
+
+Liveness is the service's own cheap health route, answered by its HTTP layer whatever the model
+is doing: measured, mlx_lm.server answers ``/health`` in ~0.1 s during a long generation (and
+503 once its generation thread has died), the embeddings server answers from its event loop
+while a pass runs. A stopped or deadlocked server answers neither (see ``policy.judge_hang``).
+
+A result says whether the service *answered* (an HTTP response, maybe a bad one) or not
+(timeout, connection refused): a wrong answer means broken, no answer may mean busy.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -20,6 +29,13 @@ class ProbeResult:
     ok: bool
     latency_ms: float
     detail: str = ""
+    #: An HTTP response came back (a failed ``ok`` with ``answered`` is a broken service).
+    answered: bool = True
+
+
+#: The cheap route each kind answers from its HTTP layer alone.
+LIVENESS_PATHS = {ProbeKind.CHAT: "/health", ProbeKind.EMBEDDING: "/health",
+                  ProbeKind.PROXY: "/health/liveliness"}
 
 
 def _request(client: httpx.Client, probe: Probe) -> httpx.Response:
@@ -47,11 +63,14 @@ def _check(probe: Probe, r: httpx.Response) -> str:
         body = r.json()
     except ValueError:
         return "answer is not JSON"
+    if not isinstance(body, dict):
+        return "answer is not a JSON object"
     if probe.kind is ProbeKind.CHAT and not body.get("choices"):
         return "no choices in the completion"
     if probe.kind is ProbeKind.EMBEDDING:
-        data = body.get("data") or [{}]
-        if not data[0].get("embedding"):
+        data = body.get("data")
+        first = data[0] if isinstance(data, list) and data else None
+        if not isinstance(first, dict) or not first.get("embedding"):
             return "no embedding in the answer"
     return ""
 
@@ -60,15 +79,33 @@ def run_probe(
     probe: Probe, timeout_s: float = 5.0, client: httpx.Client | None = None
 ) -> ProbeResult:
     """Send one real request; never raises for a network failure."""
+    return _run(probe, lambda c: _check(probe, _request(c, probe)), timeout_s, client)
+
+
+def run_liveness(
+    probe: Probe, timeout_s: float = 2.0, client: httpx.Client | None = None
+) -> ProbeResult:
+    """Ask the service's cheap health route; 200 is alive, any other answer is broken."""
+
+    def check(c: httpx.Client) -> str:
+        r = c.get(f"{probe.url}{LIVENESS_PATHS[probe.kind]}")
+        return "" if r.status_code == 200 else f"HTTP {r.status_code}: {r.text[:200]}"
+
+    return _run(probe, check, timeout_s, client)
+
+
+def _run(probe: Probe, check: Callable[[httpx.Client], str], timeout_s: float,
+         client: httpx.Client | None) -> ProbeResult:
     own = client is None
     c = client or httpx.Client(timeout=timeout_s, trust_env=False)
     start = time.monotonic()
+    answered = True
     try:
-        r = _request(c, probe)
-        problem = _check(probe, r)
+        problem = check(c)
     except httpx.HTTPError as exc:
+        answered = False
         problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     finally:
         if own:
             c.close()
-    return ProbeResult(not problem, (time.monotonic() - start) * 1000, problem)
+    return ProbeResult(not problem, (time.monotonic() - start) * 1000, problem, answered)

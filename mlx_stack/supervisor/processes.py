@@ -221,3 +221,27 @@ def rss_bytes(rec: ProcessRecord) -> int | None:
         return total
     except psutil.Error:
         return None
+
+
+@dataclass(frozen=True)
+class ProcStats:
+    """What the OS shows of a running service: is it stopped, how much CPU has it used."""
+
+    stopped: bool
+    cpu_s: float
+
+
+def proc_stats(rec: ProcessRecord) -> ProcStats | None:
+    """Stopped state and CPU time (user + system) of the process and its children."""
+    try:
+        p = psutil.Process(rec.pid)
+        stopped = p.status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+        times = p.cpu_times()
+        cpu = times.user + times.system
+        for c in p.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                ct = c.cpu_times()
+                cpu += ct.user + ct.system
+        return ProcStats(stopped, cpu)
+    except psutil.Error:
+        return None

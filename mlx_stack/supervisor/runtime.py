@@ -27,8 +27,8 @@ from mlx_stack.config.plan import Probe
 from mlx_stack.logfiles import tail
 from mlx_stack.supervisor import processes
 from mlx_stack.supervisor.logsink import LogSink, RotatingLog
-from mlx_stack.supervisor.probes import ProbeResult, run_probe
-from mlx_stack.supervisor.processes import ProcessRecord
+from mlx_stack.supervisor.probes import ProbeResult, run_liveness, run_probe
+from mlx_stack.supervisor.processes import ProcessRecord, ProcStats
 
 
 class ChildProcess(Protocol):
@@ -70,6 +70,12 @@ class Runtime(Protocol):
     def probe(self, probe: Probe, timeout_s: float) -> Future[ProbeResult]:
         """Start a probe; the loop collects the result once the future is done."""
 
+    def liveness(self, probe: Probe, timeout_s: float) -> Future[ProbeResult]:
+        """Start a liveness check (the service's cheap health route)."""
+
+    def proc_stats(self, record: ProcessRecord) -> ProcStats | None:
+        """Stopped state and CPU time, or None if the process is gone."""
+
     def open_log(self, path: Path, max_bytes: int, backups: int) -> LogSink: ...
 
     def write_file(self, path: Path, text: str, mode: int) -> None:
@@ -82,7 +88,7 @@ class Runtime(Protocol):
 class OsRuntime:
     """The real runtime: processes, sockets, files, clocks and HTTP probes of this machine."""
 
-    def __init__(self, probe_workers: int = 4) -> None:
+    def __init__(self, probe_workers: int = 8) -> None:
         self._pool = ThreadPoolExecutor(max_workers=probe_workers, thread_name_prefix="probe")
         me = psutil.Process()
         self._me = ProcessRecord(os.getpid(), os.getpid(), me.create_time(), tuple(me.cmdline()))
@@ -117,6 +123,12 @@ class OsRuntime:
 
     def probe(self, probe: Probe, timeout_s: float) -> Future[ProbeResult]:
         return self._pool.submit(run_probe, probe, timeout_s)
+
+    def liveness(self, probe: Probe, timeout_s: float) -> Future[ProbeResult]:
+        return self._pool.submit(run_liveness, probe, timeout_s)
+
+    def proc_stats(self, record: ProcessRecord) -> ProcStats | None:
+        return processes.proc_stats(record)
 
     def open_log(self, path: Path, max_bytes: int, backups: int) -> LogSink:
         return RotatingLog(path, max_bytes, backups)

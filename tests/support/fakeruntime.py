@@ -31,7 +31,7 @@ from mlx_stack.contract.snapshot import SupervisorSnapshot
 from mlx_stack.paths import StatePaths
 from mlx_stack.supervisor.loop import InlineExecutor, Supervisor
 from mlx_stack.supervisor.probes import ProbeResult
-from mlx_stack.supervisor.processes import ProcessRecord
+from mlx_stack.supervisor.processes import ProcessRecord, ProcStats
 from mlx_stack.supervisor.states import ServiceState
 
 _pids = itertools.count(1000)
@@ -52,14 +52,18 @@ class FakeChild:
     returncode: int | None = None
     signals: list[int] = field(default_factory=list)
     finished: bool = False
+    stopped: bool = False  # SIGSTOP: alive, answers nothing
+    cpu_s: float = 0.0  # a test advances it to show work
 
     def poll(self) -> int | None:
         return self.returncode
 
     def signal_group(self, sig: int) -> None:
         self.signals.append(sig)
-        if self.returncode is None and (sig == signal.SIGKILL
-                                        or (sig == signal.SIGTERM and not self.ignores_sigterm)):
+        if sig == signal.SIGKILL and self.returncode is None:
+            self.returncode = -sig  # ends even a stopped process
+        elif sig == signal.SIGTERM and self.returncode is None and not self.ignores_sigterm \
+                and not self.stopped:
             self.returncode = -sig
 
     def finish(self) -> None:
@@ -102,7 +106,7 @@ class FakeLog:
         return "\n".join(self.lines)
 
 
-Health = str  # "ok", "fail", "hang" (no answer until the probe's timeout), "raise"
+Health = str  # "ok", "fail" (a wrong answer), "hang" (no answer until the timeout), "raise"
 
 
 class FakeRuntime:
@@ -112,7 +116,8 @@ class FakeRuntime:
         self.children: list[FakeChild] = []
         self.logs: dict[Path, FakeLog] = {}
         self.files: dict[Path, str] = {}
-        self.health: dict[str, Health] = {}
+        self.health: dict[str, Health] = {}  # the real request (readiness)
+        self.live: dict[str, Health] = {}  # the cheap health route (liveness)
         self.taken_ports: dict[int, str] = {}
         self.rss: dict[int, int] = {}
         self.fail_writes: dict[Path, int] = {}  # path -> errno
@@ -134,7 +139,7 @@ class FakeRuntime:
         self.now += seconds
         for deadline, fut in list(self._pending):
             if self.now >= deadline and not fut.done():
-                fut.set_result(ProbeResult(False, 2000.0, "ReadTimeout"))
+                fut.set_result(ProbeResult(False, 2000.0, "ReadTimeout", answered=False))
                 self._pending.remove((deadline, fut))
 
     # --- processes -----------------------------------------------------------------------
@@ -193,13 +198,27 @@ class FakeRuntime:
     # --- probes --------------------------------------------------------------------------
 
     def probe(self, probe: Probe, timeout_s: float) -> Future[ProbeResult]:
+        return self._answer(probe, timeout_s, self.health)
+
+    def liveness(self, probe: Probe, timeout_s: float) -> Future[ProbeResult]:
+        return self._answer(probe, timeout_s, self.live)
+
+    def proc_stats(self, record: ProcessRecord) -> ProcStats | None:
+        child = next((c for c in self.children if c.record == record), None)
+        if child is None or not child.alive:
+            return None
+        return ProcStats(child.stopped, child.cpu_s)
+
+    def _answer(self, probe: Probe, timeout_s: float, modes: dict[str, Health]
+                ) -> Future[ProbeResult]:
         name = _port_owner(probe.url, self.children)
         self.probes_sent.append(name or probe.url)
         fut: Future[ProbeResult] = Future()
         child = self.child(name) if name else None
-        how = self.health.get(name or "", "ok")
+        how = "hang" if child is not None and child.stopped else modes.get(name or "", "ok")
         if child is None:
-            fut.set_result(ProbeResult(False, 0.1, "ConnectError: connection refused"))
+            fut.set_result(ProbeResult(False, 0.1, "ConnectError: connection refused",
+                                       answered=False))
         elif how == "raise":
             fut.set_exception(RuntimeError("prober bug"))
         elif how == "hang":
@@ -271,14 +290,15 @@ class Scenario:
         assert isinstance(self.plan, Plan)
         return self.plan
 
-    def tick(self) -> bool:
+    def tick(self, dt: float = TICK) -> bool:
         alive = self.sup.tick()
-        self.rt.advance(self.TICK)
+        self.rt.advance(dt)
         return alive
 
-    def run(self, seconds: float) -> None:
-        for _ in range(round(seconds / self.TICK)):
-            self.tick()
+    def run(self, seconds: float, dt: float = TICK) -> None:
+        """Tick for ``seconds`` of fake time (a coarser ``dt`` for long stretches)."""
+        for _ in range(round(seconds / dt)):
+            self.tick(dt)
 
     def until(self, pred: Callable[[], bool], within: float = 60.0, what: str = "") -> float:
         """Tick until ``pred``; return the fake seconds it took."""

@@ -78,3 +78,54 @@ def test_every_state_can_reach_stopped():
                     seen.add(nxt)
                     todo.append(nxt)
         assert ServiceState.STOPPED in seen or start is ServiceState.STOPPED, start
+
+
+# ----- hung or busy: judge_hang as a table ---------------------------------------------------
+
+H = WatchSettings(failure_threshold=3, hang_after_s=6, unresponsive_max_s=600)
+
+
+def obs(spec: str, cpu_per_s: float = 0.0, out_per_s: int = 0, start: float = 0.0):
+    """One observation per second from a string: '.' answered ok, 'x' answered wrongly,
+    '-' no answer, 'S' stopped (no answer)."""
+    from mlx_stack.supervisor.policy import Observation
+
+    return [Observation(at=start + i, answered=c in ".x", alive=c == ".", stopped=c == "S",
+                        cpu_s=cpu_per_s * i, output=out_per_s * i)
+            for i, c in enumerate(spec)]
+
+
+@pytest.mark.parametrize(
+    ("history", "verdict", "words"),
+    [
+        (obs(""), "ok", ""),
+        (obs("....."), "ok", ""),
+        (obs("....S"), "suspect", "no answer"),  # stopped once: a debugger attaching?
+        (obs("...SS"), "hung", "stopped"),
+        (obs("..x"), "suspect", "1/3"),
+        (obs(".xxx"), "broken", "failed 3 times"),
+        (obs("x.xx"), "suspect", "2/3"),  # not in a row
+        (obs("..---"), "suspect", "no answer for 2 s"),
+        (obs("..-------"), "hung", "deadlocked"),  # 6 s silent, no CPU, no output
+        (obs("..-------", cpu_per_s=0.01), "hung", "deadlocked"),  # 1% of a core is idle noise
+        (obs("..-------", cpu_per_s=0.9), "busy", "CPU +5.4 s"),
+        (obs("..-------", out_per_s=80), "busy", "output +480 bytes"),
+        (obs("..-----------", cpu_per_s=0.5), "busy", "no answer for 10 s"),
+        (obs("-" * 8, cpu_per_s=1.0, start=1000), "busy", "working"),
+    ],
+)
+def test_judge_hang_tells_hung_from_busy(history, verdict, words):
+    from mlx_stack.supervisor.policy import judge_hang
+
+    j = judge_hang(history, H)
+    assert j.verdict.value == verdict, j
+    assert words in j.reason
+
+
+def test_a_busy_service_is_hung_after_unresponsive_max_s():
+    from mlx_stack.supervisor.policy import judge_hang
+
+    history = obs("-" * 20, cpu_per_s=1.0, start=1000)
+    assert judge_hang(history, H, unanswered_since=500).verdict.value == "busy"  # 519 s
+    j = judge_hang(history, H, unanswered_since=400)  # 619 s silent
+    assert j.verdict.value == "hung" and "unresponsive_max_s" in j.reason

@@ -49,18 +49,88 @@ def test_a_crash_is_restarted_at_once_and_recorded(tmp_path):
     assert sc.rt.child("proxy") is sc.rt.children[1]  # nothing else restarted
 
 
-def test_a_hung_service_is_killed_after_the_threshold_and_restarted(tmp_path):
+def test_a_stopped_service_is_hung_at_once_and_replaced(tmp_path):
     sc = Scenario(tmp_path, spec("standard"))
     sc.until(sc.all_ready)
-    hung = sc.rt.child("standard")
-    sc.rt.health["standard"] = "hang"
-    sc.until(lambda: sc.state("standard") is S.UNHEALTHY, what="unhealthy")
-    sc.until(lambda: not hung.alive, what="killed")
-    assert hung.signals == [signal.SIGKILL]  # a hung process gets no grace
-    sc.rt.health["standard"] = "ok"
-    sc.until(lambda: sc.state("standard") is S.READY, what="back")
-    assert "hung: 2 failed probes in a row (ReadTimeout)" in sc.rt.log("standard").text
+    stopped = sc.rt.child("standard")
+    stopped.stopped = True  # SIGSTOP: alive, port open, answers nothing
+    took = sc.until(lambda: not stopped.alive, what="killed")
+    assert took <= 2.5  # seen stopped twice, liveness_interval_s apart
+    assert stopped.signals == [signal.SIGKILL]  # a hung process gets no grace
+    sc.until(lambda: sc.state("standard") is S.READY, what="replaced")
+    assert "hung: stopped (SIGSTOP or a debugger)" in sc.rt.log("standard").text
     assert sc.sup.services["standard"].restarts == 1
+
+
+def test_a_deadlocked_service_is_replaced_after_hang_after_s(tmp_path):
+    sc = Scenario(tmp_path, spec("standard"))
+    sc.until(sc.all_ready)
+    dead = sc.rt.child("standard")
+    sc.rt.health["standard"] = sc.rt.live["standard"] = "hang"  # no answer, no CPU, no output
+    took = sc.until(lambda: not dead.alive, what="killed")
+    assert FAST.hang_after_s <= took <= FAST.hang_after_s + 2 * FAST.liveness_timeout_s + 1
+    sc.rt.health["standard"] = sc.rt.live["standard"] = "ok"
+    sc.until(lambda: sc.state("standard") is S.READY, what="replaced")
+    assert "no CPU time, no output: deadlocked" in sc.rt.log("standard").text
+
+
+def test_a_busy_service_that_answers_nothing_but_works_is_never_killed(tmp_path):
+    sc = Scenario(tmp_path, spec("standard"))
+    sc.until(sc.all_ready)
+    busy = sc.rt.child("standard")
+    sc.rt.health["standard"] = sc.rt.live["standard"] = "hang"
+    for _ in range(20 * 60 * 2):  # 20 fake minutes, burning CPU all along
+        busy.cpu_s += 0.4
+        sc.tick(0.5)
+    assert busy.alive and busy.signals == []
+    assert sc.state("standard") is S.UNHEALTHY
+    assert sc.sup.services["standard"].reason.startswith("busy: no answer for")
+    sc.rt.health["standard"] = sc.rt.live["standard"] = "ok"  # its long work is done
+    sc.until(lambda: sc.state("standard") is S.READY, what="ready again")
+    assert sc.sup.services["standard"].restarts == 0
+
+
+def test_output_counts_as_work_and_unresponsive_max_s_caps_it(tmp_path):
+    from dataclasses import replace
+
+    sc = Scenario(tmp_path, spec("standard"), settings=replace(FAST, unresponsive_max_s=120))
+    sc.until(sc.all_ready)
+    busy = sc.rt.child("standard")
+    sc.rt.health["standard"] = sc.rt.live["standard"] = "hang"
+    for _ in range(100 * 10):  # 100 fake s: only its log shows progress
+        sc.rt.log("standard").write_line(b"step ...")
+        sc.tick()
+    assert busy.alive
+    waited = 0.0
+    while busy.alive and waited < 60:
+        sc.rt.log("standard").write_line(b"step ...")
+        sc.tick()
+        waited += sc.TICK
+    assert not busy.alive and 10 < waited <= 30, waited  # at 120 s of silence, not before
+    assert "although working" in sc.rt.log("standard").text
+
+
+def test_a_long_generation_is_busy_not_hung(tmp_path):
+    """Measured on mlx_lm.server: during a long generation its /health answers in ~0.1 s while
+    a real request may queue behind the generation. Such a tier stays ready, forever."""
+    sc = Scenario(tmp_path, spec("standard"))
+    sc.until(sc.all_ready)
+    gen = sc.rt.child("standard")
+    sc.rt.health["standard"] = "hang"  # the one-token probe times out (probe_timeout_s)
+    sc.run(60 * 60, dt=0.5)  # an hour of fake time
+    assert gen.alive and gen.signals == [] and sc.state("standard") is S.READY
+    assert "busy: a real request took longer" in sc.sup.services["standard"].reason
+
+
+def test_wrong_answers_are_broken_and_restarted(tmp_path):
+    sc = Scenario(tmp_path, spec("standard"), spec("fast"))
+    sc.until(sc.all_ready)
+    std, fast = sc.rt.child("standard"), sc.rt.child("fast")
+    sc.rt.health["standard"] = "fail"  # real requests answered with HTTP 500
+    sc.rt.live["fast"] = "fail"  # its health route says 503 (mlx_lm: generation thread died)
+    sc.until(lambda: not std.alive and not fast.alive, what="both killed")
+    assert "broken: 2 failed probes in a row (HTTP 500: boom)" in sc.rt.log("standard").text
+    assert "broken: its health route failed 2 times in a row" in sc.rt.log("fast").text
 
 
 def test_a_crash_loop_ends_in_fatal_and_restart_clears_it(tmp_path):
