@@ -35,7 +35,8 @@ FAKE = str(Path(__file__).resolve().parents[1] / "support" / "fakeserver.py")
 FAST = WatchSettings(probe_interval_s=0.2, probe_timeout_s=0.5, failure_threshold=2,
                      start_timeout_s=10, start_timeout_max_s=20, backoff_initial_s=0.1,
                      backoff_max_s=0.4, crashloop_restarts=3, crashloop_window_s=30,
-                     stop_timeout_s=1.0, stable_after_s=60)
+                     stop_timeout_s=1.0, stable_after_s=60, liveness_interval_s=0.5,
+                     liveness_timeout_s=1.0, hang_after_s=3.0)
 S = ServiceState
 
 
@@ -143,16 +144,41 @@ def test_kill_9_of_each_kind_comes_back(harness, name):
         assert h.pid("proxy") is not None and h.state("proxy") is S.READY
 
 
-def test_a_hung_service_is_killed_and_restarted(harness):
+def test_a_stopped_service_is_replaced_within_seconds(harness):
     h = harness(spec("standard"))
     h.wait_state("standard", S.READY)
     old = h.pid("standard")
-    os.kill(old, signal.SIGSTOP)  # alive, never answers
+    os.kill(old, signal.SIGSTOP)  # alive, port open, never answers
+    t0 = time.monotonic()
     h.wait(lambda: h.pid("standard") not in (None, old) and h.state("standard") is S.READY,
            what="hung tier restarted")
+    assert time.monotonic() - t0 < 10
     assert not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE
-    assert "hung: 2 failed probes" in h.paths.log_file("standard").read_text()
+    assert "hung: stopped (SIGSTOP or a debugger)" in h.paths.log_file("standard").read_text()
 
+
+def test_a_deadlocked_server_is_replaced(harness):
+    """Alive, no CPU, accepts connections, answers nothing: a deadlock in its HTTP layer."""
+    h = harness(spec("standard", "--deadlock-after", "1.5"))
+    h.wait_state("standard", S.READY)
+    old = h.pid("standard")
+    h.wait(lambda: h.pid("standard") not in (None, old), timeout=20, what="replaced")
+    log = h.paths.log_file("standard").read_text()
+    assert "no CPU time, no output: deadlocked" in log
+
+
+def test_a_server_busy_longer_than_every_timeout_is_never_killed(harness):
+    """Answers nothing for 8 s (longer than probe, liveness and hang timeouts) but burns CPU
+    and logs progress: busy, not hung."""
+    h = harness(spec("standard", "--busy-after", "1.0", "--busy-for", "8"))
+    h.wait_state("standard", S.READY)
+    pid = h.pid("standard")
+    h.wait(lambda: h.sup.services["standard"].reason.startswith("busy: no answer"),
+           timeout=15, what="seen busy")
+    h.wait(lambda: "busy spell over" in h.paths.log_file("standard").read_text(), timeout=20,
+           what="busy spell over")
+    h.wait_state("standard", S.READY, timeout=10)
+    assert h.pid("standard") == pid and h.sup.services["standard"].restarts == 0
 
 def test_a_service_that_exits_at_once_backs_off_then_goes_fatal(harness):
     h = harness(spec("standard", "--exit-after", "0.1", "--exit-code", "1"))

@@ -12,7 +12,15 @@ import json
 import signal
 import sys
 import time
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+#: Never released once taken: a handler that needs it waits forever (a deadlock: no CPU).
+DEADLOCK = threading.Lock()
+#: Cleared while the server is "busy": handlers wait for the work to finish (GIL-starved or
+#: single-worker servers look like this), while a worker thread burns CPU and logs progress.
+NOT_BUSY = threading.Event()
+NOT_BUSY.set()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -24,10 +32,17 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(raw)
 
+    def _wait_if_stuck(self) -> None:
+        NOT_BUSY.wait()
+        if DEADLOCK.locked():
+            DEADLOCK.acquire()  # forever
+
     def do_GET(self) -> None:
+        self._wait_if_stuck()
         self._send({"status": "healthy"})
 
     def do_POST(self) -> None:
+        self._wait_if_stuck()
         length = int(self.headers.get("Content-Length", 0))
         self.rfile.read(length)
         if self.path.endswith("/embeddings"):
@@ -51,6 +66,9 @@ def main() -> None:
     p.add_argument("--load-s", type=float, default=0.0, help="seconds of 'loading' first")
     p.add_argument("--silent", action="store_true", help="load without printing anything")
     p.add_argument("--tag", default="", help="ignored; changes the command line")
+    p.add_argument("--deadlock-after", type=float, help="stop answering (no CPU) after S s")
+    p.add_argument("--busy-after", type=float, help="answer nothing while busy, from S s")
+    p.add_argument("--busy-for", type=float, default=10.0, help="how long the busy spell lasts")
     a = p.parse_args()
     if a.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -69,7 +87,27 @@ def main() -> None:
         sys.exit(a.exit_code)
     server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
     print("serving", flush=True)
+    if a.deadlock_after is not None:
+        threading.Timer(a.deadlock_after, DEADLOCK.acquire).start()
+    if a.busy_after is not None:
+        threading.Timer(a.busy_after, _busy, args=(a.busy_for,)).start()
     server.serve_forever()
+
+
+def _busy(seconds: float) -> None:
+    """Burn CPU for ``seconds`` and log progress, answering nothing meanwhile."""
+    NOT_BUSY.clear()
+    end = time.monotonic() + seconds
+    step = 0
+    while time.monotonic() < end:
+        x = 0
+        for i in range(200_000):
+            x += i * i
+        step += 1
+        if step % 20 == 0:
+            print(f"busy: step {step}", flush=True)
+    print("busy spell over", flush=True)
+    NOT_BUSY.set()
 
 
 if __name__ == "__main__":
