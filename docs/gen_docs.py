@@ -42,6 +42,10 @@ ENV_VARS = {
     "`none` to preload nothing (default: found automatically)",
     "MLX_STACK_PROXY_KEY": "set by mlx-stack in the proxy's own environment to pass it the "
     "key; not read from yours",
+    "MLX_STACK_ROUTES": "set by mlx-stack in the proxy's environment: each model name's service "
+    "and fallbacks, for the gate that routes around a tier that is down; not read from yours",
+    "MLX_STACK_STATE_FILE": "set by mlx-stack in the proxy's environment: where the supervisor's "
+    "snapshot is, for the same gate; not read from yours",
 }
 
 #: Rules the Field lists cannot express, by section. Constants come from the code.

@@ -30,7 +30,9 @@ from mlx_stack.litellm.config import (
     PROXY_UNSET_ENV,
     build_config,
     render_config,
+    routes,
 )
+from mlx_stack.litellm.gate import ROUTES_ENV, STATE_ENV, routes_to_env
 from mlx_stack.paths import StatePaths
 from mlx_stack.ports import connect_host
 
@@ -233,11 +235,13 @@ def proxy_service(
         "--port", str(p.port),
         "--num_workers", "1",
     )  # fmt: skip
+    env = {**PROXY_ENV, ROUTES_ENV: routes_to_env(routes(stack)),
+           STATE_ENV: str(paths.state_file)}
     return ServiceSpec(
         name="proxy",
         kind=ServiceKind.PROXY,
         argv=argv,
-        env=dict(PROXY_ENV),
+        env=env,
         port=p.port,
         host=p.host,
         probe=Probe(ProbeKind.PROXY, f"http://{connect_host(p.host)}:{p.port}"),

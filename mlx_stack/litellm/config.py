@@ -14,6 +14,7 @@ import yaml
 
 from mlx_stack.config.proxykey import ENV_VAR
 from mlx_stack.config.stackfile import EMBEDDINGS_MODEL_NAME, Stack
+from mlx_stack.litellm.gate import Route
 
 #: The model name mlx_lm.server maps to the model given on its command line (no hub lookup).
 MLX_LM_DEFAULT_MODEL = "default_model"
@@ -41,6 +42,20 @@ PROXY_UNSET_ENV = frozenset({
 def upstream_model(backend: str, served_name: str) -> str:
     """The model name to send upstream for a tier."""
     return MLX_LM_DEFAULT_MODEL if backend == "mlx-lm" else served_name
+
+
+def routes(stack: Stack) -> dict[str, Route]:
+    """Each model name of the proxy: its service, and the tiers a chat request falls back to.
+
+    The same table feeds LiteLLM's ``fallbacks`` and the gate that routes around a tier the
+    supervisor sees down (``gate.py``). The embeddings tier has no fallback: vectors from
+    another model live in another space.
+    """
+    names = [t.name for t in stack.tiers]
+    out = {n: Route(n, tuple(m for m in names if m != n)) for n in names}
+    if stack.embeddings is not None:
+        out[EMBEDDINGS_MODEL_NAME] = Route(stack.embeddings.name)
+    return out
 
 
 def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
@@ -79,8 +94,7 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
                 "model_info": {"mode": "embedding"},
             }
         )
-    names = [t.name for t in stack.tiers]
-    fallbacks = [{n: [m for m in names if m != n]} for n in names if len(names) > 1]
+    fallbacks = [{n: list(r.fallbacks)} for n, r in routes(stack).items() if r.fallbacks]
     router: dict[str, Any] = {
         "num_retries": p.num_retries,
         "timeout": p.timeout_s,

@@ -74,9 +74,15 @@ def main() -> None:
     from litellm.proxy import proxy_server
     from litellm.proxy.proxy_cli import run_server
 
+    from mlx_stack.litellm import gate
+
     # The CLI serves "litellm.proxy.proxy_server:app" by import path; with one worker that is
-    # this very module object, so the middleware added here is the one that serves.
+    # this very module object, so the middleware added here is the one that serves. The last
+    # one added runs first: the gate, then the content-type shim, then LiteLLM.
     proxy_server.app.add_middleware(JsonBodyShim)
+    options = gate.options_from_env()
+    if options is not None:
+        proxy_server.app.add_middleware(gate.TierGate, **options)
     run_server(prog_name="litellm")
 
 

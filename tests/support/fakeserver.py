@@ -11,8 +11,8 @@ import argparse
 import json
 import signal
 import sys
-import time
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 #: Never released once taken: a handler that needs it waits forever (a deadlock: no CPU).

@@ -1,0 +1,220 @@
+"""Runs in the proxy: send no request to a tier the supervisor does not see ready.
+
+LiteLLM learns that a tier is down only by failing requests on it (a refused connection is
+quick; a hung server is not: the request waits). The supervisor knows sooner: it checks every
+service each second and writes what it sees to ``run/state.json``. This ASGI middleware reads
+that snapshot (re-read when it changes) and, while a tier is not ``ready``:
+
+- a chat request for it goes to the first ready tier among its fallbacks (the body's ``model``
+  is rewritten, as LiteLLM's own fallback would answer; header ``x-mlx-stack-routed``);
+- with no ready fallback (the embeddings tier has none: its vectors would come from another
+  space), the answer is at once a 503 in OpenAI's error shape with ``Retry-After``, not a
+  stall.
+
+When every tier is ready, requests pass untouched and unparsed. Only requests that carry the
+proxy's key are answered here; others go on to LiteLLM, which refuses them (401).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROUTES_ENV = "MLX_STACK_ROUTES"
+STATE_ENV = "MLX_STACK_STATE_FILE"
+GATED_PATHS = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/completions",
+                         "/completions", "/v1/embeddings", "/embeddings"})
+MAX_BODY = 64 * 1024 * 1024
+REREAD_S = 0.2
+RETRY_AFTER_S = 2
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Route:
+    """A model name of the proxy: the supervisor's service behind it, and where to fall back."""
+
+    service: str
+    fallbacks: tuple[str, ...] = ()
+
+
+def routes_from_env(env: Mapping[str, str]) -> dict[str, Route]:
+    raw = json.loads(env.get(ROUTES_ENV) or "{}")
+    return {name: Route(r["service"], tuple(r.get("fallbacks", ()))) for name, r in raw.items()}
+
+
+def routes_to_env(routes: Mapping[str, Route]) -> str:
+    return json.dumps({n: {"service": r.service, "fallbacks": list(r.fallbacks)}
+                       for n, r in sorted(routes.items())})
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Pass (``model`` None), pass with another model, or refuse with a 503."""
+
+    model: str | None = None
+    refuse: str = ""
+
+
+def decide(model: str, routes: Mapping[str, Route], states: Mapping[str, str]) -> Decision:
+    """Where a request for ``model`` goes, given each service's state (pure, table-tested)."""
+    route = routes.get(model)
+    if route is None or states.get(route.service, "ready") == "ready":
+        return Decision()
+    for other in route.fallbacks:
+        alt = routes.get(other)
+        if alt is not None and states.get(alt.service) == "ready":
+            return Decision(model=other)
+    state = states.get(route.service, "unknown")
+    return Decision(refuse=f"model {model!r} is not available right now ({route.service} is "
+                    f"{state}; the supervisor is on it); retry in {RETRY_AFTER_S} s")
+
+
+class StateView:
+    """Each service's state from the supervisor's snapshot, re-read when the file changes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._states: dict[str, str] = {}
+        self._mtime = 0
+        self._checked = 0.0
+
+    def states(self) -> dict[str, str]:
+        now = time.monotonic()
+        if self.path is None or now - self._checked < REREAD_S:
+            return self._states
+        self._checked = now
+        try:
+            mtime = self.path.stat().st_mtime_ns
+            if mtime != self._mtime:
+                raw = json.loads(self.path.read_text(encoding="utf-8"))
+                self._states = {n: str(s.get("state")) for n, s in raw["services"].items()}
+                self._mtime = mtime
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self._states = {}  # no view: let LiteLLM decide, as without the gate
+        return self._states
+
+
+class TierGate:
+    """ASGI middleware in front of LiteLLM (see the module docstring)."""
+
+    def __init__(self, app: Any, routes: Mapping[str, Route], view: StateView,
+                 key: str) -> None:
+        self.app = app
+        self.routes = dict(routes)
+        self.view = view
+        self.key = key.encode()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if (scope["type"] != "http" or scope.get("method") != "POST"
+                or scope.get("path") not in GATED_PATHS or not self._degraded()
+                or not self._authorised(scope)):
+            await self.app(scope, receive, send)
+            return
+        body, more = await _read(receive)
+        decision = self._decide(body) if not more else Decision()
+        if decision.refuse:
+            await _unavailable(send, decision.refuse)
+            return
+        headers = list(scope.get("headers") or [])
+        if decision.model is not None:
+            body = _with_model(body, decision.model)
+            headers = [(k, v) for k, v in headers if k != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            scope = dict(scope, headers=headers)
+            send = _tagged(send, decision.model)
+        await self.app(scope, _replay(body, more, receive), send)
+
+    def _degraded(self) -> bool:
+        states = self.view.states()
+        return any(states.get(r.service, "ready") != "ready" for r in self.routes.values())
+
+    def _authorised(self, scope: Scope) -> bool:
+        auth = next((v for k, v in scope.get("headers") or [] if k == b"authorization"), b"")
+        token = auth[7:] if auth[:7].lower() == b"bearer " else auth
+        return bool(self.key) and hmac.compare_digest(token.strip(), self.key)
+
+    def _decide(self, body: bytes) -> Decision:
+        try:
+            parsed = json.loads(body)
+        except (ValueError, RecursionError):
+            return Decision()  # LiteLLM answers bad bodies itself
+        model = parsed.get("model") if isinstance(parsed, dict) else None
+        if not isinstance(model, str):
+            return Decision()
+        return decide(model, self.routes, self.view.states())
+
+
+async def _read(receive: Any) -> tuple[bytes, bool]:
+    """The body up to MAX_BODY; ``more`` is True if it was longer (then it is not inspected)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        msg: Message = await receive()
+        if msg["type"] != "http.request":
+            return b"".join(chunks), False
+        chunks.append(msg.get("body", b""))
+        size += len(chunks[-1])
+        if not msg.get("more_body"):
+            return b"".join(chunks), False
+        if size > MAX_BODY:
+            return b"".join(chunks), True
+
+
+def _replay(body: bytes, more: bool, receive: Any) -> Any:
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": more}
+        return await receive()
+
+    return replayed
+
+
+def _tagged(send: Any, model: str) -> Any:
+    """Say in the response which tier answered instead (``x-mlx-stack-routed``)."""
+
+    async def tagged(msg: Message) -> None:
+        if msg["type"] == "http.response.start":
+            msg = dict(msg, headers=[*msg.get("headers", []),
+                                     (b"x-mlx-stack-routed", model.encode())])
+        await send(msg)
+
+    return tagged
+
+
+def _with_model(body: bytes, model: str) -> bytes:
+    parsed = json.loads(body)
+    parsed["model"] = model
+    return json.dumps(parsed).encode()
+
+
+async def _unavailable(send: Any, message: str) -> None:
+    raw = json.dumps({"error": {"message": message, "type": "service_unavailable",
+                                "param": None, "code": "503"}}).encode()
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+        (b"retry-after", str(RETRY_AFTER_S).encode())]})
+    await send({"type": "http.response.body", "body": raw})
+
+
+def options_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
+    """TierGate's arguments, when the supervisor gave the proxy its routes and state file."""
+    from mlx_stack.config.proxykey import ENV_VAR
+
+    routes = routes_from_env(env)
+    state = env.get(STATE_ENV)
+    if not routes or not state:
+        return None
+    return {"routes": routes, "view": StateView(Path(state)), "key": env.get(ENV_VAR, "")}

@@ -1,0 +1,134 @@
+"""The proxy's gate (mlx_stack/litellm/gate.py): decisions as a table, and the ASGI middleware
+in-process in front of a recording app. The real proxy with the gate is in tests/e2e."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from mlx_stack.litellm.gate import (
+    Route,
+    StateView,
+    TierGate,
+    decide,
+    routes_from_env,
+    routes_to_env,
+)
+
+ROUTES = {"standard": Route("standard", ("fast",)), "fast": Route("fast", ("standard",)),
+          "local-embed": Route("embeddings")}
+KEY = "sk-test-key"
+
+
+@pytest.mark.parametrize(
+    ("model", "states", "to", "refused"),
+    [
+        ("standard", {"standard": "ready", "fast": "ready"}, None, False),
+        ("standard", {"standard": "unhealthy", "fast": "ready"}, "fast", False),
+        ("standard", {"standard": "backoff", "fast": "starting"}, None, True),
+        ("fast", {"standard": "ready", "fast": "stopping"}, "standard", False),
+        ("local-embed", {"embeddings": "unhealthy"}, None, True),
+        ("local-embed", {"embeddings": "ready", "standard": "fatal"}, None, False),
+        ("not-a-model", {"standard": "fatal"}, None, False),  # LiteLLM answers that itself
+        ("standard", {}, None, False),  # no view: pass
+    ],
+)
+def test_decide(model, states, to, refused):
+    d = decide(model, ROUTES, states)
+    assert d.model == to and bool(d.refuse) == refused
+    if refused:
+        assert "retry in" in d.refuse
+
+
+def test_routes_round_trip_through_the_environment():
+    assert routes_from_env({"MLX_STACK_ROUTES": routes_to_env(ROUTES)}) == ROUTES
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        self.bodies.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+def call(app, body: dict | bytes, key: str = KEY, path: str = "/v1/chat/completions"):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    scope = {"type": "http", "method": "POST", "path": path,
+             "headers": [(b"authorization", f"Bearer {key}".encode()),
+                         (b"content-length", str(len(raw)).encode())]}
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    async def send(msg):
+        sent.append(msg)
+
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    headers = dict(start["headers"])
+    return start["status"], headers, b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def gate(tmp_path: Path, states: dict[str, str]) -> tuple[TierGate, Recorder]:
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"services": {n: {"state": s} for n, s in states.items()}}))
+    rec = Recorder()
+    return TierGate(rec, ROUTES, StateView(state), KEY), rec
+
+
+def test_all_ready_passes_untouched(tmp_path):
+    g, rec = gate(tmp_path, {"standard": "ready", "fast": "ready", "embeddings": "ready"})
+    status, _, _ = call(g, {"model": "standard", "messages": []})
+    assert status == 200 and json.loads(rec.bodies[0])["model"] == "standard"
+
+
+def test_a_down_tier_is_routed_to_its_fallback(tmp_path):
+    g, rec = gate(tmp_path, {"standard": "unhealthy", "fast": "ready", "embeddings": "ready"})
+    status, headers, _ = call(g, {"model": "standard", "messages": [], "stream": True})
+    sent = json.loads(rec.bodies[0])
+    assert status == 200 and sent["model"] == "fast" and sent["stream"] is True
+    assert headers[b"x-mlx-stack-routed"] == b"fast"
+
+
+def test_embeddings_down_is_a_fast_503_with_retry_after(tmp_path):
+    g, rec = gate(tmp_path, {"standard": "ready", "fast": "ready", "embeddings": "backoff"})
+    status, headers, body = call(g, {"model": "local-embed", "input": "x"}, path="/v1/embeddings")
+    assert status == 503 and headers[b"retry-after"] == b"2" and rec.bodies == []
+    err = json.loads(body)["error"]
+    assert err["type"] == "service_unavailable" and "embeddings is backoff" in err["message"]
+
+
+@pytest.mark.parametrize("key", ["", "wrong-key"])
+def test_without_the_key_the_gate_says_nothing(tmp_path, key):
+    """Only LiteLLM answers unauthenticated requests (with its 401)."""
+    g, rec = gate(tmp_path, {"embeddings": "backoff"})
+    status, _, _ = call(g, {"model": "local-embed", "input": "x"}, key=key,
+                        path="/v1/embeddings")
+    assert status == 200 and len(rec.bodies) == 1  # passed through to the app
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[" * 50000, b'{"model": 5}', b"[]"])
+def test_odd_bodies_pass_through_for_litellm_to_answer(tmp_path, body):
+    g, rec = gate(tmp_path, {"standard": "backoff", "fast": "backoff"})
+    status, _, _ = call(g, body)
+    assert status == 200 and rec.bodies == [body]
+
+
+def test_an_unreadable_state_file_means_no_gate(tmp_path):
+    (tmp_path / "state.json").mkdir()
+    rec = Recorder()
+    g = TierGate(rec, ROUTES, StateView(tmp_path / "state.json"), KEY)
+    assert call(g, {"model": "local-embed", "input": "x"})[0] == 200
