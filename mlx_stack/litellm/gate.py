@@ -9,7 +9,9 @@ that snapshot (re-read when it changes) and, while a tier is not ``ready``:
   is rewritten, as LiteLLM's own fallback would answer; header ``x-mlx-stack-routed``);
 - with no ready fallback (the embeddings tier has none: its vectors would come from another
   space), the answer is at once a 503 in OpenAI's error shape with ``Retry-After``, not a
-  stall.
+  stall;
+- a request that was already waiting on the tier when it hung fails when the supervisor kills
+  it; LiteLLM's 500 for it becomes a 503 with ``Retry-After`` (the stack is recovering).
 
 When every tier is ready, requests pass untouched and unparsed. Only requests that carry the
 proxy's key are answered here; others go on to LiteLLM, which refuses them (401).
@@ -115,8 +117,11 @@ class TierGate:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if (scope["type"] != "http" or scope.get("method") != "POST"
-                or scope.get("path") not in GATED_PATHS or not self._degraded()
-                or not self._authorised(scope)):
+                or scope.get("path") not in GATED_PATHS):
+            await self.app(scope, receive, send)
+            return
+        send = self._recovering(send)
+        if not self._degraded() or not self._authorised(scope):
             await self.app(scope, receive, send)
             return
         body, more = await _read(receive)
@@ -132,6 +137,20 @@ class TierGate:
             scope = dict(scope, headers=headers)
             send = _tagged(send, decision.model)
         await self.app(scope, _replay(body, more, receive), send)
+
+    def _recovering(self, send: Any) -> Any:
+        """A request already on its way when a tier hung fails when the supervisor kills it
+        (LiteLLM then answers 500): while a tier is down, say 503 with Retry-After instead."""
+
+        async def sending(msg: Message) -> None:
+            if (msg["type"] == "http.response.start" and msg.get("status") in (500, 502, 504)
+                    and self._degraded()):
+                headers = [(k, v) for k, v in msg.get("headers", []) if k != b"retry-after"]
+                msg = dict(msg, status=503,
+                           headers=[*headers, (b"retry-after", str(RETRY_AFTER_S).encode())])
+            await send(msg)
+
+        return sending
 
     def _degraded(self) -> bool:
         states = self.view.states()

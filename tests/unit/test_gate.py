@@ -132,3 +132,21 @@ def test_an_unreadable_state_file_means_no_gate(tmp_path):
     rec = Recorder()
     g = TierGate(rec, ROUTES, StateView(tmp_path / "state.json"), KEY)
     assert call(g, {"model": "local-embed", "input": "x"})[0] == 200
+
+
+class Failing(Recorder):
+    async def __call__(self, scope, receive, send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 500, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"error": {}}'})
+
+
+@pytest.mark.parametrize(("states", "status"), [({"embeddings": "backoff"}, 503),
+                                                ({"embeddings": "ready"}, 500)])
+def test_a_500_while_a_tier_is_down_becomes_a_503(tmp_path, states, status):
+    """A request already waiting on a tier that hung fails when the tier is killed."""
+    g, _ = gate(tmp_path, states)
+    g.app = Failing()
+    got, headers, _ = call(g, {"model": "local-embed", "input": "x"}, key="other",
+                           path="/v1/embeddings")
+    assert got == status and (b"retry-after" in headers) == (status == 503)
