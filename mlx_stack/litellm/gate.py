@@ -8,8 +8,8 @@ that snapshot (re-read when it changes) and, while a tier is not ``ready``:
 - a chat request for it goes to the first ready tier among its fallbacks (the body's ``model``
   is rewritten, as LiteLLM's own fallback would answer; header ``x-mlx-stack-routed``);
 - with no ready fallback (the embeddings tier has none: its vectors would come from another
-  space), the answer is at once a 503 in OpenAI's error shape with ``Retry-After``, not a
-  stall;
+  space), the request waits up to ``HOLD_S`` for the tier to be ready again (a restart), then
+  gets a 503 in OpenAI's error shape with ``Retry-After``: seconds, never a stall;
 - a request that was already waiting on the tier when it hung fails when the supervisor kills
   it; LiteLLM's 500 for it becomes a 503 with ``Retry-After`` (the stack is recovering).
 
@@ -19,6 +19,7 @@ proxy's key are answered here; others go on to LiteLLM, which refuses them (401)
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
@@ -35,6 +36,9 @@ GATED_PATHS = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/compl
 MAX_BODY = 64 * 1024 * 1024
 REREAD_S = 0.2
 RETRY_AFTER_S = 2
+HOLD_S = 5.0
+"""How long a request with nowhere to go waits for its tier to come back (a restart of a small
+model takes a few seconds) before it gets the 503: bounded, and far below a hang's minutes."""
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -109,8 +113,9 @@ class TierGate:
     """ASGI middleware in front of LiteLLM (see the module docstring)."""
 
     def __init__(self, app: Any, routes: Mapping[str, Route], view: StateView,
-                 key: str) -> None:
+                 key: str, hold_s: float = HOLD_S) -> None:
         self.app = app
+        self.hold_s = hold_s
         self.routes = dict(routes)
         self.view = view
         self.key = key.encode()
@@ -126,6 +131,10 @@ class TierGate:
             return
         body, more = await _read(receive)
         decision = self._decide(body) if not more else Decision()
+        deadline = time.monotonic() + self.hold_s
+        while decision.refuse and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            decision = self._decide(body)
         if decision.refuse:
             await _unavailable(send, decision.refuse)
             return

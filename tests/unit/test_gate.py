@@ -86,7 +86,7 @@ def gate(tmp_path: Path, states: dict[str, str]) -> tuple[TierGate, Recorder]:
     state = tmp_path / "state.json"
     state.write_text(json.dumps({"services": {n: {"state": s} for n, s in states.items()}}))
     rec = Recorder()
-    return TierGate(rec, ROUTES, StateView(state), KEY), rec
+    return TierGate(rec, ROUTES, StateView(state), KEY, hold_s=0.3), rec
 
 
 def test_all_ready_passes_untouched(tmp_path):
@@ -103,9 +103,13 @@ def test_a_down_tier_is_routed_to_its_fallback(tmp_path):
     assert headers[b"x-mlx-stack-routed"] == b"fast"
 
 
-def test_embeddings_down_is_a_fast_503_with_retry_after(tmp_path):
+def test_embeddings_down_is_a_503_with_retry_after_after_the_hold(tmp_path):
+    import time
+
     g, rec = gate(tmp_path, {"standard": "ready", "fast": "ready", "embeddings": "backoff"})
+    t0 = time.monotonic()
     status, headers, body = call(g, {"model": "local-embed", "input": "x"}, path="/v1/embeddings")
+    assert 0.3 <= time.monotonic() - t0 < 1.0  # held hold_s for the tier, then refused
     assert status == 503 and headers[b"retry-after"] == b"2" and rec.bodies == []
     err = json.loads(body)["error"]
     assert err["type"] == "service_unavailable" and "embeddings is backoff" in err["message"]
@@ -150,3 +154,18 @@ def test_a_500_while_a_tier_is_down_becomes_a_503(tmp_path, states, status):
     got, headers, _ = call(g, {"model": "local-embed", "input": "x"}, key="other",
                            path="/v1/embeddings")
     assert got == status and (b"retry-after" in headers) == (status == 503)
+
+
+def test_a_request_held_while_its_tier_restarts_goes_through_when_it_is_back(tmp_path):
+    import threading
+
+    g, rec = gate(tmp_path, {"embeddings": "starting"})
+    g.hold_s = 5.0
+    state = tmp_path / "state.json"
+
+    def back() -> None:
+        state.write_text(json.dumps({"services": {"embeddings": {"state": "ready"}}}))
+
+    threading.Timer(0.5, back).start()
+    status, _, _ = call(g, {"model": "local-embed", "input": "x"}, path="/v1/embeddings")
+    assert status == 200 and len(rec.bodies) == 1
