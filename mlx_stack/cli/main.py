@@ -374,28 +374,37 @@ def status(as_json: bool) -> None:
 )
 @_friendly
 def logs_cmd(service: str, lines: int, follow: bool, all_files: bool) -> None:
-    """Show a service's log (a tier name, 'embeddings', 'proxy' or 'supervisor')."""
-    paths, catalog = _context()
+    """Show a service's log (a tier name, 'embeddings', 'proxy' or 'supervisor').
+
+    Control characters in it (terminal escapes, carriage returns) are shown, not obeyed:
+    ESC as ^[, CR as ^M.
+    """
+    paths, catalog = _context(secure=True)
     logged = sorted(p.stem for p in paths.logs.glob("*.log")) if paths.logs.exists() else []
     names = [*lifecycle.known_services(paths, _plan_or_none(paths, catalog)), "supervisor"]
     lifecycle.check_service_name(service, [*names, *(n for n in logged if n not in names)])
     path = paths.log_file(service)
+    if path.is_symlink() or (path.exists() and not logfiles.is_log(path)):
+        raise MlxStackError(
+            f"{path} is not a regular file (a link?); logs are never read or written through "
+            "one: delete it, and the supervisor writes a new log there"
+        )
     if not path.exists() and not follow:
         raise MlxStackError(
             f"no log for {service!r} yet at {path}; logs exist for: "
             f"{', '.join(logged) or 'nothing yet'}"
         )
+    show = logfiles.printable
     if all_files:
         for f in logfiles.all_log_files(path):
-            with open(f, encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    click.echo(line.rstrip("\n"))
+            for line in logfiles.read_lines(f):
+                click.echo(show(line))
     else:
         for line in logfiles.tail(path, lines):
-            click.echo(line)
+            click.echo(show(line))
     if follow:
         for line in logfiles.follow(path):
-            click.echo(line)
+            click.echo(show(line))
 
 
 @main.command()
