@@ -19,17 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from mlx_stack.private import FILE_MODE, make_dirs, owner_only
+from mlx_stack.private import (
+    FILE_MODE,
+    NO_FOLLOW,
+    NOT_A_FILE,
+    NotRegularFileError,
+    make_dirs,
+    open_read,
+    owner_only,
+)
 
-_NO_FOLLOW = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-"""No link, and no blocking on a FIFO planted in a log's place."""
-_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NO_FOLLOW
-_NOT_A_FILE = (errno.ELOOP, errno.ENXIO, getattr(errno, "EMLINK", errno.ELOOP))
-
-
-class NotALogError(OSError):
-    """A log's path holds a link, a FIFO or anything else that is not a regular file."""
-
+_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW
 
 def open_append(path: Path) -> tuple[BinaryIO, str | None]:
     """Open a log for appending, never through a link: (the file, a warning or None).
@@ -44,7 +44,7 @@ def open_append(path: Path) -> tuple[BinaryIO, str | None]:
         try:
             fd = os.open(path, _APPEND, FILE_MODE)
         except OSError as exc:
-            if exc.errno not in _NOT_A_FILE or attempt:
+            if exc.errno not in NOT_A_FILE or attempt:
                 raise
             warning = _remove_impostor(path)
             continue
@@ -52,14 +52,14 @@ def open_append(path: Path) -> tuple[BinaryIO, str | None]:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             if attempt:
-                raise NotALogError(errno.EINVAL, f"{path} is not a regular file")
+                raise NotRegularFileError(errno.EINVAL, f"{path} is not a regular file")
             warning = _remove_impostor(path)
             continue
         if st.st_mode & 0o077:
             with contextlib.suppress(OSError):
                 os.fchmod(fd, owner_only(st.st_mode))
         return os.fdopen(fd, "ab"), warning
-    raise NotALogError(errno.EINVAL, f"{path} is not a regular file")  # not reached
+    raise NotRegularFileError(errno.EINVAL, f"{path} is not a regular file")  # not reached
 
 
 def _remove_impostor(path: Path) -> str:
@@ -69,21 +69,6 @@ def _remove_impostor(path: Path) -> str:
     path.unlink()
     return (f"{path} was {what}; it was replaced by a new log file "
             "(a log is never written through a link)")
-
-
-def open_read(path: Path) -> BinaryIO:
-    """Open a log for reading, never through a link. FileNotFoundError if absent;
-    NotALogError if something else than a regular file is there."""
-    try:
-        fd = os.open(path, os.O_RDONLY | _NO_FOLLOW)
-    except OSError as exc:
-        if exc.errno in _NOT_A_FILE:
-            raise NotALogError(exc.errno, f"{path} is not a regular file") from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise NotALogError(errno.EINVAL, f"{path} is not a regular file")
-    return os.fdopen(fd, "rb")
 
 
 def is_log(path: Path) -> bool:
@@ -98,7 +83,7 @@ def read_lines(path: Path) -> Iterator[str]:
     """Every line of a log, from its start (nothing if absent or not a regular file)."""
     try:
         f = open_read(path)
-    except (FileNotFoundError, NotALogError):
+    except (FileNotFoundError, NotRegularFileError):
         return
     with f:
         for raw in f:
@@ -137,7 +122,7 @@ def tail(path: Path, n: int) -> list[str]:
                 end -= step
                 f.seek(end)
                 data = f.read(step) + data
-    except (FileNotFoundError, NotALogError):
+    except (FileNotFoundError, NotRegularFileError):
         return []
     # "\n" only: str.splitlines() would also break at "\r" and other controls a child wrote
     text = data.decode("utf-8", errors="replace")
@@ -155,7 +140,7 @@ def follow(path: Path, poll_s: float = 0.25) -> Iterator[str]:
             if f is None:
                 try:
                     f = open_read(path)
-                except (FileNotFoundError, NotALogError):
+                except (FileNotFoundError, NotRegularFileError):
                     from_start = True  # whatever appears later is new
                     time.sleep(poll_s)
                     continue

@@ -19,6 +19,7 @@ compiled kernels.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import grp
 import os
@@ -27,11 +28,16 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from mlx_stack.errors import StateError
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+NO_FOLLOW = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+"""Open flags: no link at the last component, no blocking on a FIFO planted there."""
+NOT_A_FILE = (errno.ELOOP, errno.ENXIO, getattr(errno, "EMLINK", errno.ELOOP))
+"""What ``open`` with ``NO_FOLLOW`` fails with on a link (or a FIFO with no reader)."""
 #: Entries checked under the state folder at most (it holds a few dozen).
 MAX_ENTRIES = 10_000
 
@@ -39,6 +45,25 @@ MAX_ENTRIES = 10_000
 def owner_only(mode: int) -> int:
     """``mode`` without any group or other bits."""
     return mode & 0o700
+
+
+class NotRegularFileError(OSError):
+    """A path holds a link, a FIFO or anything else that is not a regular file."""
+
+
+def open_read(path: Path) -> BinaryIO:
+    """Open a file of the stack's for reading, never through a link and never blocking on a
+    FIFO. FileNotFoundError if absent; NotRegularFileError if something else is there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | NO_FOLLOW)
+    except OSError as exc:
+        if exc.errno in NOT_A_FILE:
+            raise NotRegularFileError(exc.errno, f"{path} is not a regular file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegularFileError(errno.EINVAL, f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def make_dirs(folder: Path) -> Path:
