@@ -341,7 +341,8 @@ def read_source() -> str:
     return importlib.resources.files(__package__).joinpath(SOURCE_FILE).read_text(encoding="utf-8")
 
 
-def cache_base() -> Path:
+def _cache_base() -> Path:
+    """``$XDG_CACHE_HOME/mlx-stack/kernels``, by default under ``~/.cache``."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "mlx-stack" / "kernels"
 
@@ -353,7 +354,7 @@ def _cache_dir() -> tuple[Path | None, str]:
     a folder that belongs to someone else, or under a parent another user can write, is not
     used at all (there is no shared fallback folder).
     """
-    folder = cache_base()
+    folder = _cache_base()
     try:
         make_dirs(folder)
         for level in (folder.parent, folder):
