@@ -7,14 +7,17 @@ import os
 import tempfile
 from pathlib import Path
 
+from mlx_stack.private import FILE_MODE, make_dirs
 
-def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
+
+def write_atomic(path: Path, data: str | bytes, mode: int = FILE_MODE) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
-    The mode is set on the temporary file before any byte is written, so a secret is never
-    readable by others, even for an instant.
+    The mode (private unless asked otherwise) is set on the temporary file before any byte is
+    written, so a secret is never readable by others, even for an instant. Missing folders
+    are made private too.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -15,8 +15,9 @@ class StatePaths:
 
     @classmethod
     def from_env(cls) -> StatePaths:
+        """Absolute, so that the supervisor and services (started in ``run/``) agree on it."""
         raw = os.environ.get("MLX_STACK_HOME")
-        return cls(Path(raw).expanduser() if raw else Path.home() / ".mlx-stack")
+        return cls(Path(raw).expanduser().absolute() if raw else Path.home() / ".mlx-stack")
 
     @property
     def stack_file(self) -> Path:

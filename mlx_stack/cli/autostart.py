@@ -145,7 +145,7 @@ def _run_all(commands: Sequence[Sequence[str]], runner: Runner) -> None:
 
 
 def install(unit: Unit, runner: Runner = run_command) -> None:
-    write_atomic(unit.path, unit.text)
+    write_atomic(unit.path, unit.text, mode=0o644)  # no secret; the usual mode for units
     _run_all(unit.load, runner)
 
 

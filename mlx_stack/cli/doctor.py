@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_stack import ports
+from mlx_stack import ports, private
 from mlx_stack.config.catalog import Catalog
 from mlx_stack.config.hardware import detect
 from mlx_stack.config.stackfile import Stack, load_stack
@@ -93,6 +93,27 @@ def check_key(paths: StatePaths, stack: Stack | None) -> Check:
     return Check("proxy key", Level.OK, f"{path} (mode 600)")
 
 
+def check_state_folder(paths: StatePaths) -> Check:
+    """The state folder is the user's alone (``private.py``); doctor reports, changes nothing."""
+    home = paths.home
+    if not home.exists():
+        return Check("state folder", Level.OK, f"{home} does not exist yet (made private by up)")
+    try:
+        found = private.audit(home)
+    except OSError as exc:
+        return Check("state folder", Level.FAIL, f"cannot check {home}: {exc.strerror or exc}",
+                     f"ls -la {home}")
+    if found.refused:
+        first = found.message().splitlines()[1].strip(" -")
+        return Check("state folder", Level.FAIL, f"not yours alone: {first}",
+                     " && ".join(found.fixes()))
+    if found.loose:
+        return Check("state folder", Level.WARN,
+                     f"{len(found.loose)} file(s) or folder(s) in {home} are readable by others "
+                     "(made private at the next up or status)", f"chmod -R go-rwx {home}")
+    return Check("state folder", Level.OK, f"{home} is private (yours, mode 700/600)")
+
+
 def check_stack(paths: StatePaths, catalog: Catalog) -> tuple[Check, Stack | None]:
     try:
         stack = load_stack(paths.stack_file, catalog, platform.system())
@@ -156,7 +177,7 @@ def check_disk(paths: StatePaths) -> list[Check]:
 
 def run_checks(paths: StatePaths, catalog: Catalog, running: bool,
                extra: list[Callable[[], Check]] | None = None) -> list[Check]:
-    checks = [check_platform(), check_mlx(), check_blas()]
+    checks = [check_platform(), check_mlx(), check_blas(), check_state_folder(paths)]
     stack_check, stack = check_stack(paths, catalog)
     checks.append(stack_check)
     checks.append(check_key(paths, stack))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,11 +32,12 @@ from mlx_stack.errors import (
     StateError,
     UnknownServiceError,
 )
-from mlx_stack.logfiles import tail
+from mlx_stack.logfiles import open_append, printable, tail
 from mlx_stack.paths import StatePaths
 from mlx_stack.ports import connect_host, holder, is_free
+from mlx_stack.private import make_dirs
 from mlx_stack.supervisor import processes
-from mlx_stack.supervisor.lock import clean_leftovers_if_unlocked
+from mlx_stack.supervisor.lock import clean_leftovers_if_unlocked, lock_held
 from mlx_stack.supervisor.states import ServiceState
 
 Report = Callable[[str, str], None]
@@ -135,7 +135,7 @@ def _snapshot_or_problem(paths: StatePaths) -> tuple[SupervisorSnapshot | None, 
 
 def _supervisor_log_tail(paths: StatePaths) -> str:
     lines = tail(paths.log_file("supervisor"), 10)
-    return "\n".join(f"      | {x}" for x in lines) or "      | (empty)"
+    return "\n".join(f"      | {printable(x)}" for x in lines) or "      | (empty)"
 
 
 def send(paths: StatePaths, action: Action, target: str | None = None,
@@ -160,12 +160,14 @@ def known_services(paths: StatePaths, plan: Plan | None) -> list[str]:
     return names + [n for n in (plan.names if plan else ()) if n not in names]
 
 
-def _spawn_supervisor(paths: StatePaths, only: str | None) -> int | None:
+def _spawn_supervisor(paths: StatePaths, only: str | None, report: Report) -> int | None:
     """Start the supervisor; its pid, or None if another one won the race for the lock."""
-    argv = [sys.executable, "-m", "mlx_stack.supervisor"] + (["--only", only] if only else [])
-    paths.logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLX_STACK_HOME": str(paths.home)}
-    with open(paths.log_file("supervisor"), "ab") as log:
+    argv = processes.python_module("mlx_stack.supervisor") + (["--only", only] if only else [])
+    env = {**os.environ, **processes.SAFE_PATH_ENV, "MLX_STACK_HOME": str(paths.home)}
+    log, warning = open_append(paths.log_file("supervisor"))
+    if warning:
+        report("supervisor", f"warning: {warning}")
+    with log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                 start_new_session=True, close_fds=True, cwd=paths.run)
     deadline = time.monotonic() + SUPERVISOR_START_S
@@ -174,7 +176,7 @@ def _spawn_supervisor(paths: StatePaths, only: str | None) -> int | None:
         if snap is not None and snap.pid == proc.pid:
             return proc.pid
         if proc.poll() is not None:
-            if proc.returncode == LOCK_HELD_EXIT:
+            if proc.returncode == LOCK_HELD_EXIT and lock_held(paths.lock_file):
                 return None
             raise ServiceStartError(
                 f"the supervisor exited at start (code {proc.returncode}):\n"
@@ -201,7 +203,7 @@ def _wait_for_supervisor(paths: StatePaths) -> SupervisorSnapshot:
 
 def _failure_text(s: ServiceSnapshot) -> str:
     lines = s.last_exit.log_tail if s.last_exit else ()
-    shown = "\n".join(f"      | {x}" for x in lines) or "      | (no output)"
+    shown = "\n".join(f"      | {printable(x)}" for x in lines) or "      | (no output)"
     how = s.last_exit.describe() if s.last_exit else s.reason
     return f"{s.name}: {s.state}: {s.reason or how}\n    last lines of its log:\n{shown}"
 
@@ -303,13 +305,13 @@ def up(
     if tier is not None and tier not in names:
         raise ConfigError(stack.path or "stack", [known_names_message(tier, names)])
     since = time.time()
-    paths.run.mkdir(parents=True, exist_ok=True)
+    make_dirs(paths.run)
     snap = _live_snapshot(paths)
     if snap is None:
         # Leftovers of a dead supervisor are ended by the new one, under the lock.
         wanted = [s for s in plan.all if tier is None or s.name == tier]
         _check_ports(wanted)
-        pid = _spawn_supervisor(paths, tier)
+        pid = _spawn_supervisor(paths, tier, report)
         if pid is None:
             snap = _wait_for_supervisor(paths)
         else:

@@ -28,6 +28,7 @@ from mlx_stack.config.stackfile import EMBEDDINGS_MODEL_NAME, Stack, load_stack
 from mlx_stack.errors import MlxStackError
 from mlx_stack.paths import StatePaths
 from mlx_stack.ports import connect_host
+from mlx_stack.private import secure_state_folder
 
 F = TypeVar("F", bound=Callable[..., Any])
 SERVICES_HELP = "a chat tier name, 'embeddings' or 'proxy'"
@@ -50,8 +51,14 @@ def _friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _context() -> tuple[StatePaths, Catalog]:
+def _context(secure: bool = False, create: bool = False) -> tuple[StatePaths, Catalog]:
+    """The state folder and the catalog. With ``secure``, the state folder is checked first:
+    refused if another user owns or can write anything in it; made private if only readable
+    (``private.py``). ``create`` makes it (private) when absent."""
     paths = StatePaths.from_env()
+    if secure or create:
+        for note in secure_state_folder(paths.home, create=create):
+            click.echo(f"note: {note}", err=True)
     return paths, load_catalog(paths.user_catalog)
 
 
@@ -153,7 +160,7 @@ def init(
     """Write the stack file for this machine (and the proxy key)."""
     from mlx_stack.config import stackinit
 
-    paths, catalog = _context()
+    paths, catalog = _context(create=True)
     hw = detect()
     if exist_ok and not force and not add_model and paths.stack_file.exists():
         key_file = stackinit.key_file_of(paths, catalog, hw)
@@ -239,7 +246,7 @@ def up(tier: str | None, foreground: bool, as_json: bool) -> None:
     On a terminal, each model server shows a bar while it loads: its memory against the size
     of its weights; the bar fills only once the server answers a real request.
     """
-    paths, catalog = _context()
+    paths, catalog = _context(create=True)
     stack = _load(paths, catalog)
     plan = _plan(paths, stack)
     if foreground:
@@ -288,7 +295,7 @@ def up(tier: str | None, foreground: bool, as_json: bool) -> None:
 @_friendly
 def down(tier: str | None, timeout: float, as_json: bool) -> None:
     """Stop the proxy, then every model server (whole process groups), then the supervisor."""
-    paths, catalog = _context()
+    paths, catalog = _context(secure=True)
     plan = _plan_or_none(paths, catalog) if tier is not None else None
     stopped = lifecycle.down(paths, tier=tier, plan=plan, report=_say, timeout_s=timeout)
     if as_json:
@@ -310,7 +317,7 @@ def _plan_or_none(paths: StatePaths, catalog: Catalog) -> Plan | None:
 @_friendly
 def restart(service: str | None, as_json: bool) -> None:
     """Restart SERVICE (or every service); this also clears a `fatal` state."""
-    paths, catalog = _context()
+    paths, catalog = _context(secure=True)
     plan = _plan_or_none(paths, catalog)
     with _loading(as_json) as (report, watch):
         names = lifecycle.restart(paths, service, report=report, watch=watch, plan=plan)
@@ -326,7 +333,7 @@ def restart(service: str | None, as_json: bool) -> None:
 @_friendly
 def status(as_json: bool) -> None:
     """Show every service: state, model, port, pid, uptime, restarts, last exit."""
-    paths, catalog = _context()
+    paths, catalog = _context(secure=True)
     plan, problem, warnings = None, "", []
     try:
         stack = _load(paths, catalog)
@@ -367,28 +374,37 @@ def status(as_json: bool) -> None:
 )
 @_friendly
 def logs_cmd(service: str, lines: int, follow: bool, all_files: bool) -> None:
-    """Show a service's log (a tier name, 'embeddings', 'proxy' or 'supervisor')."""
-    paths, catalog = _context()
+    """Show a service's log (a tier name, 'embeddings', 'proxy' or 'supervisor').
+
+    Control characters in it (terminal escapes, carriage returns) are shown, not obeyed:
+    ESC as ^[, CR as ^M.
+    """
+    paths, catalog = _context(secure=True)
     logged = sorted(p.stem for p in paths.logs.glob("*.log")) if paths.logs.exists() else []
     names = [*lifecycle.known_services(paths, _plan_or_none(paths, catalog)), "supervisor"]
     lifecycle.check_service_name(service, [*names, *(n for n in logged if n not in names)])
     path = paths.log_file(service)
+    if path.is_symlink() or (path.exists() and not logfiles.is_log(path)):
+        raise MlxStackError(
+            f"{path} is not a regular file (a link?); logs are never read or written through "
+            "one: delete it, and the supervisor writes a new log there"
+        )
     if not path.exists() and not follow:
         raise MlxStackError(
             f"no log for {service!r} yet at {path}; logs exist for: "
             f"{', '.join(logged) or 'nothing yet'}"
         )
+    show = logfiles.printable
     if all_files:
         for f in logfiles.all_log_files(path):
-            with open(f, encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    click.echo(line.rstrip("\n"))
+            for line in logfiles.read_lines(f):
+                click.echo(show(line))
     else:
         for line in logfiles.tail(path, lines):
-            click.echo(line)
+            click.echo(show(line))
     if follow:
         for line in logfiles.follow(path):
-            click.echo(line)
+            click.echo(show(line))
 
 
 @main.command()
@@ -509,7 +525,7 @@ def pull(model: str, quant: str | None, as_json: bool) -> None:
 @_friendly
 def key() -> None:
     """Print the proxy's master key (for `Authorization: Bearer ...`)."""
-    paths, catalog = _context()
+    paths, catalog = _context(secure=True)
     try:
         name = _load(paths, catalog).proxy.key_file
     except MlxStackError:

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mlx_stack.cli.lifecycle import LoadProgress, ServiceStatus
+from mlx_stack.logfiles import printable
 
 #: Wide enough for a status row with a long detail when the output is not a terminal.
 PIPE_WIDTH = 240
@@ -114,7 +115,7 @@ def fatal_logs(rows: Sequence[ServiceStatus], lines: int = 5) -> list[str]:
     for r in rows:
         if r.state == "fatal" and r.last_exit_log:
             out.append(f"{r.name}: last lines of its log (`mlx-stack logs {r.name}` for more)")
-            out += [f"  | {line}" for line in r.last_exit_log[-lines:]]
+            out += [f"  | {printable(line)}" for line in r.last_exit_log[-lines:]]
     return out
 
 

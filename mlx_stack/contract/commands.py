@@ -26,6 +26,7 @@ from typing import Any
 
 from mlx_stack.atomic import write_atomic
 from mlx_stack.errors import StateError
+from mlx_stack.private import open_read
 
 MAX_COMMAND_BYTES = 64 * 1024
 """A command is a few dozen bytes; a larger file is refused unread."""
@@ -211,7 +212,7 @@ class Mailbox:
         stem = path.name[: -len(".json")]
         cid = stem if _ID.match(stem) else _safe_id(stem)
         try:
-            with open(path, "rb") as f:
+            with open_read(path) as f:  # not through a link; a FIFO cannot block the loop
                 raw = f.read(MAX_COMMAND_BYTES + 1)
         except FileNotFoundError:
             return Received(cid, None, CommandError(

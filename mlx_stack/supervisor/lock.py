@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mlx_stack.contract.snapshot import load_snapshot
 from mlx_stack.errors import StateError
+from mlx_stack.private import FILE_MODE, make_dirs
 from mlx_stack.supervisor import processes
 
 
@@ -26,9 +27,13 @@ class StackLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock or raise StateError naming what to do."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        """Take the lock or raise StateError naming what to do (never through a link)."""
+        try:
+            make_dirs(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+        except OSError as exc:
+            raise StateError(f"cannot open the stack's lock {self.path}: "
+                             f"{exc.strerror or exc}; if it is a link, delete it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -86,6 +91,21 @@ def clean_leftovers(state_file: Path, timeout_s: float = 5.0) -> list[str]:
     left = [s for s in snap.services if s.process is not None and processes.is_running(s.process)]
     processes.stop_all([s.process for s in left if s.process is not None], timeout_s)
     return [s.name for s in left]
+
+
+def lock_held(lock_file: Path) -> bool:
+    """True if a supervisor holds the stack's lock right now."""
+    try:
+        fd = os.open(lock_file, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def clean_leftovers_if_unlocked(lock_file: Path, state_file: Path) -> list[str]:

@@ -9,6 +9,9 @@ A write that fails (a full disk, a removed folder, no permission) never raises: 
 dropped and counted, the file is reopened on the next line, and the loop shows the failure as a
 warning (:meth:`RotatingLog.take_error`). Raising would kill the pump thread, the child's pipe
 would fill, and the child would block: a logging problem must not become a hung service.
+
+Files are private (0600) and never opened through a link (``logfiles.open_append``): a link
+planted in a log's place is replaced by a new file, and that is reported the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from mlx_stack.logfiles import backup_path
+from mlx_stack.logfiles import backup_path, open_append
 
 
 class LogSink(Protocol):
@@ -85,8 +88,10 @@ class RotatingLog:
 
     def _open(self) -> BinaryIO:
         if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "ab")  # noqa: SIM115 - owned for the object's life
+            self._file, warning = open_append(self.path)
+            if warning:
+                self._error = warning
+                self._unreported = True
         return self._file
 
     def _rotate(self, f: BinaryIO) -> BinaryIO:

@@ -17,6 +17,7 @@ from pathlib import Path
 from mlx_stack.config.plan import load_plan
 from mlx_stack.errors import MlxStackError
 from mlx_stack.paths import StatePaths
+from mlx_stack.private import make_dirs, secure_state_folder
 from mlx_stack.supervisor.lock import StackLock, clean_leftovers
 from mlx_stack.supervisor.loop import Supervisor
 from mlx_stack.supervisor.runtime import OsRuntime
@@ -42,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = StatePaths.from_env()
     lock = StackLock(paths.lock_file)
     try:
-        paths.run.mkdir(parents=True, exist_ok=True)
+        # Checked here too, not only by the CLI: launchd and systemd start this directly.
+        for note in secure_state_folder(paths.home, create=True):
+            print(f"mlx-stack supervisor: {note}", file=sys.stderr, flush=True)
+        make_dirs(paths.run)
         lock.acquire()
     except (MlxStackError, OSError) as exc:
         print(f"mlx-stack supervisor: {exc}", file=sys.stderr, flush=True)

@@ -3,6 +3,13 @@ recognise it later without trusting a bare PID, and stop its whole group.
 
 A PID alone is not an identity (PIDs are reused, after a reboot in particular), so every record
 keeps the process's start time and command line, and nothing is signalled unless both match.
+
+``python -m X`` puts its working folder first on ``sys.path``, so a ``json.py`` left in it
+would be imported instead of the real one. Our Python processes (the supervisor, and every
+service through the child guard) therefore start with ``-P`` (Python 3.11+) or, on 3.10, a
+one-line bootstrap that drops that entry before anything else is imported
+(:func:`python_module`); services also get ``PYTHONSAFEPATH=1`` for the Python processes they
+start themselves.
 """
 
 from __future__ import annotations
@@ -23,6 +30,14 @@ from typing import Any
 import psutil
 
 from mlx_stack.supervisor.logsink import LogSink, pump
+
+#: On Python 3.10 (no ``-P``): drop the working folder ('' first on sys.path under ``-c``)
+#: before any import, then run the module as ``-m`` would.
+_NO_CWD_BOOT = ("import sys; sys.path[:1] == [''] and sys.path.pop(0); import runpy; "
+                "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
+#: Inherited by every service, so that Python processes it starts do not import from their
+#: working folder either (ignored before Python 3.11).
+SAFE_PATH_ENV = {"PYTHONSAFEPATH": "1"}
 
 #: How close a recorded start time must be to the live process's (psutil rounds differently
 #: across platforms).
@@ -83,6 +98,16 @@ class Child:
         self.pump.join(timeout=2)
 
 
+def python_module(module: str, safe_path_flag: bool | None = None) -> list[str]:
+    """The command that runs ``python -m module`` without importing from the working folder.
+
+    ``safe_path_flag`` (default: Python >= 3.11) picks ``-P``; otherwise the 3.10 bootstrap.
+    """
+    if safe_path_flag if safe_path_flag is not None else sys.version_info >= (3, 11):
+        return [sys.executable, "-P", "-m", module]
+    return [sys.executable, "-c", _NO_CWD_BOOT, module]
+
+
 def guarded(argv: Sequence[str], lifeline: int) -> list[str]:
     """``argv`` run through ``mlx_stack.supervisor.childguard`` when it is a Python program of ours.
 
@@ -90,7 +115,7 @@ def guarded(argv: Sequence[str], lifeline: int) -> list[str]:
     supervisor writes) reaches end-of-file: the supervisor's death, on macOS too.
     """
     if len(argv) > 1 and argv[0] == sys.executable:
-        return [sys.executable, "-m", "mlx_stack.supervisor.childguard", "--fd", str(lifeline),
+        return [*python_module("mlx_stack.supervisor.childguard"), "--fd", str(lifeline),
                 *argv[1:]]
     return list(argv)
 
@@ -100,15 +125,16 @@ def start_child(argv: Sequence[str], env: Mapping[str, str], cwd: Path,
     """Start ``argv`` in a new session (its own process group), its output pumped into ``log``.
 
     It dies with its supervisor even on SIGKILL: through PR_SET_PDEATHSIG on Linux, and through
-    the ``lifeline`` pipe (see ``guarded``) on every OS. Raises OSError if it cannot be run.
+    the ``lifeline`` pipe (see ``guarded``) on every OS. Its environment gets
+    ``PYTHONSAFEPATH=1``. Raises OSError if it cannot be run.
     """
     preexec = _linux_pdeathsig if sys.platform.startswith("linux") else None
     if lifeline is not None:
         argv = guarded(argv, lifeline)
     popen = subprocess.Popen(
         list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env=dict(env), cwd=cwd, start_new_session=True, close_fds=True, preexec_fn=preexec,
-        pass_fds=() if lifeline is None else (lifeline,),
+        env={**env, **SAFE_PATH_ENV}, cwd=cwd, start_new_session=True, close_fds=True,
+        preexec_fn=preexec, pass_fds=() if lifeline is None else (lifeline,),
     )
     try:
         create_time = psutil.Process(popen.pid).create_time()

@@ -25,6 +25,7 @@ from mlx_stack import ports
 from mlx_stack.atomic import write_atomic
 from mlx_stack.config.plan import Probe
 from mlx_stack.logfiles import tail
+from mlx_stack.private import owner_only
 from mlx_stack.supervisor import processes
 from mlx_stack.supervisor.logsink import LogSink, RotatingLog
 from mlx_stack.supervisor.probes import ProbeResult, run_liveness, run_probe
@@ -134,7 +135,9 @@ class OsRuntime:
         return RotatingLog(path, max_bytes, backups)
 
     def write_file(self, path: Path, text: str, mode: int) -> None:
-        write_atomic(path, text, mode=mode)
+        # Everything the supervisor writes is in the state folder, which is the user's alone:
+        # whatever mode is asked for, group and others get nothing (private.py).
+        write_atomic(path, text, mode=owner_only(mode))
 
     def me(self) -> ProcessRecord:
         return self._me

@@ -35,6 +35,7 @@ from embedserver import (
     run_python,
     running_server,
 )
+from helpers import needs_root
 
 pytestmark = pytest.mark.e2e
 
@@ -586,3 +587,74 @@ def test_mkl_from_the_dependency_is_preferred_and_in_effect() -> None:
     name, before, after = json.loads(out)
     assert name.startswith("MKL 20"), name
     assert before == [] and after, (before, after)
+
+
+# --- the compiled kernels' cache -------------------------------------------------------------
+
+KERNEL_TEXTS = ["hi", "The quick brown fox jumps over the lazy dog.", "Mittelgroßer Satz. " * 20]
+
+
+def kernel_cache(tmp_path: Path, compiler: str, body: bytes) -> Path:
+    """A private cache folder holding ``body`` where the server looks for its kernels."""
+    from mlx_stack.embeddings.cpu import kernels
+
+    folder = tmp_path / "cache" / "mlx-stack" / "kernels"
+    folder.mkdir(parents=True, mode=0o700)
+    (folder.parent).chmod(0o700)
+    library = folder / kernels.library_name(kernels.read_source(), compiler)
+    library.write_bytes(body)
+    return library
+
+
+def ready_line(log: Path) -> str:
+    """The log line naming the fast kernels in use."""
+    return next(line for line in log.read_text().splitlines() if "model ready in" in line)
+
+
+def test_a_broken_cached_library_falls_back_to_mlx_with_the_same_vectors(
+    server: Server, tmp_path: Path
+) -> None:
+    """A damaged library (no matching checksum) is not loaded; with no compiler to rebuild it
+    the server keeps MLX's own kernels, says so, and serves the same vectors."""
+    library = kernel_cache(tmp_path, "false", b"\x7fELF\x02\x01\x01" + b"\0" * 57)
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "CXX": "false"}
+    with running_server(tmp_path / "fallback.log", env=env) as fallback:
+        log = fallback.log.read_text()
+        assert f"not using the cached CPU kernels {library}" in log
+        assert "fast CPU kernels unavailable, using MLX's" in log
+        assert "fused encoder layers" not in ready_line(fallback.log)
+        with fallback.client() as http, server.client() as reference:
+            got, want = embed(http, KERNEL_TEXTS), embed(reference, KERNEL_TEXTS)
+    assert "fused encoder layers" in ready_line(server.log)  # the reference used them
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@needs_root
+def test_a_planted_library_is_not_loaded_and_the_rebuilt_one_serves(
+    server: Server, tmp_path: Path
+) -> None:
+    """Another user's library with a constructor where the server looks for its kernels:
+    never loaded (its code would run inside the server); the server builds its own."""
+    import os
+
+    marker = tmp_path / "planted-ran"
+    source = tmp_path / "planted.cpp"
+    source.write_text(
+        "#include <cstdio>\n__attribute__((constructor)) static void planted() {\n"
+        f'  FILE* f = std::fopen("{marker}", "a"); if (f) {{ std::fputs("ran", f); '
+        "std::fclose(f); }\n}\n"
+    )
+    built = tmp_path / "planted.so"
+    subprocess.run(["g++", "-shared", "-fPIC", str(source), "-o", str(built)], check=True,
+                   timeout=120)
+    library = kernel_cache(tmp_path, "g++", built.read_bytes())
+    os.chown(library, 54321, 54321)
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "CXX": "g++"}
+    with running_server(tmp_path / "rebuilt.log", env=env) as rebuilt:
+        assert not marker.exists()
+        assert "belongs to uid 54321" in rebuilt.log.read_text()
+        assert "fused encoder layers" in ready_line(rebuilt.log)
+        with rebuilt.client() as http, server.client() as reference:
+            got, want = embed(http, KERNEL_TEXTS), embed(reference, KERNEL_TEXTS)
+    assert library.stat().st_uid == os.geteuid()
+    np.testing.assert_allclose(got, want, atol=1e-6)

@@ -55,7 +55,7 @@ class Harness:
 
     def __init__(self, home: Path, plan: Plan, settings: WatchSettings = FAST) -> None:
         self.paths = StatePaths(home)
-        self.paths.run.mkdir(parents=True)
+        self.paths.run.mkdir(parents=True, exist_ok=True)  # a test may plant files first
         self.plan: Plan | Exception = plan
         self.settings = settings
         self.runtime = OsRuntime()
@@ -251,6 +251,31 @@ def test_logs_rotate_under_a_flood_without_losing_or_cutting_lines(harness):
                 assert re.fullmatch(r"flood line \d{7} x{80}", line), line  # never cut
                 numbers.append(int(line.split()[2]))
     assert numbers == list(range(numbers[0], 20000))  # contiguous, in order, up to the last
+
+
+def test_services_import_nothing_from_run_and_write_no_log_through_a_link(harness, tmp_path):
+    """A module planted in ``run/`` (every service's working folder) is not imported, and a
+    link planted as a service's log is replaced, not written through (tests/support/
+    fakeserver.py imports json, as every real service does)."""
+    home = tmp_path / "home0"  # the harness's first state folder
+    (home / "run").mkdir(parents=True)
+    marker = tmp_path / "imported"
+    for name in ("json", "threading", "http"):
+        (home / "run" / f"{name}.py").write_text(
+            f"open({str(marker)!r}, 'a').write('{name}')\nraise SystemExit(97)\n")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (home / "logs").mkdir()
+    (home / "logs" / "standard.log").symlink_to(victim)
+    h = harness(spec("standard"))
+    for name in ("standard", "proxy"):
+        h.wait_state(name, S.READY)
+    assert not marker.exists()
+    log = h.paths.log_file("standard")
+    assert victim.read_text() == "precious\n"
+    assert not log.is_symlink() and "starting standard" in log.read_text()
+    h.wait(lambda: any("was a symbolic link" in w for w in h.sup.report.recent()),
+           what="the replaced link reported")
 
 
 def test_an_edit_restarts_only_what_changed_and_a_bad_edit_changes_nothing(harness):

@@ -88,7 +88,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def start_server(log: Path, *extra: str, model: Path | None = None, name: str = "minilm") -> Server:
+def start_server(log: Path, *extra: str, model: Path | None = None, name: str = "minilm",
+                 env: dict[str, str] | None = None) -> Server:
+    """Start a server; ``env`` is added to :func:`child_env`."""
     port = free_port()
     command = [
         sys.executable,
@@ -107,7 +109,7 @@ def start_server(log: Path, *extra: str, model: Path | None = None, name: str = 
             command,
             stdout=sink,
             stderr=subprocess.STDOUT,
-            env=child_env(),
+            env={**child_env(), **(env or {})},
             cwd=REPO,
             start_new_session=True,
         )
@@ -122,9 +124,10 @@ def start_server(log: Path, *extra: str, model: Path | None = None, name: str = 
 
 @contextmanager
 def running_server(
-    log: Path, *extra: str, model: Path | None = None, name: str = "minilm"
+    log: Path, *extra: str, model: Path | None = None, name: str = "minilm",
+    env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
-    server = start_server(log, *extra, model=model, name=name)
+    server = start_server(log, *extra, model=model, name=name, env=env)
     try:
         yield server
     finally:

@@ -1,9 +1,12 @@
-"""Small programs the process tests run as real children (no model needed)."""
+"""Small programs the process tests run as real children (no model needed), and markers."""
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
+
+import pytest
 
 PY = sys.executable
 
@@ -33,3 +36,8 @@ WITH_GRANDCHILD = [
     while True: time.sleep(1)
     """),
 ]
+
+#: Tests that give a file to another uid or group (``os.chown``) to check that it is refused:
+#: only root may do that. (Root passes every permission check, so such tests check the owner
+#: and mode logic, never an EACCES.)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="os.chown to another uid needs root")

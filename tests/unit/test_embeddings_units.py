@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import needs_root
 
 from mlx_stack.embeddings.api.apierror import ApiError
 from mlx_stack.embeddings.api.metrics import ServerMetrics
@@ -297,3 +300,76 @@ def test_kernel_source_ships_with_the_package_and_keys_the_build() -> None:
     assert name == kernels.library_name(code, "g++")
     assert name != kernels.library_name(code + "// edited\n", "g++")
     assert name != kernels.library_name(code, "clang++")
+
+
+# --- which cached kernels may be loaded ------------------------------------------------------
+
+STRANGER = 54321  # a uid that no account has (the tests run as root: modes are set, not denied)
+
+
+def cached_library(folder: Path, body: bytes = b"\x7fELF built here") -> Path:
+    """A cached library as a build publishes it: the file, then its recorded checksum."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lib = folder / kernels.library_name(kernels.read_source(), "g++")
+    lib.write_bytes(body)
+    lib.chmod(0o700)
+    (folder / (lib.name + ".sha256")).write_text(kernels._digest(lib) + "\n")
+    return lib
+
+
+def why_not(lib: Path) -> str | None:
+    return kernels._why_not_load(lib, os.lstat(lib))
+
+
+def test_a_cached_library_of_our_own_with_its_checksum_may_be_loaded(tmp_path: Path) -> None:
+    assert why_not(cached_library(tmp_path)) is None
+
+
+@needs_root
+def test_a_library_planted_by_another_user_is_not_loaded(tmp_path: Path) -> None:
+    lib = cached_library(tmp_path)
+    os.chown(lib, STRANGER, -1)
+    assert f"belongs to uid {STRANGER}" in why_not(lib)
+
+
+@needs_root
+def test_a_group_writable_library_is_not_loaded(tmp_path: Path) -> None:
+    lib = cached_library(tmp_path)
+    os.chown(lib, -1, STRANGER)
+    lib.chmod(0o770)
+    assert "can write it (mode 0770)" in why_not(lib)
+
+
+def test_a_truncated_library_is_not_loaded(tmp_path: Path) -> None:
+    """dlopen maps a truncated ELF without complaint, then the process dies of SIGBUS."""
+    lib = cached_library(tmp_path)
+    lib.write_bytes(lib.read_bytes()[:5])
+    assert "differ from the checksum" in why_not(lib)
+
+
+def test_a_library_without_a_checksum_or_behind_a_link_is_not_loaded(tmp_path: Path) -> None:
+    lib = cached_library(tmp_path)
+    Path(str(lib) + ".sha256").unlink()
+    assert "no readable checksum" in why_not(lib)
+    real = cached_library(tmp_path / "elsewhere")
+    lib.unlink()
+    lib.symlink_to(real)
+    assert why_not(lib) == "it is not a regular file"
+
+
+@needs_root
+def test_the_kernel_cache_is_private_and_never_shared(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder, why = kernels._cache_dir()
+    assert folder == tmp_path / "cache" / "mlx-stack" / "kernels" and why == ""
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(folder.parent.stat().st_mode) == 0o700
+    folder.chmod(0o755)  # as older versions made it: ours, only readable: made private
+    assert kernels._cache_dir()[0] == folder and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    os.chown(folder, STRANGER, -1)  # someone else's: not used, and no /tmp fallback either
+    folder2, why = kernels._cache_dir()
+    assert folder2 is None and f"belongs to uid {STRANGER}" in why
+    os.chown(folder, os.geteuid(), -1)
+    (tmp_path / "cache").chmod(0o777)  # a parent anyone can write: the folder could be swapped
+    folder3, why = kernels._cache_dir()
+    assert folder3 is None and "every user can write" in why

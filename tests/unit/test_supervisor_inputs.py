@@ -106,6 +106,23 @@ def test_a_folder_named_like_a_command_is_moved_aside(ready):
     assert sc.all_ready()
 
 
+def test_a_fifo_or_a_link_named_like_a_command_neither_blocks_nor_is_followed(ready, tmp_path):
+    """A FIFO would block the loop in open(); a link would make it read another file."""
+    import os
+
+    sc = ready
+    os.mkfifo(sc.paths.commands / "fifo.json")
+    target = tmp_path / "elsewhere.json"
+    target.write_text('{"action": "stop", "target": "standard", "id": "link"}')
+    (sc.paths.commands / "link.json").symlink_to(target)
+    sc.run(1)
+    for cid in ("fifo", "link"):
+        assert not (sc.paths.commands / f"{cid}.json").exists()
+        error = sc.answer(cid).error
+        assert error is not None and "not a regular file" in error.message
+    assert target.exists() and sc.all_ready()  # the link's target was not obeyed
+
+
 def test_a_command_file_that_vanishes_mid_read_gets_an_answer(tmp_path):
     box = Mailbox(tmp_path)
     got = box._take(tmp_path / "abc.json")  # listed, then gone before it was opened

@@ -7,7 +7,8 @@ and layer norms cost more than its matrix products. A few lines of C++ built wit
 one pass: ~1,000 M values/s for softmax, ~800 M for GELU, max error ~1e-6. The C++ is
 ``kernels.cpp`` beside this file (package data, read with ``importlib.resources``); it is built
 once per source, compiler and CPU with the C++ compiler ``mx.compile`` needs anyway (``$CXX`` or
-``g++``) into ``~/.cache/mlx-stack/kernels`` and loaded with ctypes.
+``g++``) into ``~/.cache/mlx-stack/kernels`` and loaded with ctypes: only a library of the
+user's own, in a folder nobody else can write, and only after a self-check (see ``load``).
 
 The functions work **in place** on an evaluated, row-contiguous float32 MLX array, through its
 writable buffer: callers pass only arrays they created and nobody else holds (a fresh matrix
@@ -24,6 +25,7 @@ import math
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mlx_stack.atomic import write_atomic
+from mlx_stack.private import distrust, make_dirs, owner_only, safe_ancestors
 
 log = logging.getLogger("mlx_stack.embeddings")
 
@@ -200,15 +205,15 @@ _failure: str | None = None
 def load() -> Kernels | None:
     """Build (once per machine and source) and load the kernels; ``None`` if impossible.
 
-    Never raises: without a compiler the caller keeps MLX's own (slow but exact) kernels.
+    Never raises: without a compiler, or with a library that fails to load, lacks a function
+    or fails its self-check, the caller keeps MLX's own (slow but exact) kernels, and the log
+    says why.
     """
     global _loaded, _failure
     if _loaded is not None or _failure is not None:
         return _loaded
     try:
-        path = _build()
-        kernels = Kernels(ctypes.CDLL(str(path)), path)
-        _self_test(kernels)
+        kernels = _load_or_build()
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
         _failure = str(exc)
         log.warning("fast CPU kernels unavailable, using MLX's: %s", _failure)
@@ -217,15 +222,91 @@ def load() -> Kernels | None:
     return kernels
 
 
-def _build() -> Path:
+def _load_or_build() -> Kernels:
+    """The cached library if it is ours and works; else a fresh build.
+
+    Only a library the user owns, that nobody else can write, in a folder with the same
+    properties, is ever loaded: loading runs its constructors inside the server. A fresh build
+    is loaded and self-checked from its private work folder *before* it replaces the cached
+    one, so the cache only ever holds a library that passed. Without a private cache folder
+    the build goes to a folder made for this process (``mkdtemp``) and is not kept.
+    """
     compiler = os.environ.get("CXX", "g++")
+    code = read_source()
+    name = library_name(code, compiler)
+    folder, why_not = _cache_dir()
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="mlxs-kernels-") as work:
+            log.warning("no private cache folder for the CPU kernels (%s): building them for "
+                        "this process only, in %s", why_not, work)
+            return _build(compiler, code, Path(work), None)
+    cached = folder / name
+    try:
+        st: os.stat_result | None = os.lstat(cached)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        problem = _why_not_load(cached, st)
+        if problem is None:
+            try:
+                return _open(cached)
+            except (OSError, RuntimeError, ValueError) as exc:
+                problem = f"it is broken ({exc})"
+        log.warning("not using the cached CPU kernels %s: %s; building them again",
+                    cached, problem)
+    return _build(compiler, code, folder, cached)
+
+
+def _why_not_load(cached: Path, st: os.stat_result) -> str | None:
+    """Why a cached library must not be loaded, or ``None``.
+
+    Besides its owner and mode, its bytes must match the checksum recorded when it was built
+    and passed its self-check: a truncated library is not refused by the dynamic loader, it
+    crashes the process (SIGBUS) when a missing page is touched.
+    """
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    problem = distrust(st)
+    if problem:
+        return problem
+    sums = _checksum_file(cached)
+    try:
+        recorded_st = os.lstat(sums)
+        if not stat.S_ISREG(recorded_st.st_mode) or distrust(recorded_st):
+            return f"its checksum file {sums.name} is not trustworthy"
+        recorded = sums.read_text(encoding="ascii").strip()
+        actual = _digest(cached)
+    except (OSError, UnicodeDecodeError):
+        return f"it has no readable checksum file {sums.name}"
+    if recorded != actual:
+        return "its bytes differ from the checksum recorded at build time (damaged or truncated)"
+    return None
+
+
+def _checksum_file(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _open(path: Path) -> Kernels:
+    """Load a library and check every kernel against numpy; raises if anything is amiss."""
+    library = ctypes.CDLL(str(path))
+    try:
+        kernels = Kernels(library, path)
+    except AttributeError as exc:  # a library without one of our functions
+        raise RuntimeError(f"{path.name} lacks a kernel: {exc}") from None
+    _self_test(kernels)
+    return kernels
+
+
+def _build(compiler: str, code: str, folder: Path, target: Path | None) -> Kernels:
+    """Compile in a private work folder inside ``folder``, load and check the result, then
+    publish it as ``target`` (atomically, so concurrent builders never see half a file)."""
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler!r}) on PATH; install g++")
-    folder = _cache_dir()
-    code = read_source()
-    target = folder / library_name(code, compiler)
-    if target.is_file():
-        return target
     errors: list[str] = []
     for arch in (_ARCH_FLAGS, ()):  # -march=native is refused by some compilers/arches
         with tempfile.TemporaryDirectory(dir=folder) as work:
@@ -234,9 +315,14 @@ def _build() -> Path:
             built = Path(work) / "kernels.so"
             command = [compiler, *_FLAGS, *arch, str(source), "-o", str(built)]
             result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-            if result.returncode == 0:
-                os.replace(built, target)  # atomic: concurrent builders cannot see half a file
-                return target
+            if result.returncode == 0 and built.is_file():
+                kernels = _open(built)  # a unique path: never the loader's cached handle
+                if target is not None:
+                    os.chmod(built, 0o700)
+                    write_atomic(_checksum_file(target), _digest(built) + "\n")
+                    os.replace(built, target)
+                    kernels.path = target
+                return kernels
             errors.append(result.stderr.strip().splitlines()[-1:][0] if result.stderr else "")
     raise RuntimeError(f"{compiler} failed to build the kernels: {'; '.join(errors)}")
 
@@ -255,16 +341,34 @@ def read_source() -> str:
     return importlib.resources.files(__package__).joinpath(SOURCE_FILE).read_text(encoding="utf-8")
 
 
-def _cache_dir() -> Path:
+def _cache_base() -> Path:
+    """``$XDG_CACHE_HOME/mlx-stack/kernels``, by default under ``~/.cache``."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    for folder in (Path(base) / "mlx-stack" / "kernels", Path(tempfile.gettempdir()) / "mlxs"):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(folder, os.W_OK):
-            return folder
-    raise RuntimeError("no writable cache folder for the CPU kernels")
+    return Path(base) / "mlx-stack" / "kernels"
+
+
+def _cache_dir() -> tuple[Path | None, str]:
+    """The user's private kernel cache, or ``None`` and why it cannot be used.
+
+    Our own folders that are merely open to others (made by older versions) are made private;
+    a folder that belongs to someone else, or under a parent another user can write, is not
+    used at all (there is no shared fallback folder).
+    """
+    folder = _cache_base()
+    try:
+        make_dirs(folder)
+        for level in (folder.parent, folder):
+            st = os.stat(level)
+            if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+                os.chmod(level, owner_only(st.st_mode))
+                st = os.stat(level)
+            problem = distrust(st)
+            if problem:
+                return None, f"{level}: {problem}"
+    except OSError as exc:
+        return None, f"{folder}: {exc.strerror or exc}"
+    problem = safe_ancestors(folder.parent)
+    return (None, problem) if problem else (folder, "")
 
 
 def _cpu_signature() -> str:
