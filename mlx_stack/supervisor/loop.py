@@ -368,7 +368,7 @@ class Supervisor:
 
     def write_snapshot(self) -> None:
         """Write ``run/state.json``; raises OSError (the loop turns it into a warning)."""
-        self.rt.write_file(self.paths.state_file, snapshot_text(self.snapshot()), 0o644)
+        self.rt.write_file(self.paths.state_file, snapshot_text(self.snapshot()), 0o600)
         self.dirty = False
 
     def _maybe_snapshot(self, now: float, *, force: bool = False) -> None:
