@@ -157,28 +157,32 @@ def test_a_stopped_service_is_replaced_within_seconds(harness):
     assert "hung: stopped (SIGSTOP or a debugger)" in h.paths.log_file("standard").read_text()
 
 
-def test_a_deadlocked_server_is_replaced(harness):
+@pytest.mark.parametrize("kind", [ServiceKind.CHAT, ServiceKind.EMBEDDINGS])
+def test_a_deadlocked_server_is_replaced(harness, kind):
     """Alive, no CPU, accepts connections, answers nothing: a deadlock in its HTTP layer."""
-    h = harness(spec("standard", "--deadlock-after", "1.5"))
-    h.wait_state("standard", S.READY)
-    old = h.pid("standard")
-    h.wait(lambda: h.pid("standard") not in (None, old), timeout=20, what="replaced")
-    log = h.paths.log_file("standard").read_text()
+    name = "standard" if kind is ServiceKind.CHAT else "embeddings"
+    h = harness(spec(name, "--deadlock-after", "1.5", kind=kind))
+    h.wait_state(name, S.READY)
+    old = h.pid(name)
+    h.wait(lambda: h.pid(name) not in (None, old), timeout=20, what="replaced")
+    log = h.paths.log_file(name).read_text()
     assert "no CPU time, no output: deadlocked" in log
 
 
-def test_a_server_busy_longer_than_every_timeout_is_never_killed(harness):
+@pytest.mark.parametrize("kind", [ServiceKind.CHAT, ServiceKind.EMBEDDINGS])
+def test_a_server_busy_longer_than_every_timeout_is_never_killed(harness, kind):
     """Answers nothing for 8 s (longer than probe, liveness and hang timeouts) but burns CPU
     and logs progress: busy, not hung."""
-    h = harness(spec("standard", "--busy-after", "1.0", "--busy-for", "8"))
-    h.wait_state("standard", S.READY)
-    pid = h.pid("standard")
-    h.wait(lambda: h.sup.services["standard"].reason.startswith("busy: no answer"),
+    name = "standard" if kind is ServiceKind.CHAT else "embeddings"
+    h = harness(spec(name, "--busy-after", "1.0", "--busy-for", "8", kind=kind))
+    h.wait_state(name, S.READY)
+    pid = h.pid(name)
+    h.wait(lambda: h.sup.services[name].reason.startswith("busy: no answer"),
            timeout=15, what="seen busy")
-    h.wait(lambda: "busy spell over" in h.paths.log_file("standard").read_text(), timeout=20,
+    h.wait(lambda: "busy spell over" in h.paths.log_file(name).read_text(), timeout=20,
            what="busy spell over")
-    h.wait_state("standard", S.READY, timeout=10)
-    assert h.pid("standard") == pid and h.sup.services["standard"].restarts == 0
+    h.wait_state(name, S.READY, timeout=10)
+    assert h.pid(name) == pid and h.sup.services[name].restarts == 0
 
 def test_a_service_that_exits_at_once_backs_off_then_goes_fatal(harness):
     h = harness(spec("standard", "--exit-after", "0.1", "--exit-code", "1"))
