@@ -10,10 +10,12 @@ that snapshot (re-read when it changes) and, while a tier is not ``ready``:
 - with no ready fallback (the embeddings tier has none: its vectors would come from another
   space), the request waits up to ``HOLD_S`` for the tier to be ready again (a restart), then
   gets a 503 in OpenAI's error shape with ``Retry-After``: seconds, never a stall;
-- a request that was already waiting on the tier when it hung fails when the supervisor kills
-  it; LiteLLM's 500 for it becomes a 503 with ``Retry-After`` (the stack is recovering).
+- a request that was already on its way when the tier failed (LiteLLM answers 500 once the
+  supervisor kills the hung process) is sent once more when its tier, or a fallback, is ready
+  within ``HOLD_S``; else that 500 becomes a 503 with ``Retry-After``.
 
-When every tier is ready, requests pass untouched and unparsed. Only requests that carry the
+When every tier is ready, requests pass unchanged and unparsed (their bodies are kept, to be
+sent again). Only requests that carry the
 proxy's key are answered here; others go on to LiteLLM, which refuses them (401).
 """
 
@@ -36,6 +38,7 @@ GATED_PATHS = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/compl
 MAX_BODY = 64 * 1024 * 1024
 REREAD_S = 0.2
 RETRY_AFTER_S = 2
+WENT_DOWN_WAIT_S = 0.5
 HOLD_S = 5.0
 """How long a request with nowhere to go waits for its tier to come back (a restart of a small
 model takes a few seconds) before it gets the 503: bounded, and far below a hang's minutes."""
@@ -93,9 +96,9 @@ class StateView:
         self._mtime = 0
         self._checked = 0.0
 
-    def states(self) -> dict[str, str]:
+    def states(self, fresh: bool = False) -> dict[str, str]:
         now = time.monotonic()
-        if self.path is None or now - self._checked < REREAD_S:
+        if self.path is None or (not fresh and now - self._checked < REREAD_S):
             return self._states
         self._checked = now
         try:
@@ -125,44 +128,54 @@ class TierGate:
                 or scope.get("path") not in GATED_PATHS):
             await self.app(scope, receive, send)
             return
-        send = self._recovering(send)
-        if not self._degraded() or not self._authorised(scope):
-            await self.app(scope, receive, send)
+        body, more = await _read(receive)  # kept: a request caught in a hang is sent again
+        if self._degraded() and self._authorised(scope) and not more:
+            decision = await self._hold(body)
+            if decision.refuse:
+                await _unavailable(send, decision.refuse)
+                return
+            if decision.model is not None:
+                body = _with_model(body, decision.model)
+                headers = [(k, v) for k, v in scope.get("headers") or []
+                           if k != b"content-length"]
+                scope = dict(scope, headers=[*headers, (b"content-length",
+                                                         str(len(body)).encode())])
+                send = _tagged(send, decision.model)
+        for attempt in range(2):
+            held = _Held(send)
+            await self.app(scope, _replay(body, more, receive), held)
+            if held.start is None:
+                return  # answered (or streamed) as usual
+            if not await self._went_down():
+                await held.release(as_503=False)  # an upstream error of its own: as it is
+                return
+            if attempt == 0 and not more and not (await self._hold(body)).refuse:
+                continue  # its tier is back (or a fallback is): once more
+            await held.release(as_503=True)
             return
-        body, more = await _read(receive)
-        decision = self._decide(body) if not more else Decision()
+
+    async def _went_down(self) -> bool:
+        """After an upstream failure: did a tier go down? The supervisor's snapshot may lag
+        the failure (a kill -9 is seen within its next tick), so look for half a second."""
+        deadline = time.monotonic() + WENT_DOWN_WAIT_S
+        while True:
+            if self._degraded(fresh=True):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
+
+    async def _hold(self, body: bytes) -> Decision:
+        """The decision for ``body``, waiting up to ``hold_s`` while it is a refusal."""
+        decision = self._decide(body)
         deadline = time.monotonic() + self.hold_s
         while decision.refuse and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
             decision = self._decide(body)
-        if decision.refuse:
-            await _unavailable(send, decision.refuse)
-            return
-        headers = list(scope.get("headers") or [])
-        if decision.model is not None:
-            body = _with_model(body, decision.model)
-            headers = [(k, v) for k, v in headers if k != b"content-length"]
-            headers.append((b"content-length", str(len(body)).encode()))
-            scope = dict(scope, headers=headers)
-            send = _tagged(send, decision.model)
-        await self.app(scope, _replay(body, more, receive), send)
+        return decision
 
-    def _recovering(self, send: Any) -> Any:
-        """A request already on its way when a tier hung fails when the supervisor kills it
-        (LiteLLM then answers 500): while a tier is down, say 503 with Retry-After instead."""
-
-        async def sending(msg: Message) -> None:
-            if (msg["type"] == "http.response.start" and msg.get("status") in (500, 502, 504)
-                    and self._degraded()):
-                headers = [(k, v) for k, v in msg.get("headers", []) if k != b"retry-after"]
-                msg = dict(msg, status=503,
-                           headers=[*headers, (b"retry-after", str(RETRY_AFTER_S).encode())])
-            await send(msg)
-
-        return sending
-
-    def _degraded(self) -> bool:
-        states = self.view.states()
+    def _degraded(self, fresh: bool = False) -> bool:
+        states = self.view.states(fresh)
         return any(states.get(r.service, "ready") != "ready" for r in self.routes.values())
 
     def _authorised(self, scope: Scope) -> bool:
@@ -179,6 +192,35 @@ class TierGate:
         if not isinstance(model, str):
             return Decision()
         return decide(model, self.routes, self.view.states())
+
+
+class _Held:
+    """Forwards a response, except an upstream failure (500, 502, 504): that one is kept, so
+    the gate can send the request again or answer it with a 503 if a tier went down."""
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.start: Message | None = None
+        self.rest: list[Message] = []
+
+    async def __call__(self, msg: Message) -> None:
+        if msg["type"] == "http.response.start" and msg.get("status") in (500, 502, 504):
+            self.start = msg
+        elif self.start is not None:
+            self.rest.append(msg)
+        else:
+            await self.send(msg)
+
+    async def release(self, *, as_503: bool) -> None:
+        assert self.start is not None
+        start = self.start
+        if as_503:
+            headers = [(k, v) for k, v in start.get("headers", []) if k != b"retry-after"]
+            start = dict(start, status=503,
+                         headers=[*headers, (b"retry-after", str(RETRY_AFTER_S).encode())])
+        await self.send(start)
+        for msg in self.rest:
+            await self.send(msg)
 
 
 async def _read(receive: Any) -> tuple[bytes, bool]:

@@ -169,3 +169,36 @@ def test_a_request_held_while_its_tier_restarts_goes_through_when_it_is_back(tmp
     threading.Timer(0.5, back).start()
     status, _, _ = call(g, {"model": "local-embed", "input": "x"}, path="/v1/embeddings")
     assert status == 200 and len(rec.bodies) == 1
+
+
+class FailsOnce(Recorder):
+    """Fails the first request (the tier died under it), then the tier is back."""
+
+    def __init__(self, state: Path) -> None:
+        super().__init__()
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.bodies:
+            await super().__call__(scope, receive, send)
+            return
+        self.bodies.append((await receive())["body"])
+        self.state.write_text(json.dumps({"services": {"embeddings": {"state": "starting"}}}))
+
+        def back() -> None:
+            self.state.write_text(json.dumps({"services": {"embeddings": {"state": "ready"}}}))
+
+        import threading
+
+        threading.Timer(0.4, back).start()
+        await send({"type": "http.response.start", "status": 500, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"error": "connection reset"}'})
+
+
+def test_a_request_caught_by_a_failing_tier_is_sent_again_when_it_is_back(tmp_path):
+    g, _ = gate(tmp_path, {"embeddings": "ready"})
+    g.hold_s = 5.0
+    g.app = FailsOnce(tmp_path / "state.json")
+    status, _, _ = call(g, {"model": "local-embed", "input": "x"}, path="/v1/embeddings")
+    assert status == 200
+    assert len(g.app.bodies) == 2 and g.app.bodies[0] == g.app.bodies[1]
