@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -112,7 +113,7 @@ def run_scenario(fault: str, target: str, retries: int, clients: int, seconds: f
     return {
         "requests": len(results),
         "failed": sum(1 for *_, st in results if st != 200),
-        "503": sum(1 for *_, st in results if st == 503),
+        "statuses": dict(Counter(st for *_, st in results if st != 200)),
         "fault_to_ready_s": ready_at - fault_at,
         "fault_to_new_process_s": (started_wall - fault_wall) if started_wall else None,
         "p50_ms": statistics.median(latencies) if latencies else None,
@@ -144,16 +145,19 @@ def main() -> None:
     print(f"workload: {a.clients} clients through the proxy (one-text embeddings, or 4-token "
           f"chat completions to `standard` with `fast` as its fallback), the fault after 5 s, "
           f"{a.seconds:.0f} s from the fault; the watchdog's default settings\n")
-    print("| fault | tier | proxy num_retries | requests | failed (of which 503) | "
-          "fault → new process (s) | fault → ready (s) | p50 (ms) | worst (ms) |")
+    print("| fault | tier | proxy num_retries | requests | failed (HTTP status: count; "
+          "0 = no answer) | fault → new process (s) | fault → ready (s) | p50 (ms) | "
+          "worst (ms) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for fault in a.faults.split(","):
         for target in a.targets.split(","):
             for r in (int(x) for x in a.retries.split(",")):
                 res = run_scenario(fault, target, r, a.clients, a.seconds)
                 spawn = res["fault_to_new_process_s"]
-                print(f"| {fault} | {target} | {r} | {res['requests']} | {res['failed']} "
-                      f"({res['503']}) | {spawn if spawn is None else f'{spawn:.2f}'} | "
+                kinds = ", ".join(f"{s}: {n}" for s, n in sorted(res["statuses"].items()))
+                print(f"| {fault} | {target} | {r} | {res['requests']} | {res['failed']}"
+                      f"{f' ({kinds})' if kinds else ''} | "
+                      f"{spawn if spawn is None else f'{spawn:.2f}'} | "
                       f"{res['fault_to_ready_s']:.2f} | {res['p50_ms']:.1f} | "
                       f"{res['max_ms']:.0f} |", flush=True)
 
