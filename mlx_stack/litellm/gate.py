@@ -11,8 +11,8 @@ that snapshot (re-read when it changes) and, while a tier is not ``ready``:
   space), the request waits up to ``HOLD_S`` for the tier to be ready again (a restart), then
   gets a 503 in OpenAI's error shape with ``Retry-After``: seconds, never a stall;
 - a request that was already on its way when the tier failed (LiteLLM answers 500 once the
-  supervisor kills the hung process) is sent once more when its tier, or a fallback, is ready
-  within ``HOLD_S``; else that 500 becomes a 503 with ``Retry-After``.
+  supervisor kills the hung process) is sent again when its tier, or a fallback, is ready,
+  for up to ``HOLD_S``; else its error becomes a 503 with ``Retry-After``.
 
 When every tier is ready, requests pass unchanged and unparsed (their bodies are kept, to be
 sent again). Only requests that carry the
@@ -39,6 +39,8 @@ MAX_BODY = 64 * 1024 * 1024
 REREAD_S = 0.2
 RETRY_AFTER_S = 2
 WENT_DOWN_WAIT_S = 0.5
+#: LiteLLM's answers when an upstream died under a request (503: the new process is loading).
+FAILED_UPSTREAM = frozenset({500, 502, 503, 504})
 HOLD_S = 5.0
 """How long a request with nowhere to go waits for its tier to come back (a restart of a small
 model takes a few seconds) before it gets the 503: bounded, and far below a hang's minutes."""
@@ -93,6 +95,8 @@ class StateView:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._states: dict[str, str] = {}
+        #: When each service's current process started (wall clock): a restart shows here.
+        self.started: dict[str, float] = {}
         self._mtime = 0
         self._checked = 0.0
 
@@ -106,6 +110,8 @@ class StateView:
             if mtime != self._mtime:
                 raw = json.loads(self.path.read_text(encoding="utf-8"))
                 self._states = {n: str(s.get("state")) for n, s in raw["services"].items()}
+                self.started = {n: float(s["started_at"]) for n, s in raw["services"].items()
+                                if isinstance(s.get("started_at"), (int, float))}
                 self._mtime = mtime
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self._states = {}  # no view: let LiteLLM decide, as without the gate
@@ -141,34 +147,46 @@ class TierGate:
                 scope = dict(scope, headers=[*headers, (b"content-length",
                                                          str(len(body)).encode())])
                 send = _tagged(send, decision.model)
-        for attempt in range(2):
+        began = time.time()
+        deadline: float | None = None
+        while True:
             held = _Held(send)
             await self.app(scope, _replay(body, more, receive), held)
             if held.start is None:
                 return  # answered (or streamed) as usual
-            if not await self._went_down():
-                await held.release(as_503=False)  # an upstream error of its own: as it is
+            if deadline is None:
+                if not await self._went_down(began):
+                    await held.release(as_503=False)  # an upstream error of its own
+                    return
+                deadline = time.monotonic() + self.hold_s
+            # A tier failed under this request. Send it again once its tier (or a fallback)
+            # is ready; after a restart LiteLLM's pool still holds connections to the dead
+            # process, each good for one more failure, so keep trying until the deadline.
+            if more or (await self._hold(body, deadline)).refuse \
+                    or time.monotonic() >= deadline:
+                await held.release(as_503=True)
                 return
-            if attempt == 0 and not more and not (await self._hold(body)).refuse:
-                continue  # its tier is back (or a fallback is): once more
-            await held.release(as_503=True)
-            return
+            await asyncio.sleep(0.05)
 
-    async def _went_down(self) -> bool:
-        """After an upstream failure: did a tier go down? The supervisor's snapshot may lag
-        the failure (a kill -9 is seen within its next tick), so look for half a second."""
+    async def _went_down(self, since: float) -> bool:
+        """After an upstream failure: is a tier down, or did one restart since ``since`` (wall
+        clock)? The supervisor's snapshot may lag the failure (a kill -9 is seen within its
+        next tick), so look for half a second."""
         deadline = time.monotonic() + WENT_DOWN_WAIT_S
         while True:
-            if self._degraded(fresh=True):
+            if self._degraded(fresh=True) or any(
+                    self.view.started.get(r.service, 0.0) >= since
+                    for r in self.routes.values()):
                 return True
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.1)
 
-    async def _hold(self, body: bytes) -> Decision:
-        """The decision for ``body``, waiting up to ``hold_s`` while it is a refusal."""
+    async def _hold(self, body: bytes, deadline: float | None = None) -> Decision:
+        """The decision for ``body``, waiting (up to ``hold_s``, or ``deadline``) while it is
+        a refusal."""
         decision = self._decide(body)
-        deadline = time.monotonic() + self.hold_s
+        deadline = deadline if deadline is not None else time.monotonic() + self.hold_s
         while decision.refuse and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
             decision = self._decide(body)
@@ -195,8 +213,8 @@ class TierGate:
 
 
 class _Held:
-    """Forwards a response, except an upstream failure (500, 502, 504): that one is kept, so
-    the gate can send the request again or answer it with a 503 if a tier went down."""
+    """Forwards a response, except an upstream failure (``FAILED_UPSTREAM``): that one is
+    kept, so the gate can send the request again, or answer 503 if a tier went down."""
 
     def __init__(self, send: Any) -> None:
         self.send = send
@@ -204,7 +222,7 @@ class _Held:
         self.rest: list[Message] = []
 
     async def __call__(self, msg: Message) -> None:
-        if msg["type"] == "http.response.start" and msg.get("status") in (500, 502, 504):
+        if msg["type"] == "http.response.start" and msg.get("status") in FAILED_UPSTREAM:
             self.start = msg
         elif self.start is not None:
             self.rest.append(msg)

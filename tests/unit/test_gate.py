@@ -202,3 +202,27 @@ def test_a_request_caught_by_a_failing_tier_is_sent_again_when_it_is_back(tmp_pa
     status, _, _ = call(g, {"model": "local-embed", "input": "x"}, path="/v1/embeddings")
     assert status == 200
     assert len(g.app.bodies) == 2 and g.app.bodies[0] == g.app.bodies[1]
+
+
+def test_an_error_after_the_tier_restarted_under_the_request_is_retried(tmp_path):
+    """LiteLLM may answer only once the tier is ready again (its own retries took that long):
+    the restart shows in the snapshot's started_at, so the gate still sends it again."""
+    import time
+
+    state = tmp_path / "state.json"
+
+    class LoadingThenOk(Recorder):
+        async def __call__(self, scope, receive, send) -> None:
+            if self.bodies:
+                await super().__call__(scope, receive, send)
+                return
+            self.bodies.append((await receive())["body"])
+            state.write_text(json.dumps({"services": {"embeddings": {
+                "state": "ready", "started_at": time.time()}}}))  # restarted, ready again
+            await send({"type": "http.response.start", "status": 503, "headers": []})
+            await send({"type": "http.response.body", "body": b'{"error": "still loading"}'})
+
+    g, _ = gate(tmp_path, {"embeddings": "ready"})
+    g.app = LoadingThenOk()
+    status, _, _ = call(g, {"model": "local-embed", "input": "x"}, path="/v1/embeddings")
+    assert status == 200 and len(g.app.bodies) == 2
