@@ -239,6 +239,7 @@ def _serve(
 
     host, port = sock.getsockname()[:2]
     log.info("%s", _startup_line(args.served_name, settings, options, host, port))
+    log.info("%s", _http_line(http))
     server: uvicorn.Server | None = None
     failed: list[BaseException] = []
 
@@ -258,6 +259,7 @@ def _serve(
         ),  # type: ignore[arg-type]  # a factory of protocols, as uvicorn calls it
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        ws="none",  # no WebSocket routes: an upgrade request is served as plain HTTP
         log_config=None,
         access_log=args.access_log,
         log_level=args.log_level,
@@ -286,6 +288,17 @@ def _startup_line(
         f"wait <= {options.batch.batch_timeout_ms:g} ms, "
         f"<= {options.max_concurrent} concurrent requests; "
         f"BLAS: {blas.preload().describe()}"
+    )
+
+
+def _http_line(http: _Http) -> str:
+    access, limits = http.options.access, http.limits
+    hosts = "any" if access.any_host else " + ".join(["loopback", *sorted(access.hosts)])
+    origins = ", ".join(sorted(access.origins)) or "none"
+    return (
+        f"HTTP: Host {hosts}; web origins {origins}; request head within "
+        f"{limits.header_timeout:g} s, body within {limits.body_timeout:g} s; "
+        f"<= {limits.max_connections} connections"
     )
 
 

@@ -178,6 +178,26 @@ def test_an_allowed_origin_gets_cors_and_its_preflight(client: httpx.Client) -> 
     assert "Origin" in response.headers["vary"]
 
 
+def test_a_websocket_upgrade_is_plain_http_and_checked(server: Server) -> None:
+    """No WebSocket routes: a browser's cross-site WebSocket handshake meets the same checks."""
+    handshake = (
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    )
+    for origin, status in ((b"Origin: http://evil.example\r\n", b"403"), (b"", b"200")):
+        with connect(server) as sock:
+            sock.sendall(handshake + origin + b"Connection: close\r\n\r\n")
+            assert read_all(sock).startswith(b"HTTP/1.1 " + status), origin
+    assert "WebSocket library" not in server.log.read_text()
+
+
+def test_the_startup_log_states_the_http_limits(server: Server) -> None:
+    line = next(ln for ln in server.log.read_text().splitlines() if "HTTP: Host" in ln)
+    assert "Host loopback + myhost.test; web origins http://localhost:3000" in line
+    assert "head within 2 s, body within 3 s; <= 16 connections" in line
+
+
 @pytest.mark.parametrize(
     "content_type", [None, "application/x-www-form-urlencoded", "text/plain", "application/json"]
 )

@@ -52,6 +52,7 @@ def test_allowed_hosts_and_the_bound_address() -> None:
         assert policy.allows_host(host), host
     assert not policy.allows_host("other.lan")
     assert not AccessPolicy.build(bind_host="0.0.0.0").allows_host("0.0.0.0")
+    assert AccessPolicy.build(bind_host="127.0.0.1").hosts == frozenset()  # loopback already
     anything = AccessPolicy.build(["*"])
     assert anything.allows_host("whatever.example:1") and not anything.allows_host("[::1")
 

@@ -52,8 +52,9 @@ class AccessPolicy:
     ) -> AccessPolicy:
         """From the options; ``ValueError`` names a bad entry. The bound address is allowed."""
         entries = [h.strip() for h in hosts if h.strip()]
-        if bind_host is not None and bind_host.strip("[]") not in WILDCARD_BINDS:
-            entries.append(bind_host)
+        bound = (bind_host or "").strip("[]").lower()
+        if bound not in WILDCARD_BINDS and not is_loopback(bound):
+            entries.append(bound)
         names = frozenset(allowed_host(h) for h in entries if h != ANY)
         return cls(names, ANY in entries, frozenset(allowed_origin(o) for o in origins))
 

@@ -146,6 +146,10 @@ class GuardedH11Protocol(H11Protocol):
             pass
         self.transport.close()
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """uvicorn would warn that no WebSocket library is installed: there are no WebSocket
+        routes here (``ws="none"``), so an upgrade request is plain HTTP, not news."""
+
     # --- deadlines -------------------------------------------------------------------------
 
     def _arm_head_timer(self) -> None:
