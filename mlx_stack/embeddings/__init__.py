@@ -3,7 +3,8 @@
 One subpackage per concern, each depending only on those below it (``serving`` also uses
 ``api``'s error type and metrics):
 
-- ``api/``: the HTTP face: the Starlette app, request parsing, the one error type, metrics.
+- ``api/``: the HTTP face: the Starlette app, request decoding, the one error type, metrics,
+  the OpenAPI document, the Host/Origin checks and the connection limits.
 - ``serving/``: the runtime state: loading, admission, dynamic batching across requests.
 - ``model/``: a model folder: its settings, architecture, network, tokenizer and identity.
 - ``cpu/``: making MLX fast on a CPU: the BLAS preload, C++ kernels, a compiled GELU.

@@ -14,11 +14,15 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 from mlx_stack.errors import MlxStackError, PortInUseError
 
+from .api.access import AccessPolicy
+from .api.connection import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, ConnectionLimits
+from .api.server import HttpOptions
 from .cpu import blas
 from .model.architectures import POOLINGS
 from .model.settings import ModelSettings, Overrides, resolve
@@ -91,11 +95,49 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="keep MLX's exact (slow on CPU) GELU and softmax kernels",
     )
+    parser.add_argument(
+        "--allowed-hosts",
+        type=_name_list,
+        action="extend",
+        default=[],
+        help="Host names or addresses served besides loopback and --host (comma-separated, "
+        "repeatable; '*' for any): the Host check stops DNS rebinding",
+    )
+    parser.add_argument(
+        "--allowed-origins",
+        type=_name_list,
+        action="extend",
+        default=[],
+        help="web origins (e.g. http://localhost:3000) whose pages may call the server, with "
+        "CORS; default none: requests carrying any other Origin are refused",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=HEADER_TIMEOUT,
+        help="seconds a client may take to send a request head; default %(default)s",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=BODY_TIMEOUT,
+        help="seconds a client may take to send a request body; default %(default)s",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help="open connections before new ones get 503; default %(default)s",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     return parser.parse_args(argv)
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -128,11 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         )
         options = _options(args)
+        http = _http_options(args)
         sock = _bind(args.host, args.port)
     except MlxStackError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    return _serve(args, settings, options, sock)
+    return _serve(args, settings, options, http, sock)
 
 
 def _options(args: argparse.Namespace) -> ServiceOptions:
@@ -144,6 +187,21 @@ def _options(args: argparse.Namespace) -> ServiceOptions:
         )
     except ValueError as exc:
         raise MlxStackError(f"{exc.args[0].replace('_', '-')}") from None
+
+
+@dataclass(frozen=True)
+class _Http:
+    options: HttpOptions
+    limits: ConnectionLimits
+
+
+def _http_options(args: argparse.Namespace) -> _Http:
+    try:
+        access = AccessPolicy.build(args.allowed_hosts, args.allowed_origins, args.host)
+        limits = ConnectionLimits(args.header_timeout, args.body_timeout, args.max_connections)
+    except ValueError as exc:
+        raise MlxStackError(f"{exc.args[0].replace('_', '-')}") from None
+    return _Http(HttpOptions(access, body_timeout=limits.body_timeout), limits)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -167,15 +225,21 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _serve(
-    args: argparse.Namespace, settings: ModelSettings, options: ServiceOptions, sock: socket.socket
+    args: argparse.Namespace,
+    settings: ModelSettings,
+    options: ServiceOptions,
+    http: _Http,
+    sock: socket.socket,
 ) -> int:
     import uvicorn
 
+    from .api.connection import KEEP_ALIVE_SECONDS, MAX_HEAD_BYTES, protocol_factory
     from .api.server import ServedModel, create_app
     from .serving.service import EmbeddingService, default_loader
 
     host, port = sock.getsockname()[:2]
     log.info("%s", _startup_line(args.served_name, settings, options, host, port))
+    log.info("%s", _http_line(http))
     server: uvicorn.Server | None = None
     failed: list[BaseException] = []
 
@@ -189,7 +253,13 @@ def _serve(
     )
     served = ServedModel(args.served_name, tuple(args.alias), blas.preload(), int(time.time()))
     config = uvicorn.Config(
-        create_app(service, served),
+        create_app(service, served, http.options),
+        http=protocol_factory(
+            http.limits, lambda reason: service.metrics.refused.inc(reason=reason)
+        ),  # type: ignore[arg-type]  # a factory of protocols, as uvicorn calls it
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        ws="none",  # no WebSocket routes: an upgrade request is served as plain HTTP
         log_config=None,
         access_log=args.access_log,
         log_level=args.log_level,
@@ -218,6 +288,17 @@ def _startup_line(
         f"wait <= {options.batch.batch_timeout_ms:g} ms, "
         f"<= {options.max_concurrent} concurrent requests; "
         f"BLAS: {blas.preload().describe()}"
+    )
+
+
+def _http_line(http: _Http) -> str:
+    access, limits = http.options.access, http.limits
+    hosts = "any" if access.any_host else " + ".join(["loopback", *sorted(access.hosts)])
+    origins = ", ".join(sorted(access.origins)) or "none"
+    return (
+        f"HTTP: Host {hosts}; web origins {origins}; request head within "
+        f"{limits.header_timeout:g} s, body within {limits.body_timeout:g} s; "
+        f"<= {limits.max_connections} connections"
     )
 
 

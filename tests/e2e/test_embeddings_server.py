@@ -258,6 +258,19 @@ BAD_BODIES = {
     "deeply nested": b"[" * 100_000,
     "unpaired surrogate": b'{"model": "minilm", "input": ["ok", "a\\ud800b"]}',
     "nan dimensions": b'{"model": "minilm", "input": "a", "dimensions": NaN}',
+    "integer of 5000 digits in input": b'{"model": "minilm", "input": [' + b"7" * 5000 + b"]}",
+    "integer of 5000 digits in dimensions": b'{"model": "minilm", "input": "a", "dimensions": '
+    + b"7" * 5000
+    + b"}",
+    "bad UTF-8": b'{"model": "minilm", "input": "caf\xe9"}',
+    "UTF-8 cut short": b'{"model": "minilm", "input": "\xe2\x82"}',
+    "fractional token id": b'{"model": "minilm", "input": [101, 7592.5, 102]}',
+    "token id past int32": b'{"model": "minilm", "input": [101, 4294967297]}',
+    "deeply nested field": b'{"model": "minilm", "input": "a", "user": ' + b"[" * 50_000 + b"}",
+    "nested encoding_format": b'{"model": "minilm", "input": "a", "encoding_format": '
+    + b"[" * 900
+    + b"]" * 900
+    + b"}",
 }
 
 

@@ -183,6 +183,14 @@ def assert_openai_error(response: httpx.Response, status: int | None = None) -> 
     assert isinstance(error["type"], str)
 
 
+def metric_value(text: str, sample: str) -> float:
+    """A sample of ``/metrics`` text by its full name and labels; 0 if it has not appeared."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def run_python(code: str, timeout: float = 180) -> str:
     """Run code in a fresh interpreter (for anything that imports MLX)."""
     result = subprocess.run(

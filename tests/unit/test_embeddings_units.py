@@ -192,8 +192,11 @@ def test_batch_policy_refuses_nonsense() -> None:
 def test_parse_accepts_every_openai_input_form() -> None:
     assert parse_request({"model": "m", "input": "a"}).texts == ("a",)
     assert parse_request({"model": "m", "input": ["a", "b"]}).texts == ("a", "b")
-    assert parse_request({"model": "m", "input": [1, 2]}).token_ids == ((1, 2),)
-    assert parse_request({"model": "m", "input": [[1], [2, 3]]}).token_ids == ((1,), (2, 3))
+    flat = parse_request({"model": "m", "input": [1, 2]}).token_ids
+    assert [ids.tolist() for ids in flat] == [[1, 2]]
+    nested = parse_request({"model": "m", "input": [[1], [2, 3]]}).token_ids
+    assert [ids.tolist() for ids in nested] == [[1], [2, 3]]
+    assert all(ids.dtype == np.int32 for ids in nested)
     parsed = parse_request(
         {
             "model": "m",

@@ -82,6 +82,9 @@ class ServerMetrics:
         p = "mlx_embeddings_"
         self.requests = Counter(p + "requests_total", "Embedding requests by HTTP status.")
         self.errors = Counter(p + "errors_total", "Failed embedding requests by error type.")
+        self.refused = Counter(
+            p + "refused_total", "Requests and connections refused before any route, by reason."
+        )
         self.texts = Counter(p + "texts_total", "Inputs embedded.")
         self.tokens = Counter(p + "tokens_total", "Tokens embedded (after truncation).")
         self.truncated = Counter(p + "truncated_inputs_total", "Inputs cut to the maximum length.")
@@ -106,6 +109,7 @@ class ServerMetrics:
         metrics = [
             self.requests,
             self.errors,
+            self.refused,
             self.texts,
             self.tokens,
             self.truncated,

@@ -1,8 +1,11 @@
-"""The Starlette app: OpenAI's ``/v1/embeddings`` and ``/v1/models``, ``/health``, ``/metrics``.
+"""The Starlette app: OpenAI's ``/v1/embeddings`` and ``/v1/models``, ``/health``, ``/metrics``,
+and ``/openapi.json``, which describes them.
 
 Handlers only translate: JSON in -> :mod:`protocol` -> :class:`EmbeddingService` -> JSON out.
 Every failure is an :class:`ApiError`, turned into a response by one exception handler, so a
-bad request gets a 4xx in OpenAI's error shape and never takes the process down.
+bad request gets a 4xx in OpenAI's error shape and never takes the process down. Before any
+route, :mod:`access` checks ``Host`` and ``Origin``; below the app, :mod:`connection` bounds
+how long a client may take to send.
 """
 
 from __future__ import annotations
@@ -12,28 +15,29 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..cpu.blas import BlasInfo
 from ..serving.service import EmbeddingService, Status
-from .apierror import ApiError, ErrorKind, invalid
+from .access import AccessGuard, AccessPolicy
+from .apierror import ApiError, ErrorKind, invalid, shown
+from .body import MAX_BODY_BYTES, BodyDecoder, read_body
+from .connection import BODY_TIMEOUT
+from .openapi import ModelLimits, openapi_document
 from .protocol import (
     EmbeddingRequest,
     EncodingFormat,
     embeddings_response,
-    parse_request,
 )
-
-MAX_BODY_BYTES = 16 * 1024 * 1024
-"""2048 inputs of ~8 KB each; larger bodies get 413 before being read whole."""
 
 INLINE_RENDER_FLOATS = 4096
 """Responses up to this many floats are serialised on the event loop, larger ones off it."""
@@ -63,33 +67,54 @@ class ServedModel:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+@dataclass(frozen=True)
+class HttpOptions:
+    """What the HTTP face accepts: from where, how much, how slowly."""
+
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    max_body_bytes: int = MAX_BODY_BYTES
+    body_timeout: float = BODY_TIMEOUT
+
+
 def create_app(
-    service: EmbeddingService, served: ServedModel, max_body_bytes: int = MAX_BODY_BYTES
+    service: EmbeddingService,
+    served: ServedModel,
+    options: HttpOptions | None = None,
+    decoder: BodyDecoder | None = None,
 ) -> Starlette:
     """Build the app; loading starts when the app starts (uvicorn has the socket by then)."""
+    options = options or HttpOptions()
+    decoder = decoder or BodyDecoder()
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         service.start_loading()
         yield
+        decoder.shutdown()
         await service.shutdown()
 
     async def embeddings(request: Request) -> Response:
-        body = await _read_json(request, max_body_bytes)
-        parsed = parse_request(body)
-        if parsed.model not in served.names:
-            raise ApiError(
-                ErrorKind.MODEL_NOT_FOUND,
-                f"model {parsed.model!r} is not served here; use one of: "
-                + ", ".join(served.names),
-                param="model",
-                code="model_not_found",
+        with service.admitted():  # 503 while loading, 429 when full: before reading the body
+            raw = await read_body(
+                request.receive,
+                request.headers.get("content-length"),
+                options.max_body_bytes,
+                options.body_timeout,
             )
-        dimensions = _check_dimensions(parsed, service)
-        if parsed.token_ids:
-            result = await service.embed_token_ids(parsed.token_ids, dimensions)
-        else:
-            result = await service.embed_texts(_with_prefix(parsed, service), dimensions)
+            parsed = await decoder.decode(raw)
+            if parsed.model not in served.names:
+                raise ApiError(
+                    ErrorKind.MODEL_NOT_FOUND,
+                    f"model {shown(parsed.model)} is not served here; use one of: "
+                    + ", ".join(served.names),
+                    param="model",
+                    code="model_not_found",
+                )
+            dimensions = _check_dimensions(parsed, service)
+            if parsed.token_ids:
+                result = await service.embed_token_ids(parsed.token_ids, dimensions)
+            else:
+                result = await service.embed_texts(_with_prefix(parsed, service), dimensions)
         render = (result.vectors, parsed.model, result.total_tokens, parsed.encoding_format)
         if result.vectors.size <= INLINE_RENDER_FLOATS:
             content = _render(*render)  # ~0.1 ms: cheaper than a thread hop
@@ -109,7 +134,7 @@ def create_app(
             return response
         except ApiError as exc:
             status = exc.kind.status
-            service.metrics.errors.inc(type=exc.kind.name.lower())
+            service.metrics.errors.inc(type=exc.kind.label)
             raise
         except Exception:
             service.metrics.errors.inc(type="internal")
@@ -125,7 +150,7 @@ def create_app(
         if request.path_params["model_id"] not in served.names:
             raise ApiError(
                 ErrorKind.MODEL_NOT_FOUND,
-                f"model {request.path_params['model_id']!r} is not served here",
+                f"model {shown(request.path_params['model_id'])} is not served here",
                 param="model",
                 code="model_not_found",
             )
@@ -144,6 +169,16 @@ def create_app(
         text = service.metrics.render(_model_info(served, service))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def openapi(_: Request) -> Response:
+        settings = service.settings
+        smallest = min(settings.matryoshka_dimensions, default=settings.dimension)
+        vocab = service.vocab_size if service.status is Status.READY else None
+        limits = ModelLimits((smallest, settings.dimension), vocab)
+        return JSONResponse(openapi_document(served.names, options.max_body_bytes, limits))
+
+    def refused(reason: str) -> None:
+        service.metrics.refused.inc(reason=reason)
+
     return Starlette(
         routes=[
             Route("/v1/embeddings", measured_embeddings, methods=["POST"]),
@@ -152,7 +187,9 @@ def create_app(
             Route("/v1/models/{model_id:path}", model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
         ],
+        middleware=[Middleware(AccessGuard, policy=options.access, on_refusal=refused)],
         exception_handlers={
             ApiError: _api_error,
             HTTPException: _http_error,
@@ -162,41 +199,11 @@ def create_app(
     )
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw:
-        raise invalid("the request body is empty; send a JSON object")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise invalid(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise invalid("the request body is nested too deeply to be an embeddings request") from None
-
-
 def _render(
     vectors: np.ndarray, model: str, prompt_tokens: int, encoding_format: EncodingFormat
 ) -> bytes:
     body = embeddings_response(vectors, model, prompt_tokens, encoding_format)
     return json.dumps(body, separators=(",", ":")).encode()
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(
-        ErrorKind.PAYLOAD_TOO_LARGE,
-        f"the request body exceeds {limit} bytes; split the inputs over several requests",
-        code="payload_too_large",
-    )
 
 
 def _check_dimensions(parsed: EmbeddingRequest, service: EmbeddingService) -> int | None:
@@ -211,7 +218,8 @@ def _check_dimensions(parsed: EmbeddingRequest, service: EmbeddingService) -> in
         return None
     if not settings.matryoshka_dimensions:
         raise invalid(
-            f"'dimensions' {parsed.dimensions} is not available: this model has no Matryoshka "
+            f"'dimensions' {shown(parsed.dimensions)} is not available: this model has no "
+            "Matryoshka "
             f"support, so its vectors are always {full}-dimensional (omit 'dimensions' or send "
             f"{full})",
             "dimensions",
@@ -220,7 +228,8 @@ def _check_dimensions(parsed: EmbeddingRequest, service: EmbeddingService) -> in
     if not smallest <= parsed.dimensions <= full:
         trained = ", ".join(map(str, settings.matryoshka_dimensions))
         raise invalid(
-            f"'dimensions' {parsed.dimensions} is out of range for this model: use {smallest} to "
+            f"'dimensions' {shown(parsed.dimensions)} is out of range for this model: use "
+            f"{smallest} to "
             f"{full} (trained sizes: {trained})",
             "dimensions",
         )
@@ -282,8 +291,10 @@ async def _api_error(_: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = _HTTP_KINDS.get(exc.status_code, ErrorKind.INVALID_REQUEST)
-    message = f"{request.method} {request.url.path}: {exc.detail}"
-    return ApiError(kind, message).response()
+    message = f"{request.method} {request.url.path[:200]}: {exc.detail}"
+    response = ApiError(kind, message).response()
+    response.headers.update(exc.headers or {})  # Allow, on a 405
+    return response
 
 
 async def _unexpected_error(_: Request, exc: Exception) -> Response:

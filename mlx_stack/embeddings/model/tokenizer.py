@@ -58,9 +58,9 @@ class TextTokenizer:
             for e in encodings
         ]
 
-    def truncate_ids(self, ids: Sequence[int]) -> Encoded:
+    def truncate_ids(self, ids: Sequence[int] | np.ndarray) -> Encoded:
         """Pre-tokenised input is taken as-is (OpenAI semantics): no special tokens added."""
-        return Encoded(list(ids[: self.max_length]), len(ids))
+        return Encoded([int(i) for i in ids[: self.max_length]], len(ids))
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -57,7 +57,7 @@ class Status(Enum):
 class Tokenizer(Protocol):
     def encode(self, texts: Sequence[str]) -> list[Encoded]: ...
 
-    def truncate_ids(self, ids: Sequence[int]) -> Encoded: ...
+    def truncate_ids(self, ids: np.ndarray) -> Encoded: ...
 
 
 class Embedder(Protocol):
@@ -159,33 +159,33 @@ class EmbeddingService:
         return self._require_model().vocab_size
 
     async def embed_texts(self, texts: Sequence[str], dimensions: int | None) -> Embeddings:
+        """Embed for a request already :meth:`admitted`."""
         model = self._require_model()
         batcher = self._require_batcher()
-        with self._admitted():
-            with batcher.incoming():
-                loop = asyncio.get_running_loop()
-                encoded = await loop.run_in_executor(
-                    self._tokenizers, model.tokenizer.encode, list(texts)
-                )
-            return await self._embed(batcher, encoded, dimensions)
+        with batcher.incoming():
+            loop = asyncio.get_running_loop()
+            encoded = await loop.run_in_executor(
+                self._tokenizers, model.tokenizer.encode, list(texts)
+            )
+        return await self._embed(batcher, encoded, dimensions)
 
     async def embed_token_ids(
-        self, inputs: Sequence[Sequence[int]], dimensions: int | None
+        self, inputs: Sequence[np.ndarray], dimensions: int | None
     ) -> Embeddings:
+        """Embed token-id arrays for a request already :meth:`admitted`."""
         model = self._require_model()
         batcher = self._require_batcher()
         limit = model.vocab_size
         for index, ids in enumerate(inputs):
-            highest = max(ids)
+            highest = int(np.max(ids))
             if highest >= limit:
                 raise invalid(
                     f"'input[{index}]' has token id {highest}, outside this model's vocabulary "
                     f"(ids 0..{limit - 1})",
                     "input",
                 )
-        with self._admitted():
-            encoded = [model.tokenizer.truncate_ids(ids) for ids in inputs]
-            return await self._embed(batcher, encoded, dimensions)
+        encoded = [model.tokenizer.truncate_ids(ids) for ids in inputs]
+        return await self._embed(batcher, encoded, dimensions)
 
     async def _embed(
         self, batcher: Batcher, encoded: list[Encoded], dimensions: int | None
@@ -210,7 +210,10 @@ class EmbeddingService:
         return result
 
     @contextlib.contextmanager
-    def _admitted(self) -> Iterator[None]:
+    def admitted(self) -> Iterator[None]:
+        """Hold one of ``max_concurrent`` places for a whole request, from before its body is
+        read to its answer: a full server refuses (429) without reading 16 MiB first."""
+        self._require_model()
         limit = self.options.max_concurrent
         if self._in_flight >= limit:
             raise ApiError(
