@@ -3,8 +3,11 @@ install) has all the code: a new folder under mlx_stack/ that is not listed woul
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11, as on the project's machines
 
 ROOT = Path(__file__).resolve().parents[2]
 
