@@ -6,7 +6,7 @@
 
 - ``docs/configuration.md``, whole: every key of the stack file and of catalog files, with its
   type, default and meaning, read from the schema's ``Field`` lists (mlx_stack/config/stackfile.py,
-  mlx_stack/catalog.py), plus the ``MLX_STACK_*`` environment variables the code reads.
+  mlx_stack/config/catalog.py), plus the ``MLX_STACK_*`` environment variables the code reads.
 - Marked blocks in ``docs/*.md``: ``<!-- snippet: PATH -->`` ... ``<!-- /snippet -->`` holds
   the file PATH verbatim (the same file the tests run), ``<!-- generated: embedding-models -->``
   ... ``<!-- /generated -->`` the table of embedding models from the catalog.
