@@ -44,6 +44,9 @@ ENV_VARS = {
     "key; not read from yours",
     "MLX_STACK_ROUTES": "set by mlx-stack in the proxy's environment: each model name's service "
     "and fallbacks, for the gate that routes around a tier that is down; not read from yours",
+    "MLX_STACK_BACKEND_KEY": "set by mlx-stack in the environment of each backend (chat tiers, "
+    "embeddings) and of the proxy: the per-start backend key they check and send; not read "
+    "from yours",
     "MLX_STACK_STATE_FILE": "set by mlx-stack in the proxy's environment: where the supervisor's "
     "snapshot is, for the same gate; not read from yours",
 }

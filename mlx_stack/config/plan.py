@@ -177,7 +177,7 @@ def chat_service(tier: ChatTier, model_path: Path) -> ServiceSpec:
         argv = (*_script("vllm-mlx"), "serve", str(model_path), *address)
         probe_model = str(model_path)
     else:
-        argv = (sys.executable, "-m", "mlx_lm", "server", "--model", str(model_path), *address)
+        argv = (sys.executable, "-m", "mlx_stack.chat", "--model", str(model_path), *address)
         probe_model = MLX_LM_DEFAULT_MODEL
     return ServiceSpec(
         name=tier.name,

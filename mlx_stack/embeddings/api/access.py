@@ -16,7 +16,6 @@ no ``Origin``. So this middleware, before any route runs:
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ...loopback import host_name, is_ipv6, is_loopback
 from .apierror import ApiError, ErrorKind, shown
 
 ANY = "*"
@@ -33,7 +33,6 @@ WILDCARD_BINDS = {"", "0.0.0.0", "::"}
 CORS_METHODS = "GET, POST"
 CORS_EXPOSED = "Retry-After, x-mlx-stack-truncated-inputs"
 CORS_MAX_AGE = "600"
-_PORT = re.compile(r"(:[0-9]*)?", re.ASCII)
 _NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?\.?", re.ASCII)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -66,41 +65,13 @@ class AccessPolicy:
         return normal_origin(header) in self.origins
 
 
-def host_name(header: str) -> str | None:
-    """``localhost:8003`` -> ``localhost``, ``[::1]:80`` -> ``::1``; ``None`` if malformed."""
-    value = header.strip().lower()
-    if value.startswith("["):
-        name, bracket, rest = value[1:].partition("]")
-        if not bracket or not _is_ipv6(name):
-            return None
-    else:
-        name, colon, port = value.partition(":")
-        rest = colon + port
-    if not name or not _PORT.fullmatch(rest):
-        return None
-    return name
-
-
-def is_loopback(name: str) -> bool:
-    """``localhost``, 127.0.0.0/8, ``::1`` (and ``::ffff:127.x.y.z``)."""
-    if name == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
-
-
 def allowed_host(entry: str) -> str:
     """An ``--allowed-hosts`` entry, normalised: a name or address, no port."""
     name = entry.strip().lower()
     bracketed = name.startswith("[") and name.endswith("]")
     if bracketed:
         name = name[1:-1]
-    if _is_ipv6(name) or (_NAME.fullmatch(name) and not bracketed):
+    if is_ipv6(name) or (_NAME.fullmatch(name) and not bracketed):
         return name
     raise ValueError(
         f"--allowed-hosts: {entry!r} is not a host name or address (give names like "
@@ -139,13 +110,6 @@ def normal_origin(text: str) -> str | None:
     if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
         host = f"{host}:{port}"
     return f"{parts.scheme}://{host}"
-
-
-def _is_ipv6(name: str) -> bool:
-    try:
-        return isinstance(ipaddress.ip_address(name), ipaddress.IPv6Address)
-    except ValueError:
-        return False
 
 
 class AccessGuard:
