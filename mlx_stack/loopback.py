@@ -1,5 +1,7 @@
 """Which ``Host`` headers name this machine's loopback: shared by every server of the stack.
 
+(And how a browser spells a web page's ``Origin``, to compare it with an allowed list.)
+
 A web page can make the browser reach ``127.0.0.1:PORT`` through DNS rebinding: its own name
 briefly resolves to 127.0.0.1, so the browser sends ``Host: evil.example:PORT``. A server that
 only answers loopback names refuses it. The embeddings server, the chat tiers (``chat/``) and
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from urllib.parse import urlsplit
 
 _PORT = re.compile(r"(:[0-9]*)?", re.ASCII)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def host_name(header: str) -> str | None:
@@ -46,6 +50,23 @@ def is_loopback_host_header(header: str) -> bool:
     """A ``Host`` header naming loopback, any port (``localhost:8000``, ``[::1]``...)."""
     name = host_name(header)
     return name is not None and is_loopback(name)
+
+
+def normal_origin(text: str) -> str | None:
+    """``HTTP://LocalHost:80`` -> ``http://localhost``; ``None`` if not an origin."""
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return None
+    if not (parts.scheme and parts.hostname) or parts.username or parts.password:
+        return None
+    if parts.path or parts.query or parts.fragment or text.endswith(("?", "#")):
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
+        host = f"{host}:{port}"
+    return f"{parts.scheme}://{host}"
 
 
 def is_ipv6(name: str) -> bool:

@@ -21,12 +21,12 @@ Every refusal has OpenAI's error shape, so SDKs and LiteLLM show its message.
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+from ..backendkey import bearer_matches
 from ..loopback import is_loopback_host_header
 
 #: The name mlx_lm.server maps to the model given on its command line.
@@ -98,7 +98,7 @@ def header_refusal(
             "origin_not_allowed",
             "origin",
         )
-    if needs_key and key and not _bearer_matches(authorization, key):
+    if needs_key and key and not bearer_matches(authorization, key):
         return Refusal(
             401,
             "this backend only answers the stack: send the backend key as "
@@ -160,9 +160,3 @@ def body_refusal(raw: bytes, served: ServedModel) -> tuple[Refusal | None, bytes
         body["model"] = served.canonical  # the resolved path: same weights, no reload
         return None, json.dumps(body).encode()
     return None, raw
-
-
-def _bearer_matches(authorization: str | None, key: str) -> bool:
-    scheme, _, token = (authorization or "").strip().partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                              key.encode())  # fmt: skip

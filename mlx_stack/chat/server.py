@@ -21,10 +21,9 @@ from typing import Any, BinaryIO
 
 from mlx_lm import server as mlx_server
 
+from ..backendkey import KEY_ENV
 from .guard import Refusal, ServedModel, body_refusal, content_type_refusal, header_refusal
 
-#: The environment variable that carries the per-start backend key to the tier.
-KEY_ENV = "MLX_STACK_BACKEND_KEY"
 #: Paths any liveness check may GET without the key.
 OPEN_PATHS = ("/health",)
 

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from mlx_stack import __version__, logfiles
+from mlx_stack import __version__, backendkey, logfiles
 from mlx_stack.cli import embedding_record, lifecycle, render
 from mlx_stack.config.catalog import (
     Catalog,
@@ -522,10 +522,16 @@ def pull(model: str, quant: str | None, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--backend", is_flag=True,
+              help="Print the running stack's backend key instead: what a direct call to a "
+              "chat or embeddings port must send (new at each supervisor start).")
 @_friendly
-def key() -> None:
+def key(backend: bool) -> None:
     """Print the proxy's master key (for `Authorization: Bearer ...`)."""
     paths, catalog = _context(secure=True)
+    if backend:
+        click.echo(backendkey.read_key(paths.backend_key))
+        return
     try:
         name = _load(paths, catalog).proxy.key_file
     except MlxStackError:

@@ -61,3 +61,6 @@ class ProxySettings:
         "proxy.key", "file holding the proxy master key (mode 0600), relative to the state folder")
     timeout_s: float = _doc(600.0, "seconds a request to a tier may take before it fails")
     num_retries: int = _doc(1, "retries of a failed request (then fallbacks to other tiers)")
+    cors_origins: tuple[str, ...] = _doc(
+        (), "web origins (scheme://host[:port]) whose pages may call the proxy from a browser; "
+        "empty: every web page is refused (403, no CORS headers)")
