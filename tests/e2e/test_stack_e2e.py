@@ -174,6 +174,25 @@ def test_a_browser_page_gets_nothing_from_a_tier(live_stack):
         assert rebound.status_code == 403
 
 
+def test_the_proxy_refuses_web_pages_and_rebinding(live_stack):
+    """LiteLLM's CORS `*` and any-Host serving are gone; programs are served as before."""
+    url = live_stack.url("proxy")
+    auth = {"Authorization": f"Bearer {live_stack.key()}"}
+    page = httpx.get(url + "/v1/models", headers={**auth, "Origin": "http://evil.example"})
+    assert page.status_code == 403 and page.json()["error"]["code"] == "origin_not_allowed"
+    assert not any(h.startswith("access-control-") for h in page.headers)
+    preflight = httpx.options(url + "/v1/chat/completions", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 403
+    assert "access-control-allow-origin" not in preflight.headers
+    port = live_stack.ports["proxy"]
+    rebound = httpx.get(url + "/v1/models", headers={**auth, "Host": f"evil.example:{port}"})
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+    program = httpx.get(url + "/v1/models", headers={**auth, "Host": f"localhost:{port}"})
+    assert program.status_code == 200
+    assert not any(h.startswith("access-control-") for h in program.headers)
+
+
 def test_up_twice_is_harmless(live_stack):
     before = {s["name"]: s["pid"] for s in live_stack.status()["services"]}
     res = live_stack.cli("up", "--json", check=True)
