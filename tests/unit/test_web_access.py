@@ -168,3 +168,44 @@ def test_the_backend_key_changes_no_fingerprint():
     assert spec(None).fingerprint == spec("bk-1").fingerprint == spec("bk-2").fingerprint
     assert "bk-1" not in repr(spec("bk-1"))
     assert spec("bk-1").full_env()["MLX_STACK_BACKEND_KEY"] == "bk-1"
+
+
+def _through_guard(access: WebAccess, headers: list[tuple[bytes, bytes]]) -> tuple[int, dict]:
+    """One request through WebGuard to an app that answers like LiteLLM's CORS (``*``)."""
+    import asyncio
+
+    from mlx_stack.litellm.webguard import WebGuard
+
+    async def litellm_like(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"access-control-allow-origin", b"*"), (b"access-control-allow-credentials", b"true"),
+            (b"content-type", b"application/json")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "GET", "path": "/v1/models", "headers": headers}
+    asyncio.run(WebGuard(litellm_like, access)(scope, receive, send))
+    start = sent[0]
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}
+
+
+def test_the_proxy_guard_rewrites_litellm_cors():
+    access = WebAccess.for_bind("127.0.0.1", ("http://localhost:3000",))
+    status, headers = _through_guard(access, [(b"host", b"localhost:4000")])
+    assert status == 200 and not any(h.startswith("access-control-") for h in headers)
+    status, headers = _through_guard(
+        access, [(b"host", b"localhost:4000"), (b"origin", b"http://localhost:3000")])
+    assert status == 200 and headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert headers["vary"] == "Origin"
+    status, headers = _through_guard(
+        access, [(b"host", b"localhost:4000"), (b"origin", b"http://evil.example")])
+    assert status == 403 and not any(h.startswith("access-control-") for h in headers)
+    status, _ = _through_guard(access, [(b"host", b"evil.example:4000")])
+    assert status == 403
