@@ -44,6 +44,11 @@ ENV_VARS = {
     "key; not read from yours",
     "MLX_STACK_ROUTES": "set by mlx-stack in the proxy's environment: each model name's service "
     "and fallbacks, for the gate that routes around a tier that is down; not read from yours",
+    "MLX_STACK_BACKEND_KEY": "set by mlx-stack in the environment of each backend (chat tiers, "
+    "embeddings) and of the proxy: the per-start backend key they check and send (print it with "
+    "`mlx-stack key --backend`); not read from yours",
+    "MLX_STACK_WEB_ACCESS": "set by mlx-stack in the proxy's environment: the hosts and web "
+    "origins it serves (from proxy.host and proxy.cors_origins); not read from yours",
     "MLX_STACK_STATE_FILE": "set by mlx-stack in the proxy's environment: where the supervisor's "
     "snapshot is, for the same gate; not read from yours",
 }
@@ -108,6 +113,8 @@ def _default(f: Field) -> str:
         return f"`{str(value).lower()}`"
     if value == "":
         return '`""`'
+    if isinstance(value, tuple):
+        return f"`{list(value)}`"
     if isinstance(value, float):
         return f"`{value:g}`"
     return f"`{value}`"

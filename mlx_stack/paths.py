@@ -53,6 +53,11 @@ class StatePaths:
         return self.run / "stack.lock"
 
     @property
+    def backend_key(self) -> Path:
+        """The running supervisor's backend key (0600), for ``mlx-stack key --backend``."""
+        return self.run / "backend.key"
+
+    @property
     def litellm_config(self) -> Path:
         return self.run / "litellm.yaml"
 

@@ -93,6 +93,15 @@ def check_key(paths: StatePaths, stack: Stack | None) -> Check:
     return Check("proxy key", Level.OK, f"{path} (mode 600)")
 
 
+def check_exposure(stack: Stack) -> Check:
+    """Whether the proxy binds beyond loopback: what that exposes, and how to undo it."""
+    exposure = stack.proxy.exposure()
+    if exposure is not None:
+        return Check("exposure", Level.WARN, exposure,
+                     "set proxy.host: 127.0.0.1 in the stack file")
+    return Check("exposure", Level.OK, f"the proxy binds {stack.proxy.host} (this machine only)")
+
+
 def check_state_folder(paths: StatePaths) -> Check:
     """The state folder is the user's alone (``private.py``); doctor reports, changes nothing."""
     home = paths.home
@@ -182,6 +191,7 @@ def run_checks(paths: StatePaths, catalog: Catalog, running: bool,
     checks.append(stack_check)
     checks.append(check_key(paths, stack))
     if stack is not None:
+        checks.append(check_exposure(stack))
         checks += check_models(stack)
         checks += check_ports(stack, running)
     checks += check_disk(paths)

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from mlx_stack import __version__, logfiles
+from mlx_stack import __version__, backendkey, logfiles
 from mlx_stack.cli import embedding_record, lifecycle, render
 from mlx_stack.config.catalog import (
     Catalog,
@@ -252,9 +252,9 @@ def up(tier: str | None, foreground: bool, as_json: bool) -> None:
     if foreground:
         sys.exit(lifecycle.run_foreground(plan, paths, tier))
     ident = embedding_record.current_identity(paths, stack.embeddings)
-    warning = embedding_record.mismatch(paths, ident)
-    if warning:
-        click.secho(f"warning: {warning}", fg="yellow", err=True)
+    warnings = [w for w in (embedding_record.mismatch(paths, ident), stack.proxy.exposure()) if w]
+    for w in warnings:
+        click.secho(f"warning: {w}", fg="yellow", err=True)
     with _loading(as_json) as (report, watch):
         result = lifecycle.up(stack, plan, paths, tier=tier, report=report, watch=watch)
     if ident is not None and tier in (None, "embeddings"):
@@ -267,7 +267,7 @@ def up(tier: str | None, foreground: bool, as_json: bool) -> None:
             "endpoint": f"http://{host}:{p.port}/v1",
             "models": names,
             "started": list(result.started),
-            "warnings": [warning] if warning else [],
+            "warnings": warnings,
             "services": [r.to_json() for r in lifecycle.status(paths, result.plan)],
         })
         return
@@ -340,6 +340,8 @@ def status(as_json: bool) -> None:
         warning = embedding_record.mismatch(
             paths, embedding_record.current_identity(paths, stack.embeddings))
         warnings += [warning] if warning else []
+        exposure = stack.proxy.exposure()
+        warnings += [exposure] if exposure else []
         plan = _plan(paths, stack)
     except MlxStackError as exc:
         problem = str(exc)
@@ -522,10 +524,16 @@ def pull(model: str, quant: str | None, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--backend", is_flag=True,
+              help="Print the running stack's backend key instead: what a direct call to a "
+              "chat or embeddings port must send (new at each supervisor start).")
 @_friendly
-def key() -> None:
+def key(backend: bool) -> None:
     """Print the proxy's master key (for `Authorization: Bearer ...`)."""
     paths, catalog = _context(secure=True)
+    if backend:
+        click.echo(backendkey.read_key(paths.backend_key))
+        return
     try:
         name = _load(paths, catalog).proxy.key_file
     except MlxStackError:

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlx_stack.backendkey import KEY_ENV as BACKEND_KEY_ENV
 from mlx_stack.config.catalog import CatalogEntry, load_catalog
 from mlx_stack.config.modelfolder import weights_size
 from mlx_stack.config.proxykey import ENV_VAR, read_key
@@ -33,6 +34,7 @@ from mlx_stack.litellm.config import (
     routes,
 )
 from mlx_stack.litellm.gate import ROUTES_ENV, STATE_ENV, routes_to_env
+from mlx_stack.litellm.webguard import ACCESS_ENV, WebAccess
 from mlx_stack.paths import StatePaths
 from mlx_stack.ports import connect_host
 
@@ -56,6 +58,8 @@ class Probe:
     kind: ProbeKind
     url: str  # base URL, e.g. http://127.0.0.1:8000
     model: str = MLX_LM_DEFAULT_MODEL
+    #: The backend key to send (``Authorization: Bearer``); never shown, never compared.
+    key: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,9 @@ class ServiceSpec:
     config_file: tuple[Path, str] | None = None
     #: Environment that must never be logged or fingerprinted in clear (the proxy key).
     secret_env: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    #: Environment fixed for the supervisor's lifetime (the backend key): never logged, and not
+    #: fingerprinted, so the CLI (which plans without it) computes the same fingerprints.
+    session_env: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     #: Inherited variables the child must not see (they change its behaviour in harmful ways).
     unset_env: frozenset[str] = frozenset()
     #: Size of the weight files it loads: what `up` measures loading progress against.
@@ -91,7 +98,7 @@ class ServiceSpec:
 
     def full_env(self) -> dict[str, str]:
         inherited = {k: v for k, v in os.environ.items() if k not in self.unset_env}
-        return {**inherited, **self.env, **self.secret_env}
+        return {**inherited, **self.env, **self.secret_env, **self.session_env}
 
 
 @dataclass(frozen=True)
@@ -171,13 +178,17 @@ def missing_weights_message(name: str, entry: CatalogEntry, quant: str) -> str:
     )
 
 
-def chat_service(tier: ChatTier, model_path: Path) -> ServiceSpec:
+def _session(backend_key: str | None) -> dict[str, str]:
+    return {BACKEND_KEY_ENV: backend_key} if backend_key else {}
+
+
+def chat_service(tier: ChatTier, model_path: Path, backend_key: str | None = None) -> ServiceSpec:
     address = ("--host", "127.0.0.1", "--port", str(tier.port))
     if tier.backend == "vllm-mlx":
         argv = (*_script("vllm-mlx"), "serve", str(model_path), *address)
         probe_model = str(model_path)
     else:
-        argv = (sys.executable, "-m", "mlx_lm", "server", "--model", str(model_path), *address)
+        argv = (sys.executable, "-m", "mlx_stack.chat", "--model", str(model_path), *address)
         probe_model = MLX_LM_DEFAULT_MODEL
     return ServiceSpec(
         name=tier.name,
@@ -187,12 +198,15 @@ def chat_service(tier: ChatTier, model_path: Path) -> ServiceSpec:
         port=tier.port,
         host="127.0.0.1",
         model=tier.model.name,
-        probe=Probe(ProbeKind.CHAT, f"http://127.0.0.1:{tier.port}", probe_model),
+        probe=Probe(ProbeKind.CHAT, f"http://127.0.0.1:{tier.port}", probe_model, backend_key),
+        session_env=_session(backend_key),
         weights_bytes=weights_size(model_path),
     )
 
 
-def embeddings_service(emb: EmbeddingsTier, model_path: Path) -> ServiceSpec:
+def embeddings_service(
+    emb: EmbeddingsTier, model_path: Path, backend_key: str | None = None
+) -> ServiceSpec:
     m = emb.model
     argv = [
         sys.executable, "-m", "mlx_stack.embeddings",
@@ -218,13 +232,15 @@ def embeddings_service(emb: EmbeddingsTier, model_path: Path) -> ServiceSpec:
         port=emb.port,
         host="127.0.0.1",
         model=m.name,
-        probe=Probe(ProbeKind.EMBEDDING, f"http://127.0.0.1:{emb.port}", m.name),
+        probe=Probe(ProbeKind.EMBEDDING, f"http://127.0.0.1:{emb.port}", m.name, backend_key),
+        session_env=_session(backend_key),
         weights_bytes=weights_size(model_path),
     )
 
 
 def proxy_service(
-    stack: Stack, paths: StatePaths, key: str, served_paths: dict[str, str]
+    stack: Stack, paths: StatePaths, key: str, served_paths: dict[str, str],
+    backend_key: str | None = None,
 ) -> ServiceSpec:
     p = stack.proxy
     cfg = paths.litellm_config
@@ -236,7 +252,8 @@ def proxy_service(
         "--num_workers", "1",
     )  # fmt: skip
     env = {**PROXY_ENV, ROUTES_ENV: routes_to_env(routes(stack)),
-           STATE_ENV: str(paths.state_file)}
+           STATE_ENV: str(paths.state_file),
+           ACCESS_ENV: WebAccess.for_bind(p.host, p.cors_origins).to_env()}
     return ServiceSpec(
         name="proxy",
         kind=ServiceKind.PROXY,
@@ -247,16 +264,20 @@ def proxy_service(
         probe=Probe(ProbeKind.PROXY, f"http://{connect_host(p.host)}:{p.port}"),
         config_file=(cfg, render_config(build_config(stack, served_paths))),
         secret_env={ENV_VAR: key},
+        session_env=_session(backend_key),
         unset_env=PROXY_UNSET_ENV,
     )
 
 
-def build_plan(stack: Stack, paths: StatePaths, key: str | None = None) -> Plan:
+def build_plan(
+    stack: Stack, paths: StatePaths, key: str | None = None, backend_key: str | None = None
+) -> Plan:
     """Resolve weights and build every spec a stack needs; no process is touched.
 
     A stack with neither a chat tier nor an embeddings tier has nothing to run: refused here,
     so `up` and a reload of a running supervisor refuse it alike. ``key`` defaults to the one
-    in the stack's key file.
+    in the stack's key file. ``backend_key``: the supervisor's (see ``backendkey.py``); the
+    CLI plans without it, with the same fingerprints.
     """
     if not stack.tiers and stack.embeddings is None:
         raise ConfigError(
@@ -274,7 +295,7 @@ def build_plan(stack: Stack, paths: StatePaths, key: str | None = None) -> Plan:
         if path is None:
             missing[t.name] = missing_weights_message(t.name, t.model, t.quant)
             continue
-        servers.append(chat_service(t, path))
+        servers.append(chat_service(t, path, backend_key))
         served_paths[t.name] = str(path)
     if stack.embeddings is not None:
         e = stack.embeddings
@@ -282,8 +303,9 @@ def build_plan(stack: Stack, paths: StatePaths, key: str | None = None) -> Plan:
         if path is None:
             missing[e.name] = missing_weights_message(e.name, e.model, e.quant)
         else:
-            servers.append(embeddings_service(e, path))
-    return Plan(tuple(servers), proxy_service(stack, paths, key, served_paths), missing)
+            servers.append(embeddings_service(e, path, backend_key))
+    proxy = proxy_service(stack, paths, key, served_paths, backend_key)
+    return Plan(tuple(servers), proxy, missing)
 
 
 def load_stack_file(paths: StatePaths) -> Stack:
@@ -291,7 +313,7 @@ def load_stack_file(paths: StatePaths) -> Stack:
     return load_stack(paths.stack_file, load_catalog(paths.user_catalog), platform.system())
 
 
-def load_plan(paths: StatePaths) -> LoadedPlan:
+def load_plan(paths: StatePaths, backend_key: str | None = None) -> LoadedPlan:
     """Read the stack file, the catalog and the key, and plan the services."""
     stack = load_stack_file(paths)
-    return LoadedPlan(build_plan(stack, paths), stack.watchdog)
+    return LoadedPlan(build_plan(stack, paths, backend_key=backend_key), stack.watchdog)

@@ -52,6 +52,7 @@ _ANNOTATION_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "str": (str,),
     "bool": (bool,),
+    "tuple[str, ...]": (list,),
 }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mlx_stack.loopback import is_loopback
+
 
 def _doc(default: object, text: str) -> object:
     return field(default=default, metadata={"doc": text})
@@ -61,3 +63,17 @@ class ProxySettings:
         "proxy.key", "file holding the proxy master key (mode 0600), relative to the state folder")
     timeout_s: float = _doc(600.0, "seconds a request to a tier may take before it fails")
     num_retries: int = _doc(1, "retries of a failed request (then fallbacks to other tiers)")
+    cors_origins: tuple[str, ...] = _doc(
+        (), "web origins (scheme://host[:port]) whose pages may call the proxy from a browser; "
+        "empty: every web page is refused (403, no CORS headers)")
+
+    def exposure(self) -> str | None:
+        """What a bind beyond loopback exposes (shown by up, status and doctor), or ``None``."""
+        if is_loopback(self.host.strip("[]").lower()):
+            return None
+        where = ("every network this machine is on" if self.host in ("0.0.0.0", "::")
+                 else f"the network of {self.host}")
+        return (f"proxy.host is {self.host}: the proxy is reachable from other machines "
+                f"({where}); anyone with the key can use every model, and over plain HTTP the "
+                "key and every prompt cross the network unencrypted; bind 127.0.0.1 unless you "
+                "mean it (the chat and embeddings ports stay on loopback)")

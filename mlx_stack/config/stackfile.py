@@ -7,6 +7,7 @@ Every problem is reported at once with ``file:line`` and the field path.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from mlx_stack.config.schema import Field, Problems, close_matches, fields_of, r
 from mlx_stack.config.settings import ProxySettings, WatchSettings
 from mlx_stack.config.yamlfile import YamlDoc, load_yaml, parse_yaml
 from mlx_stack.errors import CatalogError, ConfigError
+from mlx_stack.loopback import normal_origin
 
 CHAT_BACKENDS = ("mlx-lm", "vllm-mlx")
 EMBED_BACKENDS = ("mlx-embed",)
@@ -41,7 +43,7 @@ AUTH_FIELDS = fields_of(ProxySettings, ["key_file"])
 PROXY_FIELDS = [
     *fields_of(ProxySettings, ["host", "port"]),
     Field("auth", (dict,), "how clients authenticate: a master key in key_file", {}),
-    *fields_of(ProxySettings, ["timeout_s", "num_retries"]),
+    *fields_of(ProxySettings, ["timeout_s", "num_retries", "cors_origins"]),
 ]
 WATCHDOG_FIELDS = fields_of(WatchSettings)
 STACK_FIELDS = [
@@ -180,8 +182,27 @@ def _read_proxy(raw: dict, problems: Problems) -> ProxySettings:
         problems.add("proxy.timeout_s", "must be > 0")
     if not 0 <= d["num_retries"] <= 10:
         problems.add("proxy.num_retries", "must be between 0 and 10")
+    origins = _read_origins(d["cors_origins"], problems)
     return ProxySettings(host=d["host"], port=d["port"], key_file=auth["key_file"],
-                         timeout_s=float(d["timeout_s"]), num_retries=d["num_retries"])
+                         timeout_s=float(d["timeout_s"]), num_retries=d["num_retries"],
+                         cors_origins=origins)
+
+
+def _read_origins(raw: list, problems: Problems) -> tuple[str, ...]:
+    """``proxy.cors_origins``: each a browser origin; ``*`` and ``null`` are refused."""
+    out: list[str] = []
+    for i, entry in enumerate(raw):
+        where = f"proxy.cors_origins[{i}]"
+        origin = normal_origin(entry.strip().rstrip("/")) if isinstance(entry, str) else None
+        if isinstance(entry, str) and entry.strip() in ("*", "null"):
+            problems.add(where, f"{entry.strip()!r} would let any web page you open use the "
+                         "proxy; list the origins you trust, e.g. http://localhost:3000")
+        elif origin is None:
+            problems.add(where, f"{entry!r} is not an origin (scheme://host[:port], no path), "
+                         "e.g. http://localhost:3000")
+        else:
+            out.append(origin)
+    return tuple(out)
 
 
 def _read_watchdog(raw: dict, problems: Problems) -> WatchSettings:
@@ -300,6 +321,8 @@ def render_stack(stack: Stack, header: str = "", hints: list[str] | None = None)
         f"  timeout_s: {p.timeout_s:g}\n"
         f"  num_retries: {p.num_retries}\n"
     )
+    if p.cors_origins:
+        out.append(f"  cors_origins: {json.dumps(list(p.cors_origins))}\n")
     watchdog = render_watchdog(stack.watchdog)
     if watchdog:
         out.append("\n# The watchdog: probes, restarts, log rotation (see stack.example.yaml).\n")

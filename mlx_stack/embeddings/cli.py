@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from mlx_stack.backendkey import KEY_ENV
 from mlx_stack.errors import MlxStackError, PortInUseError
 
 from .api.access import AccessPolicy
@@ -197,7 +198,8 @@ class _Http:
 
 def _http_options(args: argparse.Namespace) -> _Http:
     try:
-        access = AccessPolicy.build(args.allowed_hosts, args.allowed_origins, args.host)
+        access = AccessPolicy.build(args.allowed_hosts, args.allowed_origins, args.host,
+                                    key=os.environ.pop(KEY_ENV, None))
         limits = ConnectionLimits(args.header_timeout, args.body_timeout, args.max_connections)
     except ValueError as exc:
         raise MlxStackError(f"{exc.args[0].replace('_', '-')}") from None

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from mlx_stack.backendkey import LITELLM_API_KEY
 from mlx_stack.config.proxykey import ENV_VAR
 from mlx_stack.config.stackfile import EMBEDDINGS_MODEL_NAME, Stack
 from mlx_stack.litellm.gate import Route
@@ -70,7 +71,7 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
                     "model": "openai/"
                     + upstream_model(t.backend, served_paths.get(t.name, t.model.name)),
                     "api_base": f"http://127.0.0.1:{t.port}/v1",
-                    "api_key": "none",
+                    "api_key": LITELLM_API_KEY,
                     "timeout": p.timeout_s,
                     "stream_timeout": p.timeout_s,
                 },
@@ -85,7 +86,7 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
                 "litellm_params": {
                     "model": f"openai/{e.model.name}",
                     "api_base": f"http://127.0.0.1:{e.port}/v1",
-                    "api_key": "none",
+                    "api_key": LITELLM_API_KEY,
                     "timeout": min(p.timeout_s, 120.0),
                     # drop_params would silently remove `dimensions`; our server honours it
                     # (Matryoshka models) or refuses it with a 400 that says why.

@@ -1,5 +1,7 @@
 """Run the LiteLLM proxy, with one compatibility shim: JSON bodies sent as form data.
 
+(And the stack's middlewares in front of LiteLLM: ``webguard.py``, then ``gate.py``.)
+
 ``curl -d '{"model": ...}'`` without ``-H 'Content-Type: application/json'`` sends a JSON body
 labelled ``application/x-www-form-urlencoded``; LiteLLM then parses it as a form and answers
 "Missing required parameter". Agents' quick checks do exactly this, so POST bodies that are a
@@ -74,15 +76,17 @@ def main() -> None:
     from litellm.proxy import proxy_server
     from litellm.proxy.proxy_cli import run_server
 
-    from mlx_stack.litellm import gate
+    from mlx_stack.litellm import gate, webguard
 
     # The CLI serves "litellm.proxy.proxy_server:app" by import path; with one worker that is
     # this very module object, so the middleware added here is the one that serves. The last
-    # one added runs first: the gate, then the content-type shim, then LiteLLM.
+    # one added runs first: the web guard (Host, Origin, CORS), the gate, then the
+    # content-type shim, then LiteLLM.
     proxy_server.app.add_middleware(JsonBodyShim)
     options = gate.options_from_env()
     if options is not None:
         proxy_server.app.add_middleware(gate.TierGate, **options)
+    proxy_server.app.add_middleware(webguard.WebGuard, access=webguard.WebAccess.from_env())
     run_server(prog_name="litellm")
 
 

@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+from mlx_stack.backendkey import new_key, save_key
 from mlx_stack.config.plan import load_plan
 from mlx_stack.errors import MlxStackError
 from mlx_stack.paths import StatePaths
@@ -55,7 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     # Children hold the read end; only this process holds the write end, so they see
     # end-of-file exactly when the supervisor is gone (see childguard.py).
     lifeline, lifeline_w = os.pipe()
-    sup = Supervisor(paths, lambda: load_plan(paths), runtime,
+    # One backend key per supervisor start (backendkey.py): the same for every reload.
+    backend_key = new_key()
+    try:
+        save_key(paths.backend_key, backend_key)
+    except OSError as exc:
+        print(f"mlx-stack supervisor: cannot write {paths.backend_key}: {exc.strerror}; "
+              "`mlx-stack key --backend` will not work", file=sys.stderr, flush=True)
+    sup = Supervisor(paths, lambda: load_plan(paths, backend_key), runtime,
                      only=set(args.only or []) or None, lifeline=lifeline, lock=lock)
     try:
         for name in clean_leftovers(paths.state_file):

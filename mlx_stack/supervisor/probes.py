@@ -38,10 +38,15 @@ LIVENESS_PATHS = {ProbeKind.CHAT: "/health", ProbeKind.EMBEDDING: "/health",
                   ProbeKind.PROXY: "/health/liveliness"}
 
 
+def _auth(probe: Probe) -> dict[str, str]:
+    return {"Authorization": f"Bearer {probe.key}"} if probe.key else {}
+
+
 def _request(client: httpx.Client, probe: Probe) -> httpx.Response:
     if probe.kind is ProbeKind.CHAT:
         return client.post(
             f"{probe.url}/v1/chat/completions",
+            headers=_auth(probe),
             json={
                 "model": probe.model,
                 "max_tokens": 1,
@@ -50,7 +55,8 @@ def _request(client: httpx.Client, probe: Probe) -> httpx.Response:
         )
     if probe.kind is ProbeKind.EMBEDDING:
         return client.post(
-            f"{probe.url}/v1/embeddings", json={"model": probe.model, "input": "ping"}
+            f"{probe.url}/v1/embeddings", json={"model": probe.model, "input": "ping"},
+            headers=_auth(probe),
         )
     return client.get(f"{probe.url}/health/readiness")
 

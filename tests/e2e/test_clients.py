@@ -334,6 +334,7 @@ def test_dimensions_behaves_as_documented(live_stack):
     direct = httpx.post(
         live_stack.url("embeddings") + "/v1/embeddings",
         json=body | {"model": "all-minilm-l6-v2"},
+        headers=live_stack.backend_headers(),
     )
     assert direct.status_code == 400 and direct.json()["error"]["param"] == "dimensions"
 

@@ -44,7 +44,8 @@ def test_status_json_shows_every_service_ready(live_stack):
 def test_the_recorded_embeddings_identity_is_the_one_the_server_reports(live_stack):
     """One model-folder identity: what `up` records equals the served content_sha256."""
     recorded = json.loads((live_stack.home / "embeddings-model.json").read_text())["current"]
-    models = httpx.get(f"{live_stack.url('embeddings')}/v1/models", timeout=30).json()["data"]
+    models = httpx.get(f"{live_stack.url('embeddings')}/v1/models", timeout=30,
+                       headers=live_stack.backend_headers()).json()["data"]
     assert recorded["weights"] == models[0]["content_sha256"]
 
 
@@ -129,6 +130,67 @@ def test_the_key_never_reaches_logs_config_or_output(live_stack):
     assert key not in live_stack.cli("status").stdout + live_stack.cli("status").stderr
     assert (home / "proxy.key").stat().st_mode & 0o077 == 0
     assert key in live_stack.cli("key", check=True).stdout  # only `key` shows it, on purpose
+
+
+def test_backend_ports_answer_only_the_stack(live_stack):
+    """Direct calls to a tier need the backend key; the proxy and the probes send it."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    embed = {"model": "all-minilm-l6-v2", "input": "x"}
+    calls = [(live_stack.url("standard") + "/v1/chat/completions", chat),
+             (live_stack.url("embeddings") + "/v1/embeddings", embed)]
+    for url, body in calls:
+        refused = httpx.post(url, json=body, timeout=60)
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+        assert "mlx-stack key --backend" in refused.json()["error"]["message"]
+    for service in ("standard", "embeddings"):
+        assert httpx.get(live_stack.url(service) + "/health").status_code == 200  # liveness
+    backend_key = live_stack.cli("key", "--backend", check=True).stdout.strip()
+    assert backend_key.startswith("bk-") and backend_key != live_stack.key()
+    for url, body in calls:
+        answer = httpx.post(url, json=body, timeout=60,
+                            headers={"Authorization": f"Bearer {backend_key}"})
+        assert answer.status_code == 200, answer.text
+    home = live_stack.home
+    for path in [*home.glob("logs/*.log"), *home.glob("run/*")]:
+        if path.name != "backend.key":
+            assert backend_key not in path.read_text(errors="replace"), path
+    assert (home / "run" / "backend.key").stat().st_mode & 0o077 == 0
+    for proc in psutil.process_iter(["cmdline"]):
+        assert backend_key not in " ".join(proc.info["cmdline"] or ())
+    assert backend_key not in live_stack.cli("status").stdout
+
+
+def test_a_browser_page_gets_nothing_from_a_tier(live_stack):
+    page = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+    chat = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+    for service in ("standard", "fast"):
+        answer = httpx.post(live_stack.url(service) + "/v1/chat/completions", content=chat,
+                            headers=page)
+        assert answer.status_code == 403
+        assert "access-control-allow-origin" not in answer.headers
+        rebound = httpx.get(live_stack.url(service) + "/v1/models",
+                            headers={"Host": f"evil.example:{live_stack.ports[service]}"})
+        assert rebound.status_code == 403
+
+
+def test_the_proxy_refuses_web_pages_and_rebinding(live_stack):
+    """LiteLLM's CORS `*` and any-Host serving are gone; programs are served as before."""
+    url = live_stack.url("proxy")
+    auth = {"Authorization": f"Bearer {live_stack.key()}"}
+    page = httpx.get(url + "/v1/models", headers={**auth, "Origin": "http://evil.example"})
+    assert page.status_code == 403 and page.json()["error"]["code"] == "origin_not_allowed"
+    assert not any(h.startswith("access-control-") for h in page.headers)
+    preflight = httpx.options(url + "/v1/chat/completions", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 403
+    assert "access-control-allow-origin" not in preflight.headers
+    port = live_stack.ports["proxy"]
+    rebound = httpx.get(url + "/v1/models", headers={**auth, "Host": f"evil.example:{port}"})
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+    program = httpx.get(url + "/v1/models", headers={**auth, "Host": f"localhost:{port}"})
+    assert program.status_code == 200
+    assert not any(h.startswith("access-control-") for h in program.headers)
 
 
 def test_up_twice_is_harmless(live_stack):

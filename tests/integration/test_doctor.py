@@ -42,3 +42,18 @@ def test_doctor_names_each_problem_with_a_fix(tmp_path):
 def test_doctor_without_a_stack_file(tmp_path):
     res = StackEnv(tmp_path / "none", {}).cli("doctor")
     assert res.returncode == 1 and "mlx-stack init" in res.stdout and "Traceback" not in res.stderr
+
+
+def test_a_proxy_bound_beyond_loopback_is_a_warning_in_doctor_and_status(tmp_path):
+    env = write_stack(tmp_path / "home", None)
+    stack = env.home / "stack.yaml"
+    stack.write_text(stack.read_text().replace("proxy:\n", "proxy:\n  host: 0.0.0.0\n"))
+    checks = {c["name"]: c for c in json.loads(env.cli("doctor", "--json").stdout)}
+    assert checks["exposure"]["level"] == "warn"
+    assert "reachable from other machines" in checks["exposure"]["detail"]
+    assert "127.0.0.1" in checks["exposure"]["fix"]
+    status = json.loads(env.cli("status", "--json").stdout)
+    assert any("reachable from other machines" in w for w in status["warnings"])
+    stack.write_text(stack.read_text().replace("  host: 0.0.0.0\n", ""))
+    checks = {c["name"]: c for c in json.loads(env.cli("doctor", "--json").stdout)}
+    assert checks["exposure"]["level"] == "ok"

@@ -113,6 +113,11 @@ class StackEnv:
     def key(self) -> str:
         return (self.home / "proxy.key").read_text().strip()
 
+    def backend_headers(self) -> dict[str, str]:
+        """What a direct call to a backend port sends: the running supervisor's backend key."""
+        key = (self.home / "run" / "backend.key").read_text().strip()
+        return {"Authorization": f"Bearer {key}"}
+
     def status(self) -> dict:
         return json.loads(self.cli("status", "--json", check=True).stdout)
 

@@ -11,31 +11,33 @@ no ``Origin``. So this middleware, before any route runs:
 - refuses a request with an ``Origin`` that is not explicitly allowed (none by default), and a
   browser's cross-site request without one (``Sec-Fetch-Site: cross-site``), with no CORS
   headers, so the browser shows the page nothing;
-- gives allowed origins CORS headers, and answers their preflight ``OPTIONS``.
+- gives allowed origins CORS headers, and answers their preflight ``OPTIONS``;
+- with a backend key (the stack's, from ``MLX_STACK_BACKEND_KEY``: see ``backendkey.py``),
+  refuses every request but ``/health`` without ``Authorization: Bearer KEY`` (401).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ...backendkey import bearer_matches
+from ...loopback import host_name, is_ipv6, is_loopback, normal_origin
 from .apierror import ApiError, ErrorKind, shown
 
 ANY = "*"
+#: Answered without the backend key: liveness checks.
+OPEN_PATHS = frozenset({"/health"})
 WILDCARD_BINDS = {"", "0.0.0.0", "::"}
 CORS_METHODS = "GET, POST"
 CORS_EXPOSED = "Retry-After, x-mlx-stack-truncated-inputs"
 CORS_MAX_AGE = "600"
-_PORT = re.compile(r"(:[0-9]*)?", re.ASCII)
 _NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?\.?", re.ASCII)
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,12 @@ class AccessPolicy:
     hosts: frozenset[str] = frozenset()
     any_host: bool = False
     origins: frozenset[str] = frozenset()
+    key: str | None = field(default=None, repr=False)
 
     @classmethod
     def build(
-        cls, hosts: Iterable[str] = (), origins: Iterable[str] = (), bind_host: str | None = None
+        cls, hosts: Iterable[str] = (), origins: Iterable[str] = (), bind_host: str | None = None,
+        key: str | None = None,
     ) -> AccessPolicy:
         """From the options; ``ValueError`` names a bad entry. The bound address is allowed."""
         entries = [h.strip() for h in hosts if h.strip()]
@@ -56,7 +60,8 @@ class AccessPolicy:
         if bound not in WILDCARD_BINDS and not is_loopback(bound):
             entries.append(bound)
         names = frozenset(allowed_host(h) for h in entries if h != ANY)
-        return cls(names, ANY in entries, frozenset(allowed_origin(o) for o in origins))
+        origin_set = frozenset(allowed_origin(o) for o in origins)
+        return cls(names, ANY in entries, origin_set, key or None)
 
     def allows_host(self, header: str) -> bool:
         name = host_name(header)
@@ -66,41 +71,13 @@ class AccessPolicy:
         return normal_origin(header) in self.origins
 
 
-def host_name(header: str) -> str | None:
-    """``localhost:8003`` -> ``localhost``, ``[::1]:80`` -> ``::1``; ``None`` if malformed."""
-    value = header.strip().lower()
-    if value.startswith("["):
-        name, bracket, rest = value[1:].partition("]")
-        if not bracket or not _is_ipv6(name):
-            return None
-    else:
-        name, colon, port = value.partition(":")
-        rest = colon + port
-    if not name or not _PORT.fullmatch(rest):
-        return None
-    return name
-
-
-def is_loopback(name: str) -> bool:
-    """``localhost``, 127.0.0.0/8, ``::1`` (and ``::ffff:127.x.y.z``)."""
-    if name == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
-
-
 def allowed_host(entry: str) -> str:
     """An ``--allowed-hosts`` entry, normalised: a name or address, no port."""
     name = entry.strip().lower()
     bracketed = name.startswith("[") and name.endswith("]")
     if bracketed:
         name = name[1:-1]
-    if _is_ipv6(name) or (_NAME.fullmatch(name) and not bracketed):
+    if is_ipv6(name) or (_NAME.fullmatch(name) and not bracketed):
         return name
     raise ValueError(
         f"--allowed-hosts: {entry!r} is not a host name or address (give names like "
@@ -124,30 +101,6 @@ def allowed_origin(entry: str) -> str:
     return origin
 
 
-def normal_origin(text: str) -> str | None:
-    """``HTTP://LocalHost:80`` -> ``http://localhost``; ``None`` if not an origin."""
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError:
-        return None
-    if not (parts.scheme and parts.hostname) or parts.username or parts.password:
-        return None
-    if parts.path or parts.query or parts.fragment or text.endswith(("?", "#")):
-        return None
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
-        host = f"{host}:{port}"
-    return f"{parts.scheme}://{host}"
-
-
-def _is_ipv6(name: str) -> bool:
-    try:
-        return isinstance(ipaddress.ip_address(name), ipaddress.IPv6Address)
-    except ValueError:
-        return False
-
-
 class AccessGuard:
     """ASGI middleware applying an :class:`AccessPolicy` before routing."""
 
@@ -162,6 +115,9 @@ class AccessGuard:
             return
         headers = Headers(scope=scope)
         refusal = self._refusal(headers)
+        preflight = scope["method"] == "OPTIONS" and "access-control-request-method" in headers
+        if refusal is None and not preflight and scope["path"] not in OPEN_PATHS:
+            refusal = self._key_refusal(headers)
         if refusal is not None:
             self.on_refusal(refusal.kind.label)
             await refusal.response()(scope, receive, send)
@@ -169,7 +125,7 @@ class AccessGuard:
         origin = headers.get("origin")
         if origin is None:
             await self.app(scope, receive, send)
-        elif scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+        elif preflight:
             await _preflight(origin, headers)(scope, receive, send)
         else:
             await self.app(scope, receive, _with_cors(send, origin))
@@ -204,6 +160,19 @@ class AccessGuard:
                 code="origin_not_allowed",
             )
         return None
+
+
+    def _key_refusal(self, headers: Headers) -> ApiError | None:
+        key = self.policy.key
+        if key is None or bearer_matches(headers.get("authorization"), key):
+            return None
+        return ApiError(
+            ErrorKind.UNAUTHORIZED,
+            "this backend only answers the stack: send the backend key as "
+            "'Authorization: Bearer KEY' (print it with: mlx-stack key --backend), "
+            "or call the proxy",
+            code="invalid_api_key",
+        )
 
 
 def _preflight(origin: str, headers: Headers) -> Response:

@@ -20,6 +20,7 @@ class ErrorKind(Enum):
     """(HTTP status, OpenAI ``error.type``, label in ``/metrics``); the label keeps them unique."""
 
     INVALID_REQUEST = (400, "invalid_request_error", "invalid_request")
+    UNAUTHORIZED = (401, "authentication_error", "unauthorized")
     FORBIDDEN_HOST = (403, "invalid_request_error", "forbidden_host")
     FORBIDDEN_ORIGIN = (403, "invalid_request_error", "forbidden_origin")
     MODEL_NOT_FOUND = (404, "invalid_request_error", "model_not_found")

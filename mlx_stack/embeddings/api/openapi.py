@@ -132,6 +132,8 @@ _RETRY_AFTER = {
 _ERRORS: dict[str, tuple[str, bool]] = {
     "400": ("malformed: not HTTP/1.1, not JSON, or a field out of range (the message names "
             "it and its limit)", False),
+    "401": ("no or a wrong 'Authorization: Bearer' backend key, when the server was given one "
+            "(as in a stack: MLX_STACK_BACKEND_KEY); every route but /health", False),
     "403": ("a Host that is not loopback nor in --allowed-hosts, or a web page's Origin not in "
             "--allowed-origins (no CORS headers)", False),
     "404": ("unknown model (code model_not_found) or route", False),
@@ -228,7 +230,7 @@ def openapi_document(
                 },
                 "content": _json("EmbeddingResponse"),
             },
-            **_errors("400", "403", "404", "408", "413", "429", "500", "503"),
+            **_errors("400", "401", "403", "404", "408", "413", "429", "500", "503"),
         },
     }
     paths: dict[str, Any] = {
