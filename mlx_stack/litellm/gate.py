@@ -134,7 +134,7 @@ class TierGate:
                 or scope.get("path") not in GATED_PATHS):
             await self.app(scope, receive, send)
             return
-        body, more = await _read(receive)  # kept: a request caught in a hang is sent again
+        body, more = await read_body(receive)  # kept: a request caught in a hang is sent again
         if self._degraded() and self._authorised(scope) and not more:
             decision = await self._hold(body)
             if decision.refuse:
@@ -151,7 +151,7 @@ class TierGate:
         deadline: float | None = None
         while True:
             held = _Held(send)
-            await self.app(scope, _replay(body, more, receive), held)
+            await self.app(scope, replay(body, more, receive), held)
             if held.start is None:
                 return  # answered (or streamed) as usual
             if deadline is None:
@@ -241,7 +241,7 @@ class _Held:
             await self.send(msg)
 
 
-async def _read(receive: Any) -> tuple[bytes, bool]:
+async def read_body(receive: Any) -> tuple[bytes, bool]:
     """The body up to MAX_BODY; ``more`` is True if it was longer (then it is not inspected)."""
     chunks: list[bytes] = []
     size = 0
@@ -257,7 +257,8 @@ async def _read(receive: Any) -> tuple[bytes, bool]:
             return b"".join(chunks), True
 
 
-def _replay(body: bytes, more: bool, receive: Any) -> Any:
+def replay(body: bytes, more: bool, receive: Any) -> Any:
+    """A ``receive`` that gives ``body`` first (with ``more`` if it was cut), then the rest."""
     sent = False
 
     async def replayed() -> Message:

@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from mlx_stack.litellm.gate import read_body, replay
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 _FORM = b"application/x-www-form-urlencoded"
-_MAX_SNIFF = 64 * 1024 * 1024
 
 
 class JsonBodyShim:
@@ -37,38 +38,19 @@ class JsonBodyShim:
         if ctype.split(b";")[0].strip().lower() not in (_FORM, b""):
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            msg: Message = await receive()
-            if msg["type"] != "http.request":
-                break
-            chunks.append(msg.get("body", b""))
-            size += len(chunks[-1])
-            if not msg.get("more_body") or size > _MAX_SNIFF:
-                break
-        body = b"".join(chunks)
-        if body.lstrip()[:1] == b"{" and _is_json(body):
+        body, more = await read_body(receive)
+        if not more and body.lstrip()[:1] == b"{" and _is_json(body):
             scope = dict(scope)
             scope["headers"] = [(k, v) for k, v in headers if k != b"content-type"] + [
                 (b"content-type", b"application/json")
             ]
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay(body, more, receive), send)
 
 
 def _is_json(body: bytes) -> bool:
     try:
         return isinstance(json.loads(body), dict)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting: not ours to answer, LiteLLM's
         return False
 
 

@@ -226,3 +226,32 @@ def test_an_error_after_the_tier_restarted_under_the_request_is_retried(tmp_path
     g.app = LoadingThenOk()
     status, _, _ = call(g, {"model": "local-embed", "input": "x"}, path="/v1/embeddings")
     assert status == 200 and len(g.app.bodies) == 2
+
+
+@pytest.mark.parametrize(("body", "relabelled"), [(b'{"model": "x"}', True),
+                                                  (b"{" + b'"a":[' * 30000, False),
+                                                  (b"a=1&b=2", False)])
+def test_the_content_type_shim_relabels_json_and_survives_any_body(body, relabelled):
+    """curl -d sends JSON as a form; a deeply nested body must not become a 500 in the shim."""
+    from mlx_stack.litellm.launch import JsonBodyShim
+
+    seen: list[tuple[bytes, bytes]] = []
+
+    async def app(scope, receive, send) -> None:
+        msg = await receive()
+        seen.append((dict(scope["headers"]).get(b"content-type", b""), msg["body"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/embeddings",
+             "headers": [(b"content-type", b"application/x-www-form-urlencoded")]}
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(_msg) -> None:
+        pass
+
+    asyncio.run(JsonBodyShim(app)(scope, receive, send))
+    ctype, got = seen[0]
+    assert got == body and (ctype == b"application/json") == relabelled
