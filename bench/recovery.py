@@ -122,13 +122,17 @@ def run_scenario(fault: str, target: str, retries: int, clients: int, seconds: f
 
 
 def cpu_model() -> str:
+    """The CPU's name and its widest vector extensions (the machines differ day to day)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                 if ln.startswith("model name")), platform.machine())
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines()
+                      if ln.startswith("flags")), []))
+    vec = [f for f in ("avx512f", "avx2", "neon") if f in flags]
+    return f"{name} ({', '.join(vec) or 'no AVX2'})"
 
 
 def main() -> None:
