@@ -54,8 +54,8 @@ def test_an_unknown_service_is_an_error_answer_naming_the_services(ready, target
         assert a.error is not None and a.error.code is ErrorCode.UNKNOWN_SERVICE
         assert f"no service named {target!r}" in a.error.message
         assert "services: standard, embeddings, proxy" in a.error.message
-    assert "did you mean 'standard'" in sc.command(Action.STOP, "standrad").error.message \
-        or target == "nosuch"
+    if target == "standrad":
+        assert "did you mean 'standard'" in sc.command(Action.STOP, target).error.message
     sc.run(1)
     assert sc.pids() == pids and sc.all_ready()
 
