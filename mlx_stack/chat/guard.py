@@ -33,6 +33,9 @@ from ..loopback import is_loopback_host_header
 DEFAULT_MODEL = "default_model"
 #: Request fields that make mlx_lm.server load other weights than the tier's.
 LOADING_FIELDS = ("adapters", "draft_model")
+#: The OpenAI paths mlx_lm serves, by the body they take.
+CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+COMPLETION_PATHS = frozenset({"/v1/completions", "/completions"})
 #: Content types a web page may POST cross-site with no preflight and no JSON client sends.
 BROWSER_ONLY_TYPES = ("text/plain", "multipart/form-data")
 
@@ -124,7 +127,32 @@ def content_type_refusal(content_type: str | None) -> Refusal | None:
     return None
 
 
-def body_refusal(raw: bytes, served: ServedModel) -> tuple[Refusal | None, bytes]:
+def shape_refusal(path: str, body: dict[str, Any]) -> Refusal | None:
+    """The parts of a chat or completions body that mlx_lm and LiteLLM do not refuse clearly.
+
+    mlx_lm answers an empty ``messages`` with a 404 (which makes LiteLLM cool the tier down
+    for every client); LiteLLM fails on ``"messages": "hi"`` as if the connection broke.
+    """
+    if path in CHAT_PATHS:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return Refusal(400, "'messages' must be a non-empty list of messages, e.g. "
+                           '[{"role": "user", "content": "Hello"}]', "invalid_value",
+                           "messages")  # fmt: skip
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                return Refusal(400, f"'messages[{index}]' must be an object with a 'role' "
+                               "string (system, user, assistant or tool)", "invalid_value",
+                               "messages")  # fmt: skip
+    elif path in COMPLETION_PATHS:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, (str, list)) or not prompt:
+            return Refusal(400, "'prompt' must be a non-empty string", "invalid_value",
+                           "prompt")  # fmt: skip
+    return None
+
+
+def body_refusal(raw: bytes, served: ServedModel, path: str = "") -> tuple[Refusal | None, bytes]:
     """The refusal for a POST body, or ``None`` and the body for mlx_lm (model made canonical).
 
     A body that is not JSON is refused here (mlx_lm would too, but a 4301-digit integer makes
@@ -136,6 +164,9 @@ def body_refusal(raw: bytes, served: ServedModel) -> tuple[Refusal | None, bytes
         return Refusal(400, f"the body is not valid JSON: {exc}", "invalid_json"), raw
     if not isinstance(body, dict):
         return Refusal(400, "the body must be a JSON object", "invalid_json"), raw
+    shape = shape_refusal(path, body)
+    if shape is not None:
+        return shape, raw
     for field in LOADING_FIELDS:
         if body.get(field) is not None:
             return Refusal(
@@ -160,3 +191,22 @@ def body_refusal(raw: bytes, served: ServedModel) -> tuple[Refusal | None, bytes
         body["model"] = served.canonical  # the resolved path: same weights, no reload
         return None, json.dumps(body).encode()
     return None, raw
+
+
+def mlx_lm_refusal(status: int, raw: bytes, path: str) -> Refusal:
+    """mlx_lm's own error answer, in OpenAI's shape.
+
+    mlx_lm answers ``{"error": "text"}``, which LiteLLM cannot read (its clients get "Error
+    code: 400" and no reason), and a 404 when generation fails to start for a request's
+    content; a 404 from a backend makes LiteLLM cool the tier down, so that one is a 400.
+    """
+    try:
+        message = json.loads(raw)["error"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        message = raw.decode("utf-8", "replace").strip()
+    if not isinstance(message, str) or not message:
+        message = f"the chat tier refused the request ({status})"
+    if status == 404 and (path in CHAT_PATHS or path in COMPLETION_PATHS):
+        status = 400
+    return Refusal(status, message, "invalid_value" if status == 400 else str(status),
+                   type="invalid_request_error" if status < 500 else "server_error")

@@ -22,7 +22,14 @@ from typing import Any, BinaryIO
 from mlx_lm import server as mlx_server
 
 from ..backendkey import KEY_ENV
-from .guard import Refusal, ServedModel, body_refusal, content_type_refusal, header_refusal
+from .guard import (
+    Refusal,
+    ServedModel,
+    body_refusal,
+    content_type_refusal,
+    header_refusal,
+    mlx_lm_refusal,
+)
 
 #: Paths any liveness check may GET without the key.
 OPEN_PATHS = ("/health",)
@@ -54,10 +61,10 @@ class GuardedHandler(mlx_server.APIHandler):
             return
         length = self.headers.get("Content-Length")
         if length is None or not length.strip().isdigit():
-            super().do_POST()  # mlx_lm answers 411 / 400 itself, reading nothing
+            self._post_to_mlx_lm()  # mlx_lm answers 411 / 400 itself, reading nothing
             return
         raw = self.rfile.read(int(length))
-        refusal, body = body_refusal(raw, self.served)
+        refusal, body = body_refusal(raw, self.served, self.path)
         if refusal is not None:
             self._refuse(refusal)
             return
@@ -65,9 +72,35 @@ class GuardedHandler(mlx_server.APIHandler):
         self.headers.replace_header("Content-Length", str(len(body)))
         self.rfile = _Replay(body, connection)
         try:
-            super().do_POST()
+            self._post_to_mlx_lm()
         finally:
             self.rfile = connection
+
+    def _post_to_mlx_lm(self) -> None:
+        """mlx_lm's ``do_POST``, with its error answers put in OpenAI's shape."""
+        output = self.wfile
+        self._error_status: int | None = None
+        try:
+            super().do_POST()
+        finally:
+            self.wfile = output
+        status, self._error_status = self._error_status, None
+        if status is not None:
+            self._refuse(mlx_lm_refusal(status, self._error_body.getvalue(), self.path))
+
+    def _set_completion_headers(self, status_code: int = 200) -> None:
+        """An error of mlx_lm's (``{"error": "text"}``) is held back, to be answered in
+        OpenAI's shape by :meth:`do_POST`: clients and LiteLLM read ``error.message``."""
+        if status_code >= 400 and self.command == "POST":
+            self._error_status = status_code
+            self._error_body = io.BytesIO()
+            self.wfile = self._error_body  # nothing of mlx_lm's answer goes out
+            return
+        super()._set_completion_headers(status_code)
+
+    def end_headers(self) -> None:
+        if getattr(self, "_error_status", None) is None:
+            super().end_headers()
 
     def _refused_by_headers(self) -> bool:
         path = self.path.split("?", 1)[0]

@@ -23,7 +23,13 @@ from mlx_stack.config.modelfolder import weights_size
 from mlx_stack.config.proxykey import ENV_VAR, read_key
 from mlx_stack.config.settings import WatchSettings
 from mlx_stack.config.sources import describe_missing, locate_first
-from mlx_stack.config.stackfile import ChatTier, EmbeddingsTier, Stack, load_stack
+from mlx_stack.config.stackfile import (
+    EMBEDDINGS_MODEL_NAME,
+    ChatTier,
+    EmbeddingsTier,
+    Stack,
+    load_stack,
+)
 from mlx_stack.errors import ConfigError, ServiceStartError
 from mlx_stack.litellm.config import (
     MLX_LM_DEFAULT_MODEL,
@@ -88,9 +94,13 @@ class ServiceSpec:
 
     @property
     def fingerprint(self) -> str:
-        """Changes exactly when a restart is needed to apply a new definition."""
+        """Changes exactly when a restart is needed to apply a new definition.
+
+        The Python that runs a child is the supervisor's, not the stack file's: a CLI started
+        through another name of it (``python`` vs ``python3``) must not see a change."""
         h = hashlib.sha256()
-        h.update(json.dumps([self.argv, sorted(self.env.items()), self.port, self.host]).encode())
+        argv = ["<python>" if arg == sys.executable else arg for arg in self.argv]
+        h.update(json.dumps([argv, sorted(self.env.items()), self.port, self.host]).encode())
         if self.config_file is not None:
             h.update(self.config_file[1].encode())
         h.update(hashlib.sha256("".join(sorted(self.secret_env.values())).encode()).digest())
@@ -212,6 +222,8 @@ def embeddings_service(
         sys.executable, "-m", "mlx_stack.embeddings",
         "--model-path", str(model_path),
         "--served-name", m.name,
+        # The proxy's name too: a client that moves between :4000 and this port keeps its name.
+        "--alias", EMBEDDINGS_MODEL_NAME,
         "--host", "127.0.0.1",
         "--port", str(emb.port),
         "--pooling", m.pooling,

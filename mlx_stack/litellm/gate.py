@@ -135,7 +135,7 @@ class TierGate:
             await self.app(scope, receive, send)
             return
         body, more = await read_body(receive)  # kept: a request caught in a hang is sent again
-        if self._degraded() and self._authorised(scope) and not more:
+        if self._degraded() and carries_key(scope, self.key) and not more:
             decision = await self._hold(body)
             if decision.refuse:
                 await _unavailable(send, decision.refuse)
@@ -196,11 +196,6 @@ class TierGate:
         states = self.view.states(fresh)
         return any(states.get(r.service, "ready") != "ready" for r in self.routes.values())
 
-    def _authorised(self, scope: Scope) -> bool:
-        auth = next((v for k, v in scope.get("headers") or [] if k == b"authorization"), b"")
-        token = auth[7:] if auth[:7].lower() == b"bearer " else auth
-        return bool(self.key) and hmac.compare_digest(token.strip(), self.key)
-
     def _decide(self, body: bytes) -> Decision:
         try:
             parsed = json.loads(body)
@@ -239,6 +234,13 @@ class _Held:
         await self.send(start)
         for msg in self.rest:
             await self.send(msg)
+
+
+def carries_key(scope: Scope, key: bytes) -> bool:
+    """Whether a request carries the proxy's key (as LiteLLM reads it: bearer or bare)."""
+    auth = next((v for k, v in scope.get("headers") or [] if k == b"authorization"), b"")
+    token = auth[7:] if auth[:7].lower() == b"bearer " else auth
+    return bool(key) and hmac.compare_digest(token.strip(), key)
 
 
 async def read_body(receive: Any) -> tuple[bytes, bool]:

@@ -1,6 +1,7 @@
 """Run the LiteLLM proxy, with one compatibility shim: JSON bodies sent as form data.
 
-(And the stack's middlewares in front of LiteLLM: ``webguard.py``, then ``gate.py``.)
+(And the stack's middlewares in front of LiteLLM: ``webguard.py``, ``bodycheck.py``, then
+``gate.py``.)
 
 ``curl -d '{"model": ...}'`` without ``-H 'Content-Type: application/json'`` sends a JSON body
 labelled ``application/x-www-form-urlencoded``; LiteLLM then parses it as a form and answers
@@ -14,6 +15,7 @@ Started as ``python -m mlx_stack.litellm.launch <litellm arguments>``.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from mlx_stack.litellm.gate import read_body, replay
@@ -58,16 +60,18 @@ def main() -> None:
     from litellm.proxy import proxy_server
     from litellm.proxy.proxy_cli import run_server
 
-    from mlx_stack.litellm import gate, webguard
+    from mlx_stack.config.proxykey import ENV_VAR
+    from mlx_stack.litellm import bodycheck, gate, webguard
 
     # The CLI serves "litellm.proxy.proxy_server:app" by import path; with one worker that is
     # this very module object, so the middleware added here is the one that serves. The last
-    # one added runs first: the web guard (Host, Origin, CORS), the gate, then the
-    # content-type shim, then LiteLLM.
+    # one added runs first: the web guard (Host, Origin, CORS), the body check, the gate,
+    # then the content-type shim, then LiteLLM.
     proxy_server.app.add_middleware(JsonBodyShim)
     options = gate.options_from_env()
     if options is not None:
         proxy_server.app.add_middleware(gate.TierGate, **options)
+    proxy_server.app.add_middleware(bodycheck.BodyCheck, key=os.environ.get(ENV_VAR, ""))
     proxy_server.app.add_middleware(webguard.WebGuard, access=webguard.WebAccess.from_env())
     run_server(prog_name="litellm")
 

@@ -193,6 +193,67 @@ def test_the_proxy_refuses_web_pages_and_rebinding(live_stack):
     assert not any(h.startswith("access-control-") for h in program.headers)
 
 
+#: Bodies the embeddings server refuses; before the proxy checked them, LiteLLM answered the
+#: first two with a 500 and the rest with the server's words inside its own prefixes.
+BAD_EMBEDDINGS_BODIES = [
+    b'{"model": "local-embed", "input": [[]]}',
+    b'[{"model": "local-embed"}]',
+    b'{"model": "local-embed", "input": 5}',
+    b'{"model": "local-embed", "input": ["a", [1]]}',
+    b'{"model": "local-embed", "input": ""}',
+    b'{"model": "local-embed", "input": "hi", "encoding_format": "xx"}',
+    b'{"model": "local-embed", "input": "hi", "dimensions": -1}',
+    b'{"model": "local-embed", "input": "hi", "dimensions": 100000}',
+    b'{"model": "local-embed", "input": [[1000000000]]}',
+    b'{"model": "local-embed", "input": ["\\ud800"]}',
+    b'{"model": "local-embed", "input": [' + b"1" * 5000 + b"]}",
+    b"[" * 100_000,
+    b'{"input": "\xff", "model": "local-embed"}',  # the bad byte before the model's name
+]
+
+
+@pytest.mark.parametrize("raw", BAD_EMBEDDINGS_BODIES, ids=range(len(BAD_EMBEDDINGS_BODIES)))
+def test_bad_input_through_the_proxy_gets_what_the_server_says(live_stack, raw):
+    """The same 4xx and the same message as from the embeddings server itself, in OpenAI's
+    error shape, never a 5xx and never LiteLLM's prefixes."""
+    json_type = {"Content-Type": "application/json"}
+    direct = httpx.post(live_stack.url("embeddings") + "/v1/embeddings",
+                        content=raw.replace(b"local-embed", b"all-minilm-l6-v2"),
+                        headers={**live_stack.backend_headers(), **json_type}, timeout=60)
+    proxied = httpx.post(live_stack.url("proxy") + "/v1/embeddings", content=raw, timeout=60,
+                         headers={"Authorization": f"Bearer {live_stack.key()}", **json_type})
+    assert 400 <= direct.status_code < 500, direct.text
+    assert proxied.status_code == direct.status_code, proxied.text
+    error = proxied.json()["error"]
+    assert error["message"] == direct.json()["error"]["message"]
+    assert error["type"] == "invalid_request_error"
+    assert "litellm" not in error["message"].lower()
+
+
+def test_a_bad_chat_request_costs_no_other_client_anything(live_stack):
+    """mlx_lm answers an empty conversation with a 404, and a 404 made LiteLLM cool the tier
+    down: every client then got 429 "No deployments available" for 5 s. Now the bad request
+    gets a 400 that says why, the next good one is served at once, and mlx_lm's own errors
+    come through in its words (they were lost: "Error code: 400")."""
+    client = proxy_client(live_stack)
+    messages = [{"role": "user", "content": "hi"}]
+    for bad in ({"messages": []}, {"messages": "hi"}, {"messages": [1]}):
+        with pytest.raises(openai.BadRequestError, match="messages"):
+            client.chat.completions.create(model="standard", max_tokens=2, **bad)
+        answer = client.chat.completions.create(model="standard", messages=messages,
+                                                max_tokens=2)
+        assert answer.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="standard", messages=messages,
+                                       extra_body={"max_tokens": "many"})
+    assert refused.value.body["message"] == "max_tokens must be of type int"
+    direct = httpx.post(live_stack.url("fast") + "/v1/chat/completions", timeout=60,
+                        headers=live_stack.backend_headers(),
+                        json={"messages": messages, "temperature": "hot"})
+    assert direct.status_code == 400
+    assert "temperature" in direct.json()["error"]["message"]
+
+
 def test_up_twice_is_harmless(live_stack):
     before = {s["name"]: s["pid"] for s in live_stack.status()["services"]}
     res = live_stack.cli("up", "--json", check=True)

@@ -3,7 +3,9 @@ stack file's ``proxy.cors_origins`` and the exposure warning, the backend key's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,6 +170,21 @@ def test_the_backend_key_changes_no_fingerprint():
     assert spec(None).fingerprint == spec("bk-1").fingerprint == spec("bk-2").fingerprint
     assert "bk-1" not in repr(spec("bk-1"))
     assert spec("bk-1").full_env()["MLX_STACK_BACKEND_KEY"] == "bk-1"
+
+
+def test_the_name_of_the_python_changes_no_fingerprint(monkeypatch):
+    """`mlx-stack status` run as `python -m` (python vs the script's python3) saw every
+    service as "stack file changed: being applied"."""
+    def spec() -> ServiceSpec:
+        return ServiceSpec(name="standard", kind=ServiceKind.CHAT, port=8000, host="127.0.0.1",
+                           argv=(sys.executable, "-m", "mlx_stack.chat", "--port", "8000"),
+                           probe=Probe(ProbeKind.CHAT, "u"))  # fmt: skip
+
+    before = spec().fingerprint
+    monkeypatch.setattr(sys, "executable", sys.executable + "3")
+    assert spec().fingerprint == before
+    changed = spec()
+    assert dataclasses.replace(changed, argv=(*changed.argv[:-1], "8001")).fingerprint != before
 
 
 def _through_guard(access: WebAccess, headers: list[tuple[bytes, bytes]]) -> tuple[int, dict]:

@@ -42,6 +42,12 @@ class EmbeddingRequest:
 
 def decode_request(raw: bytes) -> EmbeddingRequest:
     """JSON bytes -> a validated request; every way the bytes can be wrong is a 400."""
+    return parse_request(load_json(raw))
+
+
+def load_json(raw: bytes) -> Any:
+    """JSON bytes -> a value; empty, undecodable, too-deep or huge-integer bodies are 400s
+    that say which (the proxy uses it too, for every body it checks)."""
     if not raw:
         raise invalid("the request body is empty; send a JSON object")
     try:
@@ -59,8 +65,8 @@ def decode_request(raw: bytes) -> EmbeddingRequest:
             "no field takes such a number"
         ) from None
     except RecursionError:
-        raise invalid("the request body is nested too deeply to be an embeddings request") from None
-    return parse_request(body)
+        raise invalid("the request body is nested too deeply to be an API request") from None
+    return body
 
 
 def _max_digits() -> int:
