@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from mlx_stack.config.schema import Field, Problems, close_matches, read_mapping
+from mlx_stack.config.schema import Field, Problems, close_matches, describe, read_mapping
 from mlx_stack.config.sources import Source, SourceError, parse_source
-from mlx_stack.config.yamlfile import YamlDoc, parse_yaml
+from mlx_stack.config.yamlfile import YamlDoc, load_yaml, parse_yaml
 from mlx_stack.embeddings.model.architectures import POOLINGS
 from mlx_stack.errors import CatalogError, ConfigError
 
@@ -145,12 +145,14 @@ def _read_quants(raw: list, path: str, problems: Problems) -> tuple[Quantization
         raw_sources = q["source"] if isinstance(q["source"], list) else [q["source"]]
         sources: list[Source] = []
         for j, s in enumerate(raw_sources):
+            where = f"{qpath}.source[{j}]" if isinstance(q["source"], list) else f"{qpath}.source"
+            if not isinstance(s, str):  # `source: [1]`: only the list itself was type-checked
+                problems.add(where, f"expected a string, got {describe(s)} ({s!r})")
+                continue
             try:
                 sources.append(parse_source(s))
             except SourceError as exc:
-                problems.add(
-                    f"{qpath}.source[{j}]" if len(raw_sources) > 1 else f"{qpath}.source", str(exc)
-                )
+                problems.add(where, str(exc))
         if q["memory_mb"] <= 0:
             problems.add(f"{qpath}.memory_mb", "must be > 0")
         quants.append(Quantization(q["id"], tuple(sources), q["memory_mb"]))
@@ -299,10 +301,6 @@ def load_catalog(user_dir: Path | None = None) -> Catalog:
     for path, text in _shipped_files():
         entries.extend(parse_catalog_file(parse_yaml(text, path)))
     if user_dir is not None and user_dir.is_dir():
-        for path in sorted(user_dir.glob("*.yaml")):
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(path, [f"{path}: cannot read: {exc}"]) from None
-            entries.extend(parse_catalog_file(parse_yaml(text, path)))
+        for path in sorted(user_dir.glob("*.yaml")):  # read as the stack file is: size, bad bytes
+            entries.extend(parse_catalog_file(load_yaml(path)))
     return Catalog(entries)

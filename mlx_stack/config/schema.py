@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +87,8 @@ class Problems:
         self.items: list[str] = []
 
     def add(self, field_path: str, message: str) -> None:
-        label = f" {field_path}:" if field_path else ""
+        shown = field_path if field_path.isprintable() else repr(field_path)  # a key's "\r"
+        label = f" {shown}:" if field_path else ""
         self.items.append(f"{self.doc.where(field_path)}:{label} {message}")
 
     def __bool__(self) -> bool:
@@ -135,6 +137,10 @@ def read_mapping(
         item = value[f.name]
         if not _type_ok(item, f.types):
             problems.add(sub, f"expected {f.type_name}, got {describe(item)} ({item!r})")
+            ok = False
+            continue
+        if isinstance(item, float) and not math.isfinite(item):  # .nan passes every `<= 0` check
+            problems.add(sub, f"expected a finite number, got {item!r}")
             ok = False
             continue
         out[f.name] = (

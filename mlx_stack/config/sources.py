@@ -77,7 +77,10 @@ def _hf_cached(repo: str) -> Path | None:
 def locate(source: Source) -> Path | None:
     """The local folder holding this source's weights, or None if they are not on this machine."""
     if source.kind == "path":
-        folder = Path(source.ref).expanduser()
+        try:
+            folder = Path(source.ref).expanduser()
+        except RuntimeError:  # `~someone/...` and no such user here: not on this machine
+            return None
         return folder if _has_weights(folder) else None
     if source.kind == "package":
         module, _, sub = source.ref.partition("/")

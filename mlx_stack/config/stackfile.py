@@ -174,6 +174,9 @@ def _read_proxy(raw: dict, problems: Problems) -> ProxySettings:
     auth = read_mapping(d["auth"], "proxy.auth", AUTH_FIELDS, problems) or {
         "key_file": ProxySettings().key_file}
     _check_port(d["port"], "proxy.port", problems)
+    key_problem = _key_file_problem(auth["key_file"])
+    if key_problem:
+        problems.add("proxy.auth.key_file", key_problem)
     try:
         ipaddress.ip_address(d["host"])
     except ValueError:
@@ -186,6 +189,18 @@ def _read_proxy(raw: dict, problems: Problems) -> ProxySettings:
     return ProxySettings(host=d["host"], port=d["port"], key_file=auth["key_file"],
                          timeout_s=float(d["timeout_s"]), num_retries=d["num_retries"],
                          cors_origins=origins)
+
+
+def _key_file_problem(name: str) -> str | None:
+    """What makes ``proxy.auth.key_file`` unusable as a path, or None: caught here, with its
+    line, rather than as a crash when the plan opens the key."""
+    if not name.strip() or "\0" in name:
+        return f"{name!r} is not a file name; e.g. proxy.key"
+    try:
+        Path(name).expanduser()
+    except RuntimeError:
+        return f"{name!r}: no such user's home folder on this machine"
+    return None
 
 
 def _read_origins(raw: list, problems: Problems) -> tuple[str, ...]:
