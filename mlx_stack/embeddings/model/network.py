@@ -46,10 +46,15 @@ class Network:
         return self.module(ids, attention_mask=mask).last_hidden_state
 
     def after_pooling(self, pooled: mx.array) -> mx.array:
-        """sentence-transformers Dense layers that some models carry after pooling."""
+        """sentence-transformers Dense layers that some models carry after pooling.
+
+        Each layer gets its input in its compute dtype: the weight's, or for a quantised layer
+        (mlx-community's embeddinggemma 4/8-bit) its scales', since its weight is packed
+        uint32 and casting to that turned the pooled vector into garbage (NaN out).
+        """
         if self.architecture.dense_after_pooling:
             for layer in self.module.dense:
-                pooled = layer(pooled.astype(layer.weight.dtype))
+                pooled = layer(pooled.astype(getattr(layer, "scales", layer.weight).dtype))
         return pooled
 
 
@@ -67,9 +72,9 @@ def _bidirectional_windows(model: Any, ids: mx.array, mask: mx.array) -> mx.arra
     """
     args = model.config
     hidden = model.embed_tokens(ids)
-    hidden = hidden * mx.array(args.hidden_size**0.5, model.embed_tokens.weight.dtype).astype(
-        hidden.dtype
-    )
+    # the scale in the compute dtype, as transformers; not the table's: a quantised table is
+    # uint32, which would round sqrt(768) = 27.7 down to 27
+    hidden = hidden * mx.array(args.hidden_size**0.5, hidden.dtype)
     positions = mx.arange(ids.shape[1])
     near = mx.abs(positions[:, None] - positions[None, :]) <= args.sliding_window // 2
     keys = mask.astype(mx.bool_)[:, None, None, :]
