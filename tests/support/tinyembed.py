@@ -32,6 +32,9 @@ from typing import Any
 from embedserver import MIXED_TEXTS, minilm_path
 
 WIDTH = 64
+GEMMA_WIDTH = 128
+"""Not a square: Gemma scales its embeddings by sqrt(width), and an integer root hides a
+rounding of that scale. Both widths divide into MLX's quantisation groups of 64."""
 MAX_SEQ = 128
 """sentence-transformers' ``max_seq_length`` in every folder: MIXED_TEXTS' longest is cut."""
 SEED = 1234
@@ -133,6 +136,7 @@ def write_sentence_transformers(
     *,
     dense: list[tuple[int, int]] | None = None,
     prompts: dict[str, str] | None = None,
+    width: int = WIDTH,
 ) -> None:
     """``modules.json``: Transformer, Pooling, optional Dense layers, Normalize."""
     modules: list[dict[str, Any]] = [
@@ -146,7 +150,7 @@ def write_sentence_transformers(
     ]
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text(
-        json.dumps({"word_embedding_dimension": WIDTH, f"pooling_mode_{pooling}": True})
+        json.dumps({"word_embedding_dimension": width, f"pooling_mode_{pooling}": True})
     )
     for number, (inputs, outputs) in enumerate(dense or [], start=2):
         path = f"{number}_Dense"
@@ -400,7 +404,7 @@ GEMMA_PROMPTS = {"query": "task: search result | query: ", "document": "title: n
 
 def gemma3_text(folder: Path) -> TinyModel:
     """EmbeddingGemma: bidirectional Gemma 3 (sliding layers 0-1 with window 8, global
-    layer 2), mean pooling, Dense 64->256->64 after pooling, query/document prompts."""
+    layer 2), mean pooling, Dense 128->512->128 after pooling, query/document prompts."""
     vocab = write_bpe_tokenizer(
         folder,
         style="metaspace",
@@ -413,7 +417,7 @@ def gemma3_text(folder: Path) -> TinyModel:
             "architectures": ["Gemma3TextModel"],
             "model_type": "gemma3_text",
             "vocab_size": vocab,
-            "hidden_size": WIDTH,
+            "hidden_size": GEMMA_WIDTH,
             "num_hidden_layers": 3,
             "num_attention_heads": 2,
             "num_key_value_heads": 1,
@@ -442,11 +446,12 @@ def gemma3_text(folder: Path) -> TinyModel:
     write_sentence_transformers(
         folder,
         "mean_tokens",
-        dense=[(WIDTH, 4 * WIDTH), (4 * WIDTH, WIDTH)],
+        dense=[(GEMMA_WIDTH, 4 * GEMMA_WIDTH), (4 * GEMMA_WIDTH, GEMMA_WIDTH)],
+        width=GEMMA_WIDTH,
         prompts=GEMMA_PROMPTS,
     )
     return TinyModel(
-        "gemma3_text", folder, "gemma3_text", "mean_tokens", (WIDTH, 32, 16), GEMMA_PROMPTS
+        "gemma3_text", folder, "gemma3_text", "mean_tokens", (GEMMA_WIDTH, 64, 32), GEMMA_PROMPTS
     )
 
 
@@ -464,3 +469,43 @@ def build(kind: str, folder: Path) -> TinyModel:
     """Write the tiny ``kind`` model (a key of :data:`BUILDERS`) into a new ``folder``."""
     folder.mkdir(parents=True)
     return BUILDERS[kind](folder)
+
+
+_QUANTIZE = """
+import json, shutil
+from pathlib import Path
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_stack.embeddings.model.architectures import architecture_for, read_model_type
+from mlx_stack.embeddings.model.network import load_network
+
+source, dest, bits, group = Path({source!r}), Path({dest!r}), {bits}, {group}
+module = load_network(source, architecture_for(read_model_type(source))).module
+nn.quantize(module, group_size=group, bits=bits,
+            class_predicate=lambda _, m: hasattr(m, "to_quantized")
+            and m.weight.shape[-1] % group == 0)
+shutil.copytree(source, dest, ignore=shutil.ignore_patterns("*.safetensors"))
+weights = dict(tree_flatten(module.parameters()))
+mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={{"format": "mlx"}})
+config = json.loads((source / "config.json").read_text())
+config["quantization"] = config["quantization_config"] = {{"group_size": group, "bits": bits}}
+(dest / "config.json").write_text(json.dumps(config, indent=1))
+print(sum(k.endswith(".scales") for k in weights))
+"""
+
+
+def quantize(model: TinyModel, dest: Path, bits: int, group_size: int = 64) -> int:
+    """Write ``model`` quantised as mlx-lm's and mlx-embeddings' ``convert`` do.
+
+    The layout of mlx-community's conversions: one ``model.safetensors`` of the MLX module's
+    parameters (sanitised names; each quantised layer as ``weight`` (packed uint32),
+    ``scales`` and ``biases``, the Dense layers included) and ``"quantization": {group_size,
+    bits}`` in ``config.json``; the other files copied. Every layer whose input width divides
+    into groups is quantised, the word-embedding table too. Runs MLX in a fresh interpreter
+    (the pytest process never imports it); returns how many layers were quantised.
+    """
+    from embedserver import run_python
+
+    code = _QUANTIZE.format(source=str(model.folder), dest=str(dest), bits=bits, group=group_size)
+    return int(run_python(code).strip().splitlines()[-1])
