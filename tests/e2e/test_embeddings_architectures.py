@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 import pytest
 from embedserver import MIXED_TEXTS, Server, cosines, embed, require, running_server
-from tinyembed import BUILDERS, MAX_SEQ, TinyModel, build, quantize
+from tinyembed import (
+    BUILDERS,
+    MAX_SEQ,
+    LlamaBidirectionalReference,
+    TinyModel,
+    build,
+    quantize,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +84,10 @@ def case(
     st = require("sentence_transformers")
     root = tmp_path_factory.mktemp(request.param)
     model = build(request.param, root / "model")
-    reference = st.SentenceTransformer(str(model.folder), device="cpu")  # type: ignore[attr-defined]
+    if model.architecture == "llama_bidirec":  # its hub code is its own: transformers + recipe
+        reference: Any = LlamaBidirectionalReference(model.folder)
+    else:
+        reference = st.SentenceTransformer(str(model.folder), device="cpu")  # type: ignore[attr-defined]
     with running_server(
         root / "server.log", *model.server_args, model=model.folder, name=NAME
     ) as server:

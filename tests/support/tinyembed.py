@@ -455,6 +455,109 @@ def gemma3_text(folder: Path) -> TinyModel:
     )
 
 
+LLAMA_BIDIREC = {
+    "architectures": ["LlamaBidirectionalModel"],
+    "model_type": "llama_bidirec",
+    "hidden_size": WIDTH,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": True,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 0,
+}
+"""NVIDIA's llama-nemotron-embed (Llama 3.2 made bidirectional), shrunk: Llama 3 rotary
+scaling, grouped-query attention. Not in transformers: its hub repository brings its own code."""
+
+
+def llama_bidirec(folder: Path) -> TinyModel:
+    """Weights from transformers' ``LlamaModel`` (the same names), config as NVIDIA's."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    vocab = write_bpe_tokenizer(
+        folder,
+        style="bytelevel",
+        specials={"pad": "<|end_of_text|>", "bos": "<|begin_of_text|>", "eos": "<|end_of_text|>"},
+        template="<|begin_of_text|> $A",
+    )
+    config = {**LLAMA_BIDIREC, "vocab_size": vocab}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    settings = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+    torch.manual_seed(SEED)
+    model = transformers.LlamaModel(transformers.LlamaConfig(**settings))
+    state = {}
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.ndim >= 2:
+                scale = 1.0 if "embed" in name else tensor.shape[-1] ** -0.5
+                state[name] = (torch.randn_like(tensor) * scale).contiguous()
+            else:
+                state[name] = (1 + 0.1 * torch.randn_like(tensor)).contiguous()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    write_sentence_transformers(folder, "mean_tokens")
+    return TinyModel("llama_bidirec", folder, "llama_bidirec", "mean_tokens")
+
+
+class LlamaBidirectionalReference:
+    """transformers' ``LlamaModel`` with a bidirectional (padding-only) 4D mask, mean pooling
+    and L2: the documented recipe of llama_bidirec, whose own hub code cannot load here.
+
+    The subset of ``SentenceTransformer``'s interface the tests use.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        import transformers
+        from tokenizers import Tokenizer
+
+        config = json.loads((folder / "config.json").read_text())
+        settings = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+        self.model = transformers.LlamaModel.from_pretrained(
+            str(folder), config=transformers.LlamaConfig(**settings)
+        ).eval()
+        self.tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer.from_file(str(folder / "tokenizer.json")),
+            pad_token="<|end_of_text|>",
+            model_max_length=MAX_SEQ,
+        )
+        self.prompts: dict[str, str] = {}
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return WIDTH
+
+    def encode(self, texts: list[str], truncate_dim: int | None = None, **_: Any) -> Any:
+        import torch
+
+        batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        valid = batch["attention_mask"].bool()
+        mask = valid[:, None, None, :].expand(-1, 1, valid.shape[1], -1)
+        with torch.inference_mode():
+            hidden = self.model(input_ids=batch["input_ids"], attention_mask=mask)
+        weights = valid[..., None].float()
+        pooled = (hidden.last_hidden_state * weights).sum(1) / weights.sum(1)
+        pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        if truncate_dim:
+            pooled = pooled[:, :truncate_dim]
+        return pooled.numpy()
+
+
 BUILDERS: dict[str, Callable[[Path], TinyModel]] = {
     "bert-mean": lambda folder: bert(folder, "mean_tokens"),
     "bert-cls": lambda folder: bert(folder, "cls_token"),
@@ -462,6 +565,7 @@ BUILDERS: dict[str, Callable[[Path], TinyModel]] = {
     "modernbert": modernbert,
     "qwen3": qwen3,
     "gemma3_text": gemma3_text,
+    "llama_bidirec": llama_bidirec,
 }
 
 
