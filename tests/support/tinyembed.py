@@ -539,9 +539,6 @@ class LlamaBidirectionalReference:
         )
         self.prompts: dict[str, str] = {}
 
-    def get_sentence_embedding_dimension(self) -> int:
-        return WIDTH
-
     def encode(self, texts: list[str], truncate_dim: int | None = None, **_: Any) -> Any:
         import torch
 
