@@ -16,7 +16,7 @@ from typing import Literal
 Pooling = Literal["mean", "cls", "last"]
 POOLINGS: tuple[Pooling, ...] = ("mean", "cls", "last")
 
-HiddenStates = Literal["output", "inner", "direct"]
+HiddenStates = Literal["output", "inner", "direct", "windowed"]
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,9 @@ class Architecture:
 
     ``hidden_states``: ``output`` reads ``last_hidden_state`` of the model's output (per token);
     ``inner`` calls the wrapped ``model.model`` because the outer class pools on its own;
-    ``direct``: the model returns the hidden states itself (our own models).
+    ``direct``: the model returns the hidden states itself (our own models);
+    ``windowed``: run the wrapped ``model.model``'s layers here, each with its own mask
+    (EmbeddingGemma's sliding layers see only nearby tokens, which mlx-embeddings ignores).
     ``dense_after_pooling``: the class carries sentence-transformers Dense layers
     (``model.dense``) that belong after pooling. ``native``: implemented in this package.
     """
@@ -42,7 +44,7 @@ _ARCHITECTURES = (
     Architecture("xlm_roberta"),
     Architecture("modernbert", hidden_states="inner"),
     Architecture("qwen3", default_pooling="last"),
-    Architecture("gemma3_text", dense_after_pooling=True),
+    Architecture("gemma3_text", hidden_states="windowed", dense_after_pooling=True),
     Architecture("llama_bidirec"),
     Architecture("nomic_bert", hidden_states="direct", native=True),
 )

@@ -38,17 +38,53 @@ class Network:
         how = self.architecture.hidden_states
         if how == "direct":
             return self.module(ids, attention_mask=mask)
+        if how == "windowed":
+            return _bidirectional_windows(self.module.model, ids, mask)
         if how == "inner":  # the outer class pools by itself: call the encoder it wraps
             out = self.module.model(ids, attention_mask=mask.astype(mx.float32))
             return out["last_hidden_state"] if isinstance(out, dict) else out[0]
         return self.module(ids, attention_mask=mask).last_hidden_state
 
     def after_pooling(self, pooled: mx.array) -> mx.array:
-        """sentence-transformers Dense layers that some models carry after pooling."""
+        """sentence-transformers Dense layers that some models carry after pooling.
+
+        Each layer gets its input in its compute dtype: the weight's, or for a quantised layer
+        (mlx-community's embeddinggemma 4/8-bit) its scales', since its weight is packed
+        uint32 and casting to that turned the pooled vector into garbage (NaN out).
+        """
         if self.architecture.dense_after_pooling:
             for layer in self.module.dense:
-                pooled = layer(pooled.astype(layer.weight.dtype))
+                pooled = layer(pooled.astype(getattr(layer, "scales", layer.weight).dtype))
         return pooled
+
+
+def _bidirectional_windows(model: Any, ids: mx.array, mask: mx.array) -> mx.array:
+    """Gemma 3 as EmbeddingGemma runs it: bidirectional, sliding layers within a window.
+
+    transformers (``use_bidirectional_attention``) lets a sliding layer's token see the tokens
+    at most ``sliding_window // 2`` positions away on either side, and the global layers every
+    token. mlx-embeddings' class gives every layer the global mask, which changes the vector
+    of any text longer than half the window (257 tokens for embeddinggemma-300m; measured on a
+    tiny model: cosine 0.89 to sentence-transformers). Which layers slide is read from the
+    layers themselves, so the mask always agrees with the rotary base each one uses. Masked
+    scores get the dtype's lowest finite value, not -inf: a padding token far from any real
+    one has no visible key, and an all -inf row would put NaN into the values others read.
+    """
+    args = model.config
+    hidden = model.embed_tokens(ids)
+    # the scale in the compute dtype, as transformers; not the table's: a quantised table is
+    # uint32, which would round sqrt(768) = 27.7 down to 27
+    hidden = hidden * mx.array(args.hidden_size**0.5, hidden.dtype)
+    positions = mx.arange(ids.shape[1])
+    near = mx.abs(positions[:, None] - positions[None, :]) <= args.sliding_window // 2
+    keys = mask.astype(mx.bool_)[:, None, None, :]
+    lowest = mx.array(mx.finfo(hidden.dtype).min, hidden.dtype)
+    zero = mx.array(0.0, hidden.dtype)
+    full = mx.broadcast_to(mx.where(keys, zero, lowest), (ids.shape[0], 1, *near.shape))
+    sliding = mx.where(keys & near, zero, lowest)
+    for layer in model.layers:
+        hidden = layer(hidden, sliding if layer.self_attn.is_sliding else full, None)
+    return model.norm(hidden)
 
 
 def load_network(path: Path, architecture: Architecture) -> Network:
