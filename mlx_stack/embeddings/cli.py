@@ -26,7 +26,7 @@ from .api.connection import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, Conne
 from .api.server import HttpOptions
 from .cpu import blas
 from .model.architectures import POOLINGS
-from .model.settings import ModelSettings, Overrides, resolve
+from .model.settings import TASKS, ModelSettings, Overrides, resolve
 from .serving.batcher import BatchPolicy
 from .serving.service import MAX_CONCURRENT, ServiceOptions
 
@@ -43,6 +43,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--served-name", required=True, help="model name clients must send")
     parser.add_argument(
         "--alias", action="append", default=[], help="another accepted name (repeatable)"
+    )
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        help="embed, or rerank (a cross-encoder); default: rerank for a *ForSequenceClassification "
+        "folder",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8003)
@@ -168,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dimensions=args.dimensions,
                 query_prefix=args.query_prefix,
                 document_prefix=args.document_prefix,
+                task=args.task,
             ),
         )
         options = _options(args)
@@ -282,10 +289,12 @@ def _startup_line(
     normalised = "normalised" if settings.normalize else "not normalised"
     longer = "truncated" if options.truncate else "refused"
     host = f"[{host}]" if ":" in host else host
+    what = (f"a {settings.architecture.model_type} reranker, max {settings.max_seq_len} tokens "
+            f"per pair, longer pairs {longer}" if settings.task == "rerank" else
+            f"{settings.architecture.model_type}, {settings.dimension} dims, {settings.pooling} "
+            f"pooling, {normalised}, max {settings.max_seq_len} tokens, longer inputs {longer}")
     return (
-        f"serving {name!r} from {settings.path} ({settings.architecture.model_type}, "
-        f"{settings.dimension} dims, {settings.pooling} pooling, {normalised}, "
-        f"max {settings.max_seq_len} tokens, longer inputs {longer}) on http://{host}:{port}; "
+        f"serving {name!r} from {settings.path} ({what}) on http://{host}:{port}; "
         f"batches of <= {options.batch.max_batch_tokens} tokens, "
         f"wait <= {options.batch.batch_timeout_ms:g} ms, "
         f"<= {options.max_concurrent} concurrent requests; "

@@ -16,13 +16,17 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
 
 from starlette.types import Receive
 
 from .apierror import ApiError, ErrorKind, invalid
-from .protocol import EmbeddingRequest, decode_request
+from .protocol import decode_request
+
+T = TypeVar("T")
 
 log = logging.getLogger("mlx_stack.embeddings")
 
@@ -92,13 +96,16 @@ class BodyDecoder:
         self._inline_bytes = inline_bytes
         self._pool: ProcessPoolExecutor | None = None
 
-    async def decode(self, raw: bytes) -> EmbeddingRequest:
+    async def decode(
+        self, raw: bytes, parse: Callable[[bytes], T] = decode_request  # type: ignore[assignment]
+    ) -> T:
+        """``parse(raw)``, here or in the child process (``parse`` must be module-level)."""
         if len(raw) <= self._inline_bytes:
-            return decode_request(raw)
+            return parse(raw)
         for attempt in (1, 2):  # a decoder found dead is replaced; one that dies twice on
             pool = self._pool = self._pool or _new_pool()  # this body was killed by it
             try:
-                return await asyncio.get_running_loop().run_in_executor(pool, decode_request, raw)
+                return await asyncio.get_running_loop().run_in_executor(pool, parse, raw)
             except BrokenProcessPool:
                 log.error("the body decoder process ended (attempt %d); starting another", attempt)
                 if self._pool is pool:

@@ -158,9 +158,10 @@ class ModelLimits:
 
 
 def openapi_document(
-    model_names: Sequence[str], max_body_bytes: int, limits: ModelLimits
+    model_names: Sequence[str], max_body_bytes: int, limits: ModelLimits, task: str = "embed"
 ) -> dict[str, Any]:
-    """The whole document; ``model_names`` are the served name and its aliases."""
+    """The whole document; ``model_names`` are the served name and its aliases. A reranker
+    (``task`` rerank) serves ``/v1/rerank`` instead of ``/v1/embeddings``."""
     top_id = MAX_TOKEN_ID if limits.vocab_size is None else limits.vocab_size - 1
     token_ids = {
         "type": "array",
@@ -237,6 +238,10 @@ def openapi_document(
         path: {"post": {**embed, "operationId": f"createEmbedding{i or ''}"}}
         for i, path in enumerate(("/v1/embeddings", "/embeddings"))
     }
+    schemas: dict[str, Schema] = {**_SCHEMAS, "Request": request}
+    if task == "rerank":
+        paths = _rerank_paths(max_body_bytes)
+        schemas = {**_SCHEMAS, **_rerank_schemas(model_names)}
     paths["/v1/models"] = {
         "get": _get("listModels", "The served model", _json("ModelList")),
     }
@@ -296,7 +301,7 @@ def openapi_document(
         },
         "paths": paths,
         "components": {
-            "schemas": {**_SCHEMAS, "Request": request},
+            "schemas": schemas,
             "responses": {
                 code: {
                     "description": text,
@@ -326,3 +331,82 @@ def _get(operation: str, summary: str, content: dict[str, Any], *codes: str) -> 
             **_errors("400", "403", *codes, "408", "503"),
         },
     }
+
+
+RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank")
+
+
+def _rerank_paths(max_body_bytes: int) -> dict[str, Any]:
+    operation = {
+        "summary": "Rerank documents for a query (Cohere-compatible)",
+        "requestBody": {
+            "required": True,
+            "description": f"JSON, at most {max_body_bytes} bytes",
+            "content": _json("RerankRequest"),
+        },
+        "responses": {
+            "200": {
+                "description": "results best first, each with its document's index",
+                "headers": {
+                    "x-mlx-stack-truncated-inputs": {
+                        "description": "how many (query, document) pairs were cut to the "
+                        "model's maximum length (documents first)",
+                        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                    }
+                },
+                "content": _json("RerankResponse"),
+            },
+            **_errors("400", "401", "403", "404", "408", "413", "429", "500", "503"),
+        },
+    }
+    return {path: {"post": {**operation, "operationId": f"rerank{i or ''}"}}
+            for i, path in enumerate(RERANK_PATHS)}  # fmt: skip
+
+
+def _rerank_schemas(model_names: Sequence[str]) -> dict[str, Schema]:
+    from .rerank import MAX_DOCUMENTS
+
+    text = {"type": "string"}
+    document = {"oneOf": [text, {"type": "object", "required": ["text"],
+                                 "properties": {"text": text}}]}  # fmt: skip
+    positive = {"type": ["integer", "null"], "minimum": 1}
+    flag = {"type": ["boolean", "null"]}
+    return {
+        "RerankRequest": {
+            "type": "object",
+            "required": ["model", "query", "documents"],
+            "properties": {
+                "model": {"enum": list(model_names), "description": "the served name or an alias"},
+                "query": {"type": "string", "minLength": 1},
+                "documents": {"type": "array", "minItems": 1, "maxItems": MAX_DOCUMENTS,
+                              "items": document,
+                              "description": "texts must be valid Unicode"},
+                "top_n": {**positive, "description": "return only the best n"},
+                "return_documents": {**flag, "description": "echo each document (default false)"},
+                "max_tokens_per_doc": {**positive, "description": "cut each document to this "
+                                       "many tokens"},
+                "raw_scores": {**flag, "description": "extension: the logit instead of the "
+                               "relevance probability (its sigmoid)"},
+            },
+            "additionalProperties": True,
+        },
+        "RerankResponse": {
+            "type": "object",
+            "required": ["id", "results", "meta"],
+            "properties": {
+                "id": {"type": "string"},
+                "model": {"type": "string"},
+                "results": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["index", "relevance_score"],
+                    "properties": {
+                        "index": {"type": "integer", "minimum": 0},
+                        "relevance_score": {"type": "number"},
+                        "document": {"type": "object", "properties": {"text": text}},
+                    },
+                }},
+                "meta": {"type": "object"},
+                "usage": {"type": "object"},
+            },
+        },
+    }  # fmt: skip

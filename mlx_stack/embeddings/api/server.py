@@ -27,18 +27,21 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..cpu.blas import BlasInfo
+from ..model.crossencoder import relevance
 from ..serving.service import EmbeddingService, Status
 from .access import AccessGuard, AccessPolicy
 from .apierror import ApiError, ErrorKind, invalid, shown
 from .body import MAX_BODY_BYTES, BodyDecoder, read_body
 from .connection import BODY_TIMEOUT
-from .openapi import ModelLimits, openapi_document
+from .openapi import RERANK_PATHS, ModelLimits, openapi_document
 from .protocol import (
     EmbeddingRequest,
     EncodingFormat,
     embeddings_response,
 )
+from .rerank import decode_rerank_request, rerank_response
 
+EMBEDDINGS_PATHS = ("/v1/embeddings", "/embeddings")
 INLINE_RENDER_FLOATS = 4096
 """Responses up to this many floats are serialised on the event loop, larger ones off it."""
 
@@ -93,6 +96,37 @@ def create_app(
         decoder.shutdown()
         await service.shutdown()
 
+    reranker = service.settings.task == "rerank"
+
+    def check_model(model: str) -> None:
+        if model not in served.names:
+            raise ApiError(
+                ErrorKind.MODEL_NOT_FOUND,
+                f"model {shown(model)} is not served here; use one of: " + ", ".join(served.names),
+                param="model",
+                code="model_not_found",
+            )
+
+    async def rerank(request: Request) -> Response:
+        with service.admitted():
+            raw = await read_body(
+                request.receive,
+                request.headers.get("content-length"),
+                options.max_body_bytes,
+                options.body_timeout,
+            )
+            parsed = await decoder.decode(raw, decode_rerank_request)
+            check_model(parsed.model)
+            result = await service.rerank(parsed.query, parsed.documents,
+                                          parsed.max_tokens_per_doc)  # fmt: skip
+        scores = result.logits.astype(np.float64) if parsed.raw_scores else relevance(
+            result.logits)  # fmt: skip
+        body = rerank_response(parsed, scores, result.total_tokens)
+        headers: dict[str, str] = {}
+        if any(result.truncated):
+            headers[TRUNCATED_HEADER] = str(sum(result.truncated))
+        return JSONResponse(body, headers=headers)
+
     async def embeddings(request: Request) -> Response:
         with service.admitted():  # 503 while loading, 429 when full: before reading the body
             raw = await read_body(
@@ -102,14 +136,7 @@ def create_app(
                 options.body_timeout,
             )
             parsed = await decoder.decode(raw)
-            if parsed.model not in served.names:
-                raise ApiError(
-                    ErrorKind.MODEL_NOT_FOUND,
-                    f"model {shown(parsed.model)} is not served here; use one of: "
-                    + ", ".join(served.names),
-                    param="model",
-                    code="model_not_found",
-                )
+            check_model(parsed.model)
             dimensions = _check_dimensions(parsed, service)
             if parsed.token_ids:
                 result = await service.embed_token_ids(parsed.token_ids, dimensions)
@@ -125,11 +152,17 @@ def create_app(
             headers[TRUNCATED_HEADER] = str(sum(result.truncated))
         return Response(content, media_type="application/json", headers=headers)
 
-    async def measured_embeddings(request: Request) -> Response:
+    def measured(handler: Handler) -> Handler:
+        async def run(request: Request) -> Response:
+            return await _measured(handler, request)
+
+        return run
+
+    async def _measured(handler: Handler, request: Request) -> Response:
         started = time.monotonic()
         status = 500
         try:
-            response = await embeddings(request)
+            response = await handler(request)
             status = response.status_code
             return response
         except ApiError as exc:
@@ -174,15 +207,16 @@ def create_app(
         smallest = min(settings.matryoshka_dimensions, default=settings.dimension)
         vocab = service.vocab_size if service.status is Status.READY else None
         limits = ModelLimits((smallest, settings.dimension), vocab)
-        return JSONResponse(openapi_document(served.names, options.max_body_bytes, limits))
+        return JSONResponse(openapi_document(served.names, options.max_body_bytes, limits,
+                                             settings.task))  # fmt: skip
 
     def refused(reason: str) -> None:
         service.metrics.refused.inc(reason=reason)
 
     return Starlette(
         routes=[
-            Route("/v1/embeddings", measured_embeddings, methods=["POST"]),
-            Route("/embeddings", measured_embeddings, methods=["POST"]),
+            *(Route(path, measured(rerank if reranker else embeddings), methods=["POST"])
+              for path in (RERANK_PATHS if reranker else EMBEDDINGS_PATHS)),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
@@ -254,6 +288,7 @@ def _model_card(served: ServedModel, service: EmbeddingService) -> dict[str, Any
         "owned_by": "mlx-stack",
         "aliases": list(served.aliases),
         "ready": service.status is Status.READY,
+        "task": settings.task,
         "architecture": settings.architecture.model_type,
         "dimensions": settings.dimension,
         "matryoshka_dimensions": list(settings.matryoshka_dimensions),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mlx_stack.errors import MlxStackError
 
@@ -38,6 +38,14 @@ _NORMALIZE_MODULE = "sentence_transformers.models.Normalize"
 _DENSE_MODULE = "sentence_transformers.models.Dense"
 
 
+Task = Literal["embed", "rerank"]
+TASKS: tuple[Task, ...] = ("embed", "rerank")
+RERANK_ARCHITECTURES = ("bert", "xlm_roberta")
+"""Cross-encoders the server runs: a BERT-family encoder, then dense + tanh on the first token
+and one relevance logit (``BertForSequenceClassification``,
+``XLMRobertaForSequenceClassification``)."""
+
+
 class ModelFolderError(MlxStackError):
     """A model folder cannot be served as asked (missing, unsupported, contradictory options)."""
 
@@ -54,6 +62,7 @@ class Overrides:
     dimensions: tuple[int, ...] = ()
     query_prefix: str | None = None
     document_prefix: str | None = None
+    task: Task | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,9 @@ class ModelSettings:
     matryoshka_dimensions: tuple[int, ...]
     query_prefix: str
     document_prefix: str
+    task: Task = "embed"
+    """``rerank``: a cross-encoder scoring (query, document) pairs; pooling and the options
+    after it do not apply."""
 
 
 def resolve(path: Path, overrides: Overrides | None = None) -> ModelSettings:
@@ -88,13 +100,18 @@ def resolve(path: Path, overrides: Overrides | None = None) -> ModelSettings:
                 f"{path / required} not found: the server tokenises with the `tokenizers` "
                 "library and needs the fast tokenizer file"
             )
-    modules = _read_json(path / "modules.json", default=[])
+    config = _read_json(path / "config.json", default={})
+    task = over.task or _task(config)
+    if task == "rerank":
+        _check_reranker(path, config, architecture)
+        modules: Any = []  # a cross-encoder's folder may carry a bi-encoder's files too
+    else:
+        modules = _read_json(path / "modules.json", default=[])
     st_pooling, st_normalize = _sentence_transformers_pipeline(path, modules, architecture)
     pooling = over.pooling or st_pooling or architecture.default_pooling
     if pooling not in POOLINGS:
         raise ModelFolderError(f"pooling {pooling!r} unknown; use one of {', '.join(POOLINGS)}")
     normalize = over.normalize if over.normalize is not None else st_normalize
-    config = _read_json(path / "config.json", default={})
     dimension = _first_int(config, HIDDEN_SIZE_KEYS)
     if dimension is None:
         raise ModelFolderError(f"{path}/config.json has no positive integer hidden_size")
@@ -112,7 +129,33 @@ def resolve(path: Path, overrides: Overrides | None = None) -> ModelSettings:
         matryoshka_dimensions=_dimensions(over.dimensions, dimension),
         query_prefix=_prefix(over.query_prefix, prompts.get("query")),
         document_prefix=_prefix(over.document_prefix, prompts.get("document")),
+        task=task,
     )
+
+
+def _task(config: Any) -> Task:
+    """A sequence classifier (``*ForSequenceClassification``) is a reranker; else an embedder."""
+    names = config.get("architectures") if isinstance(config, dict) else None
+    if isinstance(names, list) and any(
+        isinstance(n, str) and n.endswith("ForSequenceClassification") for n in names
+    ):
+        return "rerank"
+    return "embed"
+
+
+def _check_reranker(path: Path, config: Any, architecture: Architecture) -> None:
+    if architecture.model_type not in RERANK_ARCHITECTURES:
+        raise ModelFolderError(
+            f"{path}: {architecture.model_type} cross-encoders are not supported by the rerank "
+            f"server (supported: {', '.join(RERANK_ARCHITECTURES)}); pick another model"
+        )
+    labels = config.get("id2label") if isinstance(config, dict) else None
+    count = len(labels) if isinstance(labels, dict) else config.get("num_labels", 1)
+    if count != 1:
+        raise ModelFolderError(
+            f"{path}/config.json: the classifier has {count} labels; a reranker gives one "
+            "relevance score per pair (num_labels 1): this is not a reranker"
+        )
 
 
 def _sentence_transformers_pipeline(

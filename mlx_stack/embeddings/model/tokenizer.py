@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -89,3 +90,69 @@ def _pad_id(tokenizer: Tokenizer, model_path: Path) -> int:
         if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
             return int(tokenizer.token_to_id(token))
     return 0
+
+
+class PairIds(list[int]):
+    """A (query, document) pair's token ids, with the token type of each (BERT's segment ids):
+    a list, so the batcher plans passes by its length as for a text."""
+
+    type_ids: list[int]
+    full_length: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_length > len(self)
+
+
+class PairTokenizer:
+    """(query, document) pairs -> ids in the model's pair template (``[CLS] q [SEP] d [SEP]``).
+
+    A pair longer than the model's maximum loses document tokens first; a query longer than
+    half the maximum is cut to that half, so every document keeps the other half.
+    """
+
+    def __init__(self, model_path: Path, max_length: int) -> None:
+        self._tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
+        self.pad_id = _pad_id(self._tokenizer, model_path)
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self._specials = int(self._tokenizer.num_special_tokens_to_add(True))
+        if max_length <= self._specials + 1:
+            raise ValueError(f"a maximum of {max_length} tokens leaves no room for a pair")
+        self.max_length = max_length
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+
+    def encode_pairs(
+        self, query: str, documents: Sequence[str], max_document_tokens: int | None = None
+    ) -> list[PairIds]:
+        budget = self.max_length - self._specials
+        query_enc = self._tokenizer.encode(query, add_special_tokens=False)
+        docs = self._tokenizer.encode_batch(list(documents), add_special_tokens=False)
+        pairs = []
+        for doc in docs:
+            q_len, d_len = len(query_enc.ids), len(doc.ids)
+            full = q_len + d_len + self._specials
+            if max_document_tokens is not None:
+                d_len = min(d_len, max_document_tokens)
+            if q_len + d_len > budget:
+                q_len = min(q_len, max(budget - d_len, budget // 2))
+                d_len = budget - q_len
+            pairs.append(self._pair(query_enc, q_len, doc, d_len, full))
+        return pairs
+
+    def _pair(self, query: Any, q_len: int, doc: Any, d_len: int, full: int) -> PairIds:
+        query, doc = _cut(query, q_len), _cut(doc, d_len)
+        joined = self._tokenizer.post_process(query, doc, add_special_tokens=True)
+        pair = PairIds(joined.ids)
+        pair.type_ids = list(joined.type_ids)
+        pair.full_length = full
+        return pair
+
+
+def _cut(encoding: Any, length: int) -> Any:
+    if len(encoding.ids) > length:
+        encoding.truncate(length)
+    return encoding

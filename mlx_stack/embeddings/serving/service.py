@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -79,7 +79,27 @@ Loader = Callable[[ModelSettings], Embedder]
 
 
 def default_loader(fast_kernels: bool = True) -> Loader:
-    return lambda settings: TextEncoder.load(settings, fast_kernels=fast_kernels)
+    def load(settings: ModelSettings) -> Embedder:
+        if settings.task == "rerank":
+            from ..model.crossencoder import CrossEncoder
+
+            return CrossEncoder.load(settings, fast_kernels=fast_kernels)
+        return TextEncoder.load(settings, fast_kernels=fast_kernels)
+
+    return load
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One relevance logit per document, in document order, with what ``usage`` needs."""
+
+    logits: np.ndarray  # float32 [n]
+    token_counts: list[int]
+    truncated: list[bool]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.token_counts)
 
 
 class EmbeddingService:
@@ -209,6 +229,38 @@ class EmbeddingService:
         self.metrics.truncated.inc(sum(result.truncated))
         return result
 
+    async def rerank(
+        self, query: str, documents: Sequence[str], max_document_tokens: int | None
+    ) -> Scores:
+        """Score (query, document) pairs for a request already :meth:`admitted`; the pairs of
+        concurrent requests share passes as texts do."""
+        model = self._require_model()
+        batcher = self._require_batcher()
+        encode_pairs = getattr(model.tokenizer, "encode_pairs", None)
+        if encode_pairs is None:
+            raise ApiError(ErrorKind.NOT_FOUND, "this server serves embeddings, not a "
+                           "reranker: POST /v1/embeddings", code="wrong_task")  # fmt: skip
+        with batcher.incoming():
+            loop = asyncio.get_running_loop()
+            pairs = await loop.run_in_executor(
+                self._tokenizers, encode_pairs, query, list(documents), max_document_tokens
+            )
+        if not self.options.truncate:
+            _refuse_long_pairs(pairs, self.settings.max_seq_len)
+        try:
+            logits = await batcher.submit(pairs)
+        except Exception as exc:  # a model failure fails this request, not the server
+            log.exception("reranking failed")
+            raise ApiError(
+                ErrorKind.INTERNAL, f"reranking failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        result = Scores(np.asarray(logits, dtype=np.float32).reshape(-1),
+                        [len(p) for p in pairs], [p.truncated for p in pairs])  # fmt: skip
+        self.metrics.texts.inc(len(pairs))
+        self.metrics.tokens.inc(result.total_tokens)
+        self.metrics.truncated.inc(sum(result.truncated))
+        return result
+
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
         """Hold one of ``max_concurrent`` places for a whole request, from before its body is
@@ -255,4 +307,15 @@ def _refuse_long_inputs(encoded: Sequence[Encoded], limit: int) -> None:
                 f"of {limit}; shorten it, or start the server without --no-truncate to have it "
                 "cut to the maximum",
                 "input",
+            )
+
+
+def _refuse_long_pairs(pairs: Sequence[Any], limit: int) -> None:
+    for index, pair in enumerate(pairs):
+        if pair.truncated:
+            raise invalid(
+                f"the query with 'documents[{index}]' has {pair.full_length} tokens, more than "
+                f"this model's maximum of {limit}; shorten them, or start the server without "
+                "--no-truncate to have the document cut",
+                "documents",
             )
