@@ -8,7 +8,8 @@ OpenAIException - Error code: 400 - ..."). So, for requests that carry the proxy
 others go on to LiteLLM, which answers 401 without reading them):
 
 - the body is read up to ``MAX_BODY`` (more: 413) and checked by the backends' own rules: an
-  embeddings body by the embeddings server's parser (``embeddings/api/protocol.py``), a chat
+  embeddings body by the embeddings server's parser (``embeddings/api/protocol.py``), a rerank
+  body by the rerank server's (``embeddings/api/rerank.py``), a chat
   or completions body by the chat guard's shape check (``chat/guard.py``). Undecodable JSON,
   bad UTF-8, huge integers, deep nesting, a body that is not an object: a 400 in OpenAI's
   error shape, before LiteLLM. Large bodies are parsed off the event loop.
@@ -25,7 +26,9 @@ from typing import Any
 
 from mlx_stack.chat.guard import Refusal, shape_refusal
 from mlx_stack.embeddings.api.apierror import ApiError
+from mlx_stack.embeddings.api.openapi import RERANK_PATHS
 from mlx_stack.embeddings.api.protocol import load_json, parse_request
+from mlx_stack.embeddings.api.rerank import parse_rerank_request
 from mlx_stack.litellm.gate import GATED_PATHS, MAX_BODY, carries_key, read_body, replay
 
 Scope = dict[str, Any]
@@ -51,6 +54,9 @@ def body_refusal(path: str, raw: bytes) -> Refusal | None:
         body = load_json(raw)
         if path in EMBEDDINGS_PATHS:
             parse_request(body)
+            return None
+        if path in RERANK_PATHS:
+            parse_rerank_request(body)
             return None
     except ApiError as exc:
         return Refusal(exc.kind.status, exc.message, exc.code or "invalid_value", exc.param,

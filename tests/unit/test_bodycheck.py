@@ -65,6 +65,10 @@ def test_unwrapped(message, expected):
         ("/v1/embeddings", b'{"input": "hi"}', "model", "'model' is required"),
         ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}]}', "model",
          "'model' is required"),
+        # the rerank server's rules (checked once the rerank paths are gated)
+        ("/v1/rerank", b'{"model": "local-rerank", "query": "q", "documents": []}',
+         "documents", "non-empty list"),
+        ("/v2/rerank", b'{"model": "local-rerank", "documents": ["a"]}', "query", "'query'"),
         # bytes no JSON parser should be left to fail on
         ("/v1/embeddings", b"[" * 100_000, None, "nested too deeply"),
         ("/v1/chat/completions", b'{"model": ' + b"1" * 5000 + b"}", None, "4300 digits"),
