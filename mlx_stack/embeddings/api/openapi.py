@@ -203,6 +203,13 @@ def openapi_document(
                 "trained size to the full one (a model without Matryoshka sizes takes only its "
                 "full size)",
             },
+            "embedding_type": {
+                "enum": ["float", "int8", "uint8", "binary", "ubinary", None],
+                "default": "float",
+                "description": "extension: quantised vectors for a fast first pass (int8/uint8 "
+                "by a fixed calibration, binary/ubinary as packed sign bits: ceil(d/8) values); "
+                "integers in JSON, their float32 values in base64",
+            },
             "input_type": {
                 "enum": ["query", "document", None],
                 "description": "extension: prepend the model's query or document prefix",

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .apierror import invalid, shown
+from .quantize import EMBEDDING_TYPES, EmbeddingType
 
 MAX_INPUTS = 2048
 """OpenAI's limit on inputs per request."""
@@ -38,6 +39,8 @@ class EmbeddingRequest:
     encoding_format: EncodingFormat = "float"
     dimensions: int | None = None
     input_type: InputType | None = None
+    embedding_type: EmbeddingType = "float"
+    """Extension: quantised vectors (``quantize.py``)."""
 
 
 def decode_request(raw: bytes) -> EmbeddingRequest:
@@ -100,7 +103,17 @@ def parse_request(body: Any) -> EmbeddingRequest:
         raise invalid(
             f"'input_type' must be 'query' or 'document', got {shown(input_type)}", "input_type"
         )
+    embedding_type = body.get("embedding_type")
+    if embedding_type is None:
+        embedding_type = "float"
+    if embedding_type not in EMBEDDING_TYPES:
+        raise invalid(
+            f"'embedding_type' must be one of {', '.join(EMBEDDING_TYPES)}, got "
+            f"{shown(embedding_type)}",
+            "embedding_type",
+        )
     return EmbeddingRequest(
+        embedding_type=embedding_type,
         model=model,
         texts=texts,
         token_ids=token_ids,
@@ -180,7 +193,8 @@ def _integer(value: Any) -> int | None:
 
 
 def encode_vector(vector: np.ndarray, encoding_format: EncodingFormat) -> list[float] | str:
-    """OpenAI's wire forms: a JSON list, or base64 of little-endian float32 bytes."""
+    """OpenAI's wire forms: a JSON list, or base64 of little-endian float32 bytes (quantised
+    values too: integers in JSON, their float32 values in base64)."""
     if encoding_format == "base64":
         return base64.b64encode(vector.astype("<f4", copy=False).tobytes()).decode("ascii")
     return vector.tolist()

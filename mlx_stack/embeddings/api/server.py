@@ -39,6 +39,7 @@ from .protocol import (
     EncodingFormat,
     embeddings_response,
 )
+from .quantize import SCALED, quantize
 from .rerank import decode_rerank_request, rerank_response
 
 EMBEDDINGS_PATHS = ("/v1/embeddings", "/embeddings")
@@ -138,12 +139,19 @@ def create_app(
             parsed = await decoder.decode(raw)
             check_model(parsed.model)
             dimensions = _check_dimensions(parsed, service)
+            if parsed.embedding_type in SCALED and not service.settings.normalize:
+                raise invalid(
+                    f"'embedding_type' {parsed.embedding_type} is defined on unit vectors and "
+                    "this model's are not normalised; use binary, ubinary or float",
+                    "embedding_type",
+                )
             if parsed.token_ids:
                 result = await service.embed_token_ids(parsed.token_ids, dimensions)
             else:
                 result = await service.embed_texts(_with_prefix(parsed, service), dimensions)
-        render = (result.vectors, parsed.model, result.total_tokens, parsed.encoding_format)
-        if result.vectors.size <= INLINE_RENDER_FLOATS:
+        vectors = quantize(result.vectors, parsed.embedding_type)
+        render = (vectors, parsed.model, result.total_tokens, parsed.encoding_format)
+        if vectors.size <= INLINE_RENDER_FLOATS:
             content = _render(*render)  # ~0.1 ms: cheaper than a thread hop
         else:  # 2048 x 1024 floats take ~1 s to serialise: keep that off the event loop
             content = await asyncio.to_thread(_render, *render)
