@@ -71,6 +71,11 @@ STACK_NOTES: dict[str, Callable[[], str]] = {
         f"{_or(stackfile.EMBED_BACKENDS)}. Changing `model` changes every vector: rebuild your "
         "indexes (docs/embeddings.md)."
     ),
+    "rerank": lambda: (
+        f"Served through the proxy as model `{stackfile.RERANK_MODEL_NAME}` (`POST /v1/rerank`, "
+        "Cohere's API; docs/rerank.md). It has no fallback: another model's scores are on "
+        "another scale."
+    ),
     "proxy": lambda: (
         "`host` must be an IP address; `timeout_s` > 0; `num_retries` 0-10. Keep 127.0.0.1 "
         "unless other machines must reach the proxy, and then protect the key."
@@ -86,6 +91,10 @@ CATALOG_NOTES: dict[str, Callable[[], str]] = {
         f"`pooling`: {_or(catalog.POOLINGS)}. `matryoshka_dimensions` are whole numbers up to "
         "`dimensions`. The embeddings server of this version runs the architectures "
         f"{_or(sorted(SUPPORTED_ARCHITECTURES))}."
+    ),
+    "models[] (rerank)": lambda: (
+        f"`architecture`: {_or(catalog.RERANK_ARCHITECTURES)} (a Hugging Face "
+        "`*ForSequenceClassification` folder: config.json, model.safetensors, tokenizer.json)."
     ),
     "models[].quantizations[]": lambda: (
         "The first quantisation is the model's default, and its `memory_mb` must equal the "
@@ -204,6 +213,7 @@ def configuration_md() -> str:
         ("Top level", catalog.FILE_FIELDS),
         ("models[] (chat)", catalog.CHAT_FIELDS),
         ("models[] (embedding)", catalog.EMBEDDING_FIELDS),
+        ("models[] (rerank)", catalog.RERANK_FIELDS),
         ("models[].quantizations[]", catalog._QUANT_FIELDS),
     ]
     for title, fields in catalog_sections:
@@ -239,7 +249,18 @@ def embedding_models_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-GENERATORS: dict[str, Callable[[], str]] = {"embedding-models": embedding_models_table}
+def rerank_models_table() -> str:
+    rows = ["| model | architecture | params | max tokens | memory | source |",
+            "|---|---|---|---|---|---|"]
+    for m in catalog.load_catalog().of_type(catalog.ModelType.RERANK):
+        assert isinstance(m, catalog.RerankModel)
+        rows.append(f"| `{m.name}` | {m.architecture} | {m.params_m:g}M | "
+                    f"{m.max_sequence_length} | {m.memory_mb} MB | {m.source} |")
+    return "\n".join(rows) + "\n"
+
+
+GENERATORS: dict[str, Callable[[], str]] = {"embedding-models": embedding_models_table,
+                                            "rerank-models": rerank_models_table}
 
 
 def _fence(path: Path) -> str:

@@ -130,7 +130,7 @@ def check_stack(paths: StatePaths, catalog: Catalog) -> tuple[Check, Stack | Non
         first = str(exc).splitlines()
         return Check("stack file", Level.FAIL, first[-1].strip(" -"),
                      "mlx-stack init, or fix the file (docs/troubleshooting.md)"), None
-    n = len(stack.tiers) + (1 if stack.embeddings else 0)
+    n = len(stack.model_servers)
     return Check("stack file", Level.OK, f"{paths.stack_file}: {n} model server(s)"), stack
 
 
@@ -138,10 +138,7 @@ def check_models(stack: Stack) -> list[Check]:
     from mlx_stack.config.plan import missing_weights_message, weights_path
 
     out = []
-    entries = [(t.name, t.model, t.quant) for t in stack.tiers]
-    if stack.embeddings:
-        e = stack.embeddings
-        entries.append((e.name, e.model, e.quant))
+    entries = [(t.name, t.model, t.quant) for t in stack.model_servers]
     for name, model, quant in entries:
         path = weights_path(model, quant)
         if path is None:
@@ -157,9 +154,7 @@ def check_ports(stack: Stack, running: bool) -> list[Check]:
     if running:
         return [Check("ports", Level.OK, "the stack is running and holds its ports")]
     out = []
-    services = [(t.name, t.port) for t in stack.tiers]
-    if stack.embeddings:
-        services.append(("embeddings", stack.embeddings.port))
+    services = [(t.name, t.port) for t in stack.model_servers]
     services.append(("proxy", stack.proxy.port))
     for name, port in services:
         if ports.is_free(port):

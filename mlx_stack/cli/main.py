@@ -19,19 +19,25 @@ from mlx_stack.config.catalog import (
     ChatModel,
     EmbeddingModel,
     ModelType,
+    RerankModel,
     load_catalog,
 )
 from mlx_stack.config.hardware import detect
 from mlx_stack.config.plan import Plan, build_plan
 from mlx_stack.config.proxykey import ensure_key, read_key
-from mlx_stack.config.stackfile import EMBEDDINGS_MODEL_NAME, Stack, load_stack
+from mlx_stack.config.stackfile import (
+    EMBEDDINGS_MODEL_NAME,
+    RERANK_MODEL_NAME,
+    Stack,
+    load_stack,
+)
 from mlx_stack.errors import MlxStackError
 from mlx_stack.paths import StatePaths
 from mlx_stack.ports import connect_host
 from mlx_stack.private import secure_state_folder
 
 F = TypeVar("F", bound=Callable[..., Any])
-SERVICES_HELP = "a chat tier name, 'embeddings' or 'proxy'"
+SERVICES_HELP = "a chat tier name, 'embeddings', 'rerank' or 'proxy'"
 
 
 def _friendly(fn: F) -> F:
@@ -99,7 +105,7 @@ def _service_names(include_logs: bool = False) -> list[str]:
     with contextlib.suppress(Exception):  # completion must never print a traceback
         paths, catalog = _context()
         stack = _load(paths, catalog)
-        names = [t.name for t in stack.tiers] + (["embeddings"] if stack.embeddings else [])
+        names = [t.name for t in stack.model_servers]
         names.append("proxy")
         if include_logs:
             names.append("supervisor")
@@ -142,7 +148,17 @@ def main() -> None:
     shell_complete=_complete_models,
     help="Add an embeddings tier with MODEL to an existing stack file.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing stack file (or embeddings tier).")
+@click.option("--with-rerank", is_flag=True, help="Add a rerank tier (port 8004).")
+@click.option(
+    "--add-rerank",
+    "add_rerank",
+    metavar="MODEL",
+    shell_complete=_complete_models,
+    help="Add a rerank tier with MODEL to an existing stack file.",
+)
+@click.option(
+    "--force", is_flag=True, help="Replace an existing stack file (or embeddings/rerank tier)."
+)
 @click.option("--pull", is_flag=True, help="Download the recommended models first (needs network).")
 @click.option(
     "--exist-ok", is_flag=True, help="Leave an existing stack file as it is (for scripts)."
@@ -152,6 +168,8 @@ def main() -> None:
 def init(
     with_embeddings: bool,
     add_model: str | None,
+    with_rerank: bool,
+    add_rerank: str | None,
     force: bool,
     pull: bool,
     exist_ok: bool,
@@ -162,7 +180,9 @@ def init(
 
     paths, catalog = _context(create=True)
     hw = detect()
-    if exist_ok and not force and not add_model and paths.stack_file.exists():
+    if add_model and add_rerank:
+        raise click.UsageError("give --add-embeddings or --add-rerank, one at a time")
+    if exist_ok and not force and not add_model and not add_rerank and paths.stack_file.exists():
         key_file = stackinit.key_file_of(paths, catalog, hw)
         created = ensure_key(key_file)
         if as_json:
@@ -175,6 +195,8 @@ def init(
         return
     if add_model:
         res = stackinit.add_embeddings(paths, catalog, hw, add_model, force=force)
+    elif add_rerank:
+        res = stackinit.add_rerank(paths, catalog, hw, add_rerank, force=force)
     else:
         puller = None
         if pull:
@@ -185,12 +207,13 @@ def init(
                 return do_pull(entry.quant(quant).sources)
 
         res = stackinit.init_stack(
-            paths, catalog, hw, with_embeddings=with_embeddings, force=force, pull=puller
+            paths, catalog, hw, with_embeddings=with_embeddings, force=force, pull=puller,
+            with_rerank=with_rerank,
         )
     warning = embedding_record.mismatch(
         paths, embedding_record.current_identity(paths, res.stack.embeddings))
     if as_json:
-        e = res.stack.embeddings
+        e, r = res.stack.embeddings, res.stack.rerank
         _emit({
             "stack_file": str(res.path),
             "written": True,
@@ -200,6 +223,9 @@ def init(
             "embeddings": None if e is None else {
                 "model": e.model.name, "quant": e.quant, "port": e.port,
                 "served_as": EMBEDDINGS_MODEL_NAME},
+            "rerank": None if r is None else {
+                "model": r.model.name, "quant": r.quant, "port": r.port,
+                "served_as": RERANK_MODEL_NAME},
             "not_downloaded": [{"tier": tier, "model": entry.name,
                                 "fix": f"mlx-stack pull {entry.name}"}
                                for tier, entry in res.missing],
@@ -219,6 +245,10 @@ def init(
             f"  embeddings      {e.model.name} ({e.quant}) on port {e.port}, "
             f"as model '{EMBEDDINGS_MODEL_NAME}'"
         )
+    if res.stack.rerank:
+        r = res.stack.rerank
+        click.echo(f"  rerank          {r.model.name} ({r.quant}) on port {r.port}, "
+                   f"as model '{RERANK_MODEL_NAME}'")
     for tier, entry in res.missing:
         click.echo(f"  not downloaded: {tier}: {entry.name}; run `mlx-stack pull {entry.name}`")
     if res.key_created:
@@ -231,7 +261,7 @@ def init(
     "--tier",
     metavar="NAME",
     shell_complete=_complete_services,
-    help="Start only this model server (a tier or 'embeddings').",
+    help="Start only this model server (a tier, 'embeddings' or 'rerank').",
 )
 @click.option(
     "--foreground",
@@ -261,7 +291,8 @@ def up(tier: str | None, foreground: bool, as_json: bool) -> None:
         embedding_record.record(paths, ident)
     p = stack.proxy
     host = connect_host(p.host)
-    names = [t.name for t in stack.tiers] + ([EMBEDDINGS_MODEL_NAME] if stack.embeddings else [])
+    names = [*(t.name for t in stack.tiers), *([EMBEDDINGS_MODEL_NAME] if stack.embeddings else []),
+             *([RERANK_MODEL_NAME] if stack.rerank else [])]
     if as_json:
         _emit({
             "endpoint": f"http://{host}:{p.port}/v1",
@@ -376,7 +407,7 @@ def status(as_json: bool) -> None:
 )
 @_friendly
 def logs_cmd(service: str, lines: int, follow: bool, all_files: bool) -> None:
-    """Show a service's log (a tier name, 'embeddings', 'proxy' or 'supervisor').
+    """Show a service's log (a tier name, 'embeddings', 'rerank', 'proxy' or 'supervisor').
 
     Control characters in it (terminal escapes, carriage returns) are shown, not obeyed:
     ESC as ^[, CR as ^M.
@@ -410,7 +441,9 @@ def logs_cmd(service: str, lines: int, follow: bool, all_files: bool) -> None:
 
 
 @main.command()
-@click.option("--type", "kind", type=click.Choice(["chat", "embedding"]), help="Only this type.")
+@click.option(
+    "--type", "kind", type=click.Choice([t.value for t in ModelType]), help="Only this type."
+)
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_friendly
 def models(kind: str | None, as_json: bool) -> None:
@@ -434,6 +467,8 @@ def models(kind: str | None, as_json: bool) -> None:
             row |= {"dimensions": e.dimensions, "mteb_score": e.mteb_score}
         if isinstance(e, ChatModel):
             row |= {"params_b": e.params_b, "tier_hint": e.tier_hint}
+        if isinstance(e, RerankModel):
+            row |= {"params_m": e.params_m, "max_sequence_length": e.max_sequence_length}
         rows.append(row)
     if as_json:
         _emit(rows)
@@ -526,7 +561,7 @@ def pull(model: str, quant: str | None, as_json: bool) -> None:
 @main.command()
 @click.option("--backend", is_flag=True,
               help="Print the running stack's backend key instead: what a direct call to a "
-              "chat or embeddings port must send (new at each supervisor start).")
+              "chat, embeddings or rerank port must send (new at each supervisor start).")
 @_friendly
 def key(backend: bool) -> None:
     """Print the proxy's master key (for `Authorization: Bearer ...`)."""

@@ -96,8 +96,12 @@ def models_table(rows: Sequence[dict[str, object]]) -> Table:
                           ("MEMORY", "right"), ("SIZE", "left"), ("QUANTS", "left")]:
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for r in rows:
-        size = (f"{r['dimensions']} dims, MTEB {r['mteb_score']}" if "dimensions" in r
-                else f"{r['params_b']}B, {r['tier_hint']}")
+        if "dimensions" in r:
+            size = f"{r['dimensions']} dims, MTEB {r['mteb_score']}"
+        elif "max_sequence_length" in r:
+            size = f"{r['params_m']}M, {r['max_sequence_length']} tokens"
+        else:
+            size = f"{r['params_b']}B, {r['tier_hint']}"
         table.add_row(
             Text("*", style="green") if r["present"] else "",
             str(r["name"]),

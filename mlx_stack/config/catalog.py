@@ -1,4 +1,4 @@
-"""The model catalog: typed, validated entries for the chat and embedding models mlx-stack knows.
+"""The model catalog: typed, validated entries for the chat, embedding and rerank models we know.
 
 The shipped catalog lives in ``catalog/*.yaml`` (package data ``mlx_stack.catalog_data``); a user
 can add entries of their own in ``$MLX_STACK_HOME/catalog/*.yaml``, which override shipped
@@ -24,9 +24,13 @@ from mlx_stack.errors import CatalogError, ConfigError
 class ModelType(str, enum.Enum):
     CHAT = "chat"
     EMBEDDING = "embedding"
+    RERANK = "rerank"
 
 
 TIER_HINTS = ("standard", "fast")
+#: Cross-encoder families the rerank server loads (config.json ``model_type``, ``-`` -> ``_``):
+#: checked here so a stack file naming another one is refused before anything starts.
+RERANK_ARCHITECTURES = ("bert", "xlm_roberta", "modernbert")
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,15 @@ class EmbeddingModel(CatalogEntry):
     document_prefix: str
 
 
+@dataclass(frozen=True)
+class RerankModel(CatalogEntry):
+    """A cross-encoder: reads a query and a document together and scores their relevance."""
+
+    architecture: str
+    params_m: float
+    max_sequence_length: int
+
+
 _QUANT_FIELDS = [
     Field("id", (str,), "quantisation id, e.g. 4bit, 8bit, bf16, fp32"),
     Field(
@@ -100,7 +113,7 @@ _QUANT_FIELDS = [
 ]
 _COMMON_FIELDS = [
     Field("name", (str,), "the name used in stack files"),
-    Field("type", (str,), "chat or embedding"),
+    Field("type", (str,), "chat, embedding or rerank"),
     Field("source", (str,), "the upstream repository the weights come from"),
     Field("description", (str,), "one line for `mlx-stack models`", ""),
     Field("memory_mb", (int,), "memory of the default quantisation, in MB"),
@@ -125,6 +138,16 @@ EMBEDDING_FIELDS = [
     Field("query_prefix", (str,), "prepended to queries (input_type: query)", ""),
     Field("document_prefix", (str,), "prepended to documents (input_type: document)", ""),
 ]
+RERANK_FIELDS = [
+    *_COMMON_FIELDS,
+    Field("architecture", (str,), f"model_type of the weights: {', '.join(RERANK_ARCHITECTURES)}"),
+    Field("params_m", (float,), "parameters, in millions"),
+    Field(
+        "max_sequence_length", (int,),
+        "longest query+document pair, in tokens; longer pairs are truncated (document first)",
+    ),
+]
+FIELDS_BY_TYPE = {"chat": CHAT_FIELDS, "embedding": EMBEDDING_FIELDS, "rerank": RERANK_FIELDS}
 FILE_FIELDS = [Field("models", (list,), "the catalog entries")]
 
 
@@ -161,13 +184,13 @@ def _read_quants(raw: list, path: str, problems: Problems) -> tuple[Quantization
 
 def _read_entry(raw: object, path: str, origin: str, problems: Problems) -> CatalogEntry | None:
     kind = raw.get("type") if isinstance(raw, dict) else None
-    if kind not in ("chat", "embedding"):
+    if kind not in FIELDS_BY_TYPE:
         if isinstance(raw, dict):
-            problems.add(f"{path}.type", f"must be 'chat' or 'embedding', got {kind!r}")
+            problems.add(f"{path}.type", f"must be 'chat', 'embedding' or 'rerank', got {kind!r}")
         else:
             read_mapping(raw, path, CHAT_FIELDS, problems)
         return None
-    fields = CHAT_FIELDS if kind == "chat" else EMBEDDING_FIELDS
+    fields = FIELDS_BY_TYPE[kind]
     before = len(problems.items)
     d = read_mapping(raw, path, fields, problems)
     if d is None:
@@ -194,6 +217,8 @@ def _read_entry(raw: object, path: str, origin: str, problems: Problems) -> Cata
             context_length=d["context_length"],
             tier_hint=d["tier_hint"],
         )
+    if kind == "rerank":
+        return _rerank_entry(d, common, path, problems, before)
     if d["pooling"] not in POOLINGS:
         problems.add(
             f"{path}.pooling", f"must be one of {', '.join(POOLINGS)}, got {d['pooling']!r}"
@@ -220,6 +245,30 @@ def _read_entry(raw: object, path: str, origin: str, problems: Problems) -> Cata
         matryoshka_dimensions=tuple(sorted(set(dims), reverse=True)),
         query_prefix=d["query_prefix"],
         document_prefix=d["document_prefix"],
+    )
+
+
+def _rerank_entry(
+    d: dict, common: dict, path: str, problems: Problems, before: int
+) -> RerankModel | None:
+    if d["architecture"] not in RERANK_ARCHITECTURES:
+        problems.add(
+            f"{path}.architecture",
+            f"{d['architecture']!r} is not a reranker this version serves"
+            f"{close_matches(d['architecture'], RERANK_ARCHITECTURES)}; "
+            f"use one of {', '.join(RERANK_ARCHITECTURES)}",
+        )
+    if d["max_sequence_length"] <= 0:
+        problems.add(f"{path}.max_sequence_length", "must be > 0")
+    if d["params_m"] <= 0:
+        problems.add(f"{path}.params_m", "must be > 0")
+    if len(problems.items) > before:
+        return None
+    return RerankModel(
+        **common,
+        architecture=d["architecture"],
+        params_m=d["params_m"],
+        max_sequence_length=d["max_sequence_length"],
     )
 
 
@@ -276,14 +325,27 @@ class Catalog:
     def chat(self, name: str) -> ChatModel:
         entry = self.get(name)
         if not isinstance(entry, ChatModel):
-            raise CatalogError(f"model {name!r} is an embedding model, not a chat model")
+            raise CatalogError(f"model {name!r} is {_article(entry)} model, not a chat model")
         return entry
 
     def embedding(self, name: str) -> EmbeddingModel:
         entry = self.get(name)
         if not isinstance(entry, EmbeddingModel):
-            raise CatalogError(f"model {name!r} is a chat model, not an embedding model")
+            raise CatalogError(
+                f"model {name!r} is {_article(entry)} model, not an embedding model")
         return entry
+
+    def rerank(self, name: str) -> RerankModel:
+        entry = self.get(name)
+        if not isinstance(entry, RerankModel):
+            raise CatalogError(f"model {name!r} is {_article(entry)} model, not a rerank model "
+                               "(`mlx-stack models --type rerank` lists those)")
+        return entry
+
+
+def _article(entry: CatalogEntry) -> str:
+    return {ModelType.CHAT: "a chat", ModelType.EMBEDDING: "an embedding",
+            ModelType.RERANK: "a rerank"}[entry.type]
 
 
 def _shipped_files() -> list[tuple[Path, str]]:

@@ -25,8 +25,10 @@ from mlx_stack.config.settings import WatchSettings
 from mlx_stack.config.sources import describe_missing, locate_first
 from mlx_stack.config.stackfile import (
     EMBEDDINGS_MODEL_NAME,
+    RERANK_MODEL_NAME,
     ChatTier,
     EmbeddingsTier,
+    RerankTier,
     Stack,
     load_stack,
 )
@@ -48,12 +50,14 @@ from mlx_stack.ports import connect_host
 class ServiceKind(str, enum.Enum):
     CHAT = "chat"
     EMBEDDINGS = "embeddings"
+    RERANK = "rerank"
     PROXY = "proxy"
 
 
 class ProbeKind(str, enum.Enum):
     CHAT = "chat"  # a one-token chat completion
     EMBEDDING = "embedding"  # a one-text embedding
+    RERANK = "rerank"  # a one-document rerank
     PROXY = "proxy"  # the proxy's readiness route (no upstream call)
 
 
@@ -250,6 +254,36 @@ def embeddings_service(
     )
 
 
+def rerank_service(
+    rerank: RerankTier, model_path: Path, backend_key: str | None = None
+) -> ServiceSpec:
+    """The embeddings server's program in rerank mode: same child environment, backend key and
+    weights accounting as the embeddings tier, none of its pooling or prefix flags."""
+    m = rerank.model
+    argv = (
+        sys.executable, "-m", "mlx_stack.embeddings",
+        "--task", "rerank",
+        "--model-path", str(model_path),
+        "--served-name", m.name,
+        "--alias", RERANK_MODEL_NAME,
+        "--host", "127.0.0.1",
+        "--port", str(rerank.port),
+        "--max-seq-len", str(m.max_sequence_length),
+    )  # fmt: skip
+    return ServiceSpec(
+        name=rerank.name,
+        kind=ServiceKind.RERANK,
+        argv=argv,
+        env=_mlx_child_env(),
+        port=rerank.port,
+        host="127.0.0.1",
+        model=m.name,
+        probe=Probe(ProbeKind.RERANK, f"http://127.0.0.1:{rerank.port}", m.name, backend_key),
+        session_env=_session(backend_key),
+        weights_bytes=weights_size(model_path),
+    )
+
+
 def proxy_service(
     stack: Stack, paths: StatePaths, key: str, served_paths: dict[str, str],
     backend_key: str | None = None,
@@ -286,16 +320,16 @@ def build_plan(
 ) -> Plan:
     """Resolve weights and build every spec a stack needs; no process is touched.
 
-    A stack with neither a chat tier nor an embeddings tier has nothing to run: refused here,
-    so `up` and a reload of a running supervisor refuse it alike. ``key`` defaults to the one
-    in the stack's key file. ``backend_key``: the supervisor's (see ``backendkey.py``); the
+    A stack with no chat, embeddings or rerank tier has nothing to run: refused here, so `up`
+    and a reload of a running supervisor refuse it alike. ``key`` defaults to the one in the
+    stack's key file. ``backend_key``: the supervisor's (see ``backendkey.py``); the
     CLI plans without it, with the same fingerprints.
     """
-    if not stack.tiers and stack.embeddings is None:
+    if not stack.tiers and stack.embeddings is None and stack.rerank is None:
         raise ConfigError(
             stack.path or "stack",
-            ["the stack has no chat tier and no embeddings tier: nothing to run; add a tier, "
-             "or run `mlx-stack init --add-embeddings MODEL`"],
+            ["the stack has no chat tier, no embeddings tier and no rerank tier: nothing to run; "
+             "add a tier, or run `mlx-stack init --add-embeddings MODEL`"],
         )
     if key is None:
         key = read_key(paths.key_file(stack.proxy.key_file))
@@ -316,6 +350,13 @@ def build_plan(
             missing[e.name] = missing_weights_message(e.name, e.model, e.quant)
         else:
             servers.append(embeddings_service(e, path, backend_key))
+    if stack.rerank is not None:
+        r = stack.rerank
+        path = weights_path(r.model, r.quant)
+        if path is None:
+            missing[r.name] = missing_weights_message(r.name, r.model, r.quant)
+        else:
+            servers.append(rerank_service(r, path, backend_key))
     proxy = proxy_service(stack, paths, key, served_paths, backend_key)
     return Plan(tuple(servers), proxy, missing)
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from mlx_stack.config.catalog import Catalog, CatalogEntry, ChatModel, EmbeddingModel, ModelType
-from mlx_stack.config.stackfile import ChatTier, EmbeddingsTier
+from mlx_stack.config.stackfile import RERANK_PORT, ChatTier, EmbeddingsTier, RerankTier
 
 #: Share of RAM the stack may plan for; the rest stays with macOS and the agents.
 MEMORY_SHARE = 0.6
@@ -20,6 +20,9 @@ EMBEDDINGS_PORT = 8003
 #: Embedding models `init --with-embeddings` prefers, best first; the first one present wins.
 EMBEDDING_PREFERENCE = ("nomic-embed-text-v1.5", "bge-small-en-v1.5", "all-minilm-l6-v2")
 
+#: The reranker `init --with-rerank` picks: the smallest, and an English passage ranker.
+RERANK_DEFAULT = "ms-marco-minilm-l6-v2"
+
 IsPresent = Callable[[CatalogEntry], bool]
 
 
@@ -27,6 +30,7 @@ IsPresent = Callable[[CatalogEntry], bool]
 class Plan:
     tiers: tuple[ChatTier, ...]
     embeddings: EmbeddingsTier | None
+    rerank: RerankTier | None
     #: Recommended models left out because their weights are not here: (tier, model).
     missing: tuple[tuple[str, CatalogEntry], ...]
 
@@ -64,10 +68,19 @@ def plan(
     with_embeddings: bool,
     include_absent: bool,
     supported_embeddings: Collection[str],
+    with_rerank: bool = False,
 ) -> Plan:
     budget = memory_gb * 1024 * MEMORY_SHARE
     emb_tier: EmbeddingsTier | None = None
+    rerank_tier: RerankTier | None = None
     missing: list[tuple[str, CatalogEntry]] = []
+    if with_rerank:
+        reranker = catalog.rerank(RERANK_DEFAULT)
+        if is_present(reranker) or include_absent:
+            rerank_tier = RerankTier(reranker, reranker.default_quant.id, RERANK_PORT)
+            budget -= reranker.memory_mb
+        else:
+            missing.append(("rerank", reranker))
     if with_embeddings:
         emb, present = choose_embedding(catalog, is_present, supported_embeddings)
         if emb is not None and (present or include_absent):
@@ -90,4 +103,4 @@ def plan(
             tiers.append(ChatTier(name, model, model.default_quant.id, TIER_PORTS[name], "mlx-lm"))
         else:
             missing.append((name, model))
-    return Plan(tuple(tiers), emb_tier, tuple(missing))
+    return Plan(tuple(tiers), emb_tier, rerank_tier, tuple(missing))

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from mlx_stack.config.catalog import Catalog, ChatModel, EmbeddingModel
+from mlx_stack.config.catalog import Catalog, ChatModel, EmbeddingModel, RerankModel
 from mlx_stack.config.schema import Field, Problems, close_matches, fields_of, read_mapping
 from mlx_stack.config.settings import ProxySettings, WatchSettings
 from mlx_stack.config.yamlfile import YamlDoc, load_yaml, parse_yaml
@@ -21,8 +21,11 @@ from mlx_stack.loopback import normal_origin
 
 CHAT_BACKENDS = ("mlx-lm", "vllm-mlx")
 EMBED_BACKENDS = ("mlx-embed",)
-RESERVED_NAMES = ("embeddings", "proxy", "local-embed")
+RESERVED_NAMES = ("embeddings", "rerank", "proxy", "local-embed", "local-rerank")
 EMBEDDINGS_MODEL_NAME = "local-embed"
+#: The rerank tier's model name at the proxy (and an alias on its own port).
+RERANK_MODEL_NAME = "local-rerank"
+RERANK_PORT = 8004
 _TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 TIER_FIELDS = [
@@ -39,6 +42,11 @@ EMBEDDINGS_FIELDS = [
     Field("port", (int,), "port on 127.0.0.1 the embeddings server listens on", 8003),
     Field("backend", (str,), "mlx-embed (the project's own embeddings server)", "mlx-embed"),
 ]
+RERANK_FIELDS = [
+    Field("model", (str,), "catalog name of a reranker (`mlx-stack models --type rerank`)"),
+    Field("quant", (str, type(None)), "quantisation id; default: the model's first", None),
+    Field("port", (int,), "port on 127.0.0.1 the rerank server listens on", RERANK_PORT),
+]
 AUTH_FIELDS = fields_of(ProxySettings, ["key_file"])
 PROXY_FIELDS = [
     *fields_of(ProxySettings, ["host", "port"]),
@@ -50,6 +58,7 @@ STACK_FIELDS = [
     Field("version", (int,), "stack file format version", 1),
     Field("tiers", (dict, type(None)), "chat tiers by name (standard, fast, ...)", {}),
     Field("embeddings", (dict, type(None)), "the optional embeddings tier", None),
+    Field("rerank", (dict, type(None)), "the optional rerank tier (a cross-encoder)", None),
     Field("proxy", (dict, type(None)), "the LiteLLM proxy in front of all tiers", {}),
     Field("watchdog", (dict, type(None)), "health probes, restarts and log rotation", {}),
 ]
@@ -74,12 +83,23 @@ class EmbeddingsTier:
 
 
 @dataclass(frozen=True)
+class RerankTier:
+    """The rerank server: the embeddings server's program in rerank mode, on its own port."""
+
+    model: RerankModel
+    quant: str
+    port: int
+    name: str = "rerank"
+
+
+@dataclass(frozen=True)
 class Stack:
     tiers: tuple[ChatTier, ...]
     embeddings: EmbeddingsTier | None
     proxy: ProxySettings = field(default_factory=ProxySettings)
     path: Path | None = None
     watchdog: WatchSettings = field(default_factory=WatchSettings)
+    rerank: RerankTier | None = None
 
     def tier(self, name: str) -> ChatTier:
         for t in self.tiers:
@@ -94,8 +114,17 @@ class Stack:
             ],
         )
 
+    @property
+    def model_servers(self) -> tuple[ChatTier | EmbeddingsTier | RerankTier, ...]:
+        """Every model server the file names, in start order: chat tiers, embeddings, rerank."""
+        extra = tuple(t for t in (self.embeddings, self.rerank) if t is not None)
+        return (*self.tiers, *extra)
+
     def with_embeddings(self, emb: EmbeddingsTier | None) -> Stack:
         return replace(self, embeddings=emb)
+
+    def with_rerank(self, rerank: RerankTier | None) -> Stack:
+        return replace(self, rerank=rerank)
 
 
 def _check_port(value: int, path: str, problems: Problems) -> None:
@@ -165,6 +194,20 @@ def _read_embeddings(raw: dict, catalog: Catalog, problems: Problems) -> Embeddi
     if quant is None:
         return None
     return EmbeddingsTier(model, quant, d["port"], d["backend"])
+
+
+def _read_rerank(raw: dict, catalog: Catalog, problems: Problems) -> RerankTier | None:
+    d = read_mapping(raw, "rerank", RERANK_FIELDS, problems)
+    if d is None:
+        return None
+    _check_port(d["port"], "rerank.port", problems)
+    try:
+        model = catalog.rerank(d["model"])
+    except CatalogError as exc:
+        problems.add("rerank.model", str(exc))
+        return None
+    quant = _resolve_quant(model.name, d["quant"], catalog, "rerank.quant", problems)
+    return None if quant is None else RerankTier(model, quant, d["port"])
 
 
 def _read_proxy(raw: dict, problems: Problems) -> ProxySettings:
@@ -244,12 +287,14 @@ def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
         problems.add("version", f"unsupported version {top['version']}; this mlx-stack reads 1")
     tiers = _read_tiers(top["tiers"] or {}, catalog, system, problems)
     emb = _read_embeddings(top["embeddings"], catalog, problems) if top["embeddings"] else None
+    rerank = _read_rerank(top["rerank"], catalog, problems) if top["rerank"] else None
     proxy = _read_proxy(top["proxy"] or {}, problems)
     watchdog = _read_watchdog(top["watchdog"] or {}, problems)
     ports: dict[int, str] = {}
     for name, port, path in [
         *((t.name, t.port, f"tiers.{t.name}.port") for t in tiers),
         *((("embeddings", emb.port, "embeddings.port"),) if emb else ()),
+        *((("rerank", rerank.port, "rerank.port"),) if rerank else ()),
         ("proxy", proxy.port, "proxy.port"),
     ]:
         if port in ports:
@@ -257,7 +302,7 @@ def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
         ports.setdefault(port, name)
     if problems:
         raise ConfigError(doc.path, problems.items)
-    return Stack(tuple(tiers), emb, proxy, doc.path, watchdog)
+    return Stack(tuple(tiers), emb, proxy, doc.path, watchdog, rerank)
 
 
 def load_stack(path: Path, catalog: Catalog, system: str) -> Stack:
@@ -289,6 +334,17 @@ def render_embeddings(emb: EmbeddingsTier) -> str:
         f"  quant: {_q(emb.quant)}\n"
         f"  port: {emb.port}\n"
         f"  backend: {emb.backend}\n"
+    )
+
+
+def render_rerank(rerank: RerankTier) -> str:
+    return (
+        "# The rerank tier: a cross-encoder on the project's server in rerank mode, served\n"
+        f"# through the proxy as model '{RERANK_MODEL_NAME}' (POST /v1/rerank, Cohere's API).\n"
+        "rerank:\n"
+        f"  model: {_q(rerank.model.name)}  # up to {rerank.model.max_sequence_length} tokens\n"
+        f"  quant: {_q(rerank.quant)}\n"
+        f"  port: {rerank.port}\n"
     )
 
 
@@ -325,6 +381,8 @@ def render_stack(stack: Stack, header: str = "", hints: list[str] | None = None)
     out.append("\n")
     if stack.embeddings is not None:
         out.append(render_embeddings(stack.embeddings) + "\n")
+    if stack.rerank is not None:
+        out.append(render_rerank(stack.rerank) + "\n")
     p = stack.proxy
     out.append(
         "# The LiteLLM proxy: one OpenAI-compatible endpoint for every tier.\n"

@@ -18,10 +18,12 @@ from mlx_stack.config.hardware import Hardware
 from mlx_stack.config.proxykey import ensure_key
 from mlx_stack.config.stackfile import (
     EmbeddingsTier,
+    RerankTier,
     Stack,
     load_stack,
     parse_stack_text,
     render_embeddings,
+    render_rerank,
     render_stack,
 )
 from mlx_stack.embeddings import SUPPORTED_ARCHITECTURES
@@ -60,6 +62,7 @@ def init_stack(
     with_embeddings: bool,
     force: bool,
     pull: Puller | None = None,
+    with_rerank: bool = False,
 ) -> InitResult:
     target = paths.stack_file
     if target.exists() and not force:
@@ -79,6 +82,7 @@ def init_stack(
             with_embeddings=with_embeddings,
             include_absent=False,
             supported_embeddings=SUPPORTED_ARCHITECTURES,
+            with_rerank=with_rerank,
         )
         for _, entry in first.missing:
             pull(entry, entry.default_quant.id)
@@ -89,14 +93,15 @@ def init_stack(
         with_embeddings=with_embeddings,
         include_absent=False,
         supported_embeddings=SUPPORTED_ARCHITECTURES,
+        with_rerank=with_rerank,
     )
-    stack = Stack(plan.tiers, plan.embeddings)
+    stack = Stack(plan.tiers, plan.embeddings, rerank=plan.rerank)
     text = render_stack(
         stack,
         header=f"Written by `mlx-stack init` for: {hw.summary}",
         hints=[_hint(t, e) for t, e in plan.missing],
     )
-    if not plan.tiers and plan.embeddings is None:
+    if not plan.tiers and plan.embeddings is None and plan.rerank is None:
         raise ConfigError(
             target,
             [
@@ -125,8 +130,7 @@ def add_embeddings(
     paths: StatePaths, catalog: Catalog, hw: Hardware, model: str, *, force: bool
 ) -> InitResult:
     """Add an embeddings tier to an existing stack file, keeping the user's text and comments."""
-    target = paths.stack_file
-    stack = load_stack(target, catalog, hw.system)
+    stack = load_stack(paths.stack_file, catalog, hw.system)
     entry = catalog.embedding(model)
     if entry.architecture not in SUPPORTED_ARCHITECTURES:
         raise CatalogError(
@@ -134,25 +138,45 @@ def add_embeddings(
             f"supported architectures: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
         )
     tier = EmbeddingsTier(entry, entry.default_quant.id, recommend.EMBEDDINGS_PORT, "mlx-embed")
-    if stack.embeddings is not None:
+    existing = stack.embeddings
+    refusal = None if existing is None else (
+        f"already has an embeddings tier ({existing.model.name}); edit it, or use --force to "
+        "replace it (vectors from two models must never be mixed: re-index stored vectors "
+        "after switching)")
+    return _add_section(paths, catalog, hw, stack.with_embeddings(tier), render_embeddings(tier),
+                        f"--add-embeddings {model}", refusal, force, ("embeddings", entry))
+
+
+def add_rerank(
+    paths: StatePaths, catalog: Catalog, hw: Hardware, model: str, *, force: bool
+) -> InitResult:
+    """Add a rerank tier to an existing stack file, keeping the user's text and comments."""
+    stack = load_stack(paths.stack_file, catalog, hw.system)
+    entry = catalog.rerank(model)
+    tier = RerankTier(entry, entry.default_quant.id, recommend.RERANK_PORT)
+    refusal = None if stack.rerank is None else (
+        f"already has a rerank tier ({stack.rerank.model.name}); edit it, or use --force to "
+        "replace it")
+    return _add_section(paths, catalog, hw, stack.with_rerank(tier), render_rerank(tier),
+                        f"--add-rerank {model}", refusal, force, ("rerank", entry))
+
+
+def _add_section(
+    paths: StatePaths, catalog: Catalog, hw: Hardware, new: Stack, section: str, flag: str,
+    refusal: str | None, force: bool, tier: tuple[str, CatalogEntry],
+) -> InitResult:
+    """Append ``section`` to the stack file (its text kept), or with ``force`` rewrite the file
+    as ``new`` when the section exists (``refusal`` says so); what is written must load."""
+    target = paths.stack_file
+    if refusal is not None:
         if not force:
-            raise ConfigError(
-                target,
-                [
-                    f"{target} already has an embeddings tier ({stack.embeddings.model.name}); "
-                    "edit it, or use --force to replace it (vectors from two models must never be "
-                    "mixed: re-index stored vectors after switching)"
-                ],
-            )
-        text = render_stack(
-            stack.with_embeddings(tier),
-            header=f"Rewritten by `mlx-stack init --add-embeddings {model} --force`",
-        )
+            raise ConfigError(target, [f"{target} {refusal}"])
+        text = render_stack(new, header=f"Rewritten by `mlx-stack init {flag} --force`")
     else:
-        text = target.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + render_embeddings(tier)
+        text = target.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + section
     parsed = parse_stack_text(text, target, catalog, hw.system)
     key_file = paths.key_file(parsed.proxy.key_file)
     key_created = ensure_key(key_file)
     write_atomic(target, text)
-    missing = () if _is_present(entry) else (("embeddings", entry),)
+    missing = () if _is_present(tier[1]) else (tier,)
     return InitResult(target, parsed, missing, key_created, key_file)

@@ -1,9 +1,14 @@
-"""The LiteLLM proxy's generated config: one route per chat tier, ``local-embed`` for embeddings.
+"""The LiteLLM proxy's generated config: one route per chat tier, ``local-embed`` for embeddings,
+``local-rerank`` for the reranker.
 
 Generated from the stack file on every `up` (never edited by hand). Facts it relies on, measured
 on litellm 1.106 (see ../shared/NOTES.md): embedding deployments need ``model_info.mode:
 embedding`` or /health probes them with chat calls; ``fallbacks`` belong under
 ``router_settings``; the master key is read from the environment (``os.environ/VAR``).
+Measured on litellm 1.108 (docs/rerank.md): a ``cohere/NAME`` deployment with ``api_base`` at
+the server's root posts to ``{api_base}/v2/rerank`` for :4000's /rerank, /v1/rerank and
+/v2/rerank alike, forwards ``top_n``, ``return_documents`` and ``max_tokens_per_doc``, sends
+``api_key`` as a bearer token, and health-checks ``mode: rerank`` with a rerank call.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import yaml
 
 from mlx_stack.backendkey import LITELLM_API_KEY
 from mlx_stack.config.proxykey import ENV_VAR
-from mlx_stack.config.stackfile import EMBEDDINGS_MODEL_NAME, Stack
+from mlx_stack.config.stackfile import EMBEDDINGS_MODEL_NAME, RERANK_MODEL_NAME, Stack
 from mlx_stack.litellm.gate import Route
 
 #: The model name mlx_lm.server maps to the model given on its command line (no hub lookup).
@@ -50,13 +55,38 @@ def routes(stack: Stack) -> dict[str, Route]:
 
     The same table feeds LiteLLM's ``fallbacks`` and the gate that routes around a tier the
     supervisor sees down (``gate.py``). The embeddings tier has no fallback: vectors from
-    another model live in another space.
+    another model live in another space; nor has the rerank tier: scores of another model are
+    on another scale.
     """
     names = [t.name for t in stack.tiers]
     out = {n: Route(n, tuple(m for m in names if m != n)) for n in names}
     if stack.embeddings is not None:
         out[EMBEDDINGS_MODEL_NAME] = Route(stack.embeddings.name)
+    if stack.rerank is not None:
+        out[RERANK_MODEL_NAME] = Route(stack.rerank.name)
     return out
+
+
+def rerank_deployment(stack: Stack) -> dict[str, Any] | None:
+    """``local-rerank``: Cohere's provider at the server's root (it appends ``/v2/rerank``).
+
+    Not ``/v1`` in ``api_base``: the provider would call ``/v1/v2/rerank``. Not ``infinity/``
+    (fails on ``document`` objects in answers, drops ``max_tokens_per_doc``), ``jina_ai/``
+    (drops ``max_tokens_per_doc``) or ``hosted_vllm/`` (replaces ``meta.billed_units``).
+    """
+    r = stack.rerank
+    if r is None:
+        return None
+    return {
+        "model_name": RERANK_MODEL_NAME,
+        "litellm_params": {
+            "model": f"cohere/{r.model.name}",
+            "api_base": f"http://127.0.0.1:{r.port}",
+            "api_key": LITELLM_API_KEY,
+            "timeout": min(stack.proxy.timeout_s, 120.0),
+        },
+        "model_info": {"mode": "rerank"},
+    }
 
 
 def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
@@ -95,6 +125,9 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
                 "model_info": {"mode": "embedding"},
             }
         )
+    rerank = rerank_deployment(stack)
+    if rerank is not None:
+        model_list.append(rerank)
     fallbacks = [{n: list(r.fallbacks)} for n, r in routes(stack).items() if r.fallbacks]
     router: dict[str, Any] = {
         "num_retries": p.num_retries,

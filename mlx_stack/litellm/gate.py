@@ -7,9 +7,10 @@ that snapshot (re-read when it changes) and, while a tier is not ``ready``:
 
 - a chat request for it goes to the first ready tier among its fallbacks (the body's ``model``
   is rewritten, as LiteLLM's own fallback would answer; header ``x-mlx-stack-routed``);
-- with no ready fallback (the embeddings tier has none: its vectors would come from another
-  space), the request waits up to ``HOLD_S`` for the tier to be ready again (a restart), then
-  gets a 503 in OpenAI's error shape with ``Retry-After``: seconds, never a stall;
+- with no ready fallback (the embeddings and rerank tiers have none: vectors or scores would
+  come from another model), the request waits up to ``HOLD_S`` for the tier to be ready
+  again (a restart), then gets a 503 in OpenAI's error shape with ``Retry-After``: seconds,
+  never a stall;
 - a request that was already on its way when the tier failed (LiteLLM answers 500 once the
   supervisor kills the hung process) is sent again when its tier, or a fallback, is ready,
   for up to ``HOLD_S``; else its error becomes a 503 with ``Retry-After``.
@@ -34,7 +35,8 @@ from typing import Any
 ROUTES_ENV = "MLX_STACK_ROUTES"
 STATE_ENV = "MLX_STACK_STATE_FILE"
 GATED_PATHS = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/completions",
-                         "/completions", "/v1/embeddings", "/embeddings"})
+                         "/completions", "/v1/embeddings", "/embeddings",
+                         "/rerank", "/v1/rerank", "/v2/rerank"})
 MAX_BODY = 64 * 1024 * 1024
 REREAD_S = 0.2
 RETRY_AFTER_S = 2

@@ -2,7 +2,8 @@
 
 An open port is not readiness: mlx_lm.server loads its model on the first request, and an
 embeddings server is useless until a forward pass works. So a chat tier must answer a one-token
-completion, the embeddings tier a one-text embedding, and the proxy its readiness route.
+completion, the embeddings tier a one-text embedding, the rerank tier a one-document rerank, and
+the proxy its readiness route.
 
 Liveness is the service's own cheap health route, answered by its HTTP layer whatever the model
 is doing: measured, mlx_lm.server answers ``/health`` in ~0.1 s during a long generation (and
@@ -35,7 +36,7 @@ class ProbeResult:
 
 #: The cheap route each kind answers from its HTTP layer alone.
 LIVENESS_PATHS = {ProbeKind.CHAT: "/health", ProbeKind.EMBEDDING: "/health",
-                  ProbeKind.PROXY: "/health/liveliness"}
+                  ProbeKind.RERANK: "/health", ProbeKind.PROXY: "/health/liveliness"}
 
 
 def _auth(probe: Probe) -> dict[str, str]:
@@ -58,6 +59,12 @@ def _request(client: httpx.Client, probe: Probe) -> httpx.Response:
             f"{probe.url}/v1/embeddings", json={"model": probe.model, "input": "ping"},
             headers=_auth(probe),
         )
+    if probe.kind is ProbeKind.RERANK:
+        return client.post(
+            f"{probe.url}/v1/rerank",
+            json={"model": probe.model, "query": "ping", "documents": ["ping"]},
+            headers=_auth(probe),
+        )
     return client.get(f"{probe.url}/health/readiness")
 
 
@@ -78,6 +85,18 @@ def _check(probe: Probe, r: httpx.Response) -> str:
         first = data[0] if isinstance(data, list) and data else None
         if not isinstance(first, dict) or not first.get("embedding"):
             return "no embedding in the answer"
+    if probe.kind is ProbeKind.RERANK:
+        return _check_rerank(body)
+    return ""
+
+
+def _check_rerank(body: dict) -> str:
+    """One result for the one document, with a numeric score (the server's whole path ran)."""
+    results = body.get("results")
+    first = results[0] if isinstance(results, list) and len(results) == 1 else None
+    score = first.get("relevance_score") if isinstance(first, dict) else None
+    if not isinstance(score, (int, float)) or isinstance(score, bool):
+        return "no relevance_score in the rerank answer"
     return ""
 
 

@@ -249,7 +249,7 @@ def spec(name: str, kind: ServiceKind = ServiceKind.CHAT, tag: str = "") -> Serv
     """A service spec of the kind given; ``tag`` changes its command line (a new definition)."""
     port = next(_ports)
     probe_kind = {ServiceKind.CHAT: ProbeKind.CHAT, ServiceKind.EMBEDDINGS: ProbeKind.EMBEDDING,
-                  ServiceKind.PROXY: ProbeKind.PROXY}[kind]
+                  ServiceKind.RERANK: ProbeKind.RERANK, ServiceKind.PROXY: ProbeKind.PROXY}[kind]
     argv = ("python", "-m", f"fake.{name}", "--port", str(port), *([tag] if tag else []))
     return ServiceSpec(name=name, kind=kind, argv=argv, port=port, host="127.0.0.1",
                        probe=Probe(probe_kind, f"http://127.0.0.1:{port}"), model=f"m-{name}")

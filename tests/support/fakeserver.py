@@ -1,7 +1,7 @@
 """A small real HTTP server that behaves like a model server, for watchdog tests.
 
-It answers the probes the supervisor sends (a chat completion, an embedding, the proxy's
-readiness route) and can misbehave on request: exit early, ignore SIGTERM, flood its output,
+It answers the probes the supervisor sends (a chat completion, an embedding, a rerank, the
+proxy's readiness route) and can misbehave on request: exit early, ignore SIGTERM, flood its output,
 load slowly. The watchdog is tested against real processes of this program on free ports.
 """
 
@@ -24,9 +24,9 @@ NOT_BUSY.set()
 
 
 class Handler(BaseHTTPRequestHandler):
-    def _send(self, body: dict) -> None:
+    def _send(self, body: dict, status: int = 200) -> None:
         raw = json.dumps(body).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
@@ -44,8 +44,19 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._wait_if_stuck()
         length = int(self.headers.get("Content-Length", 0))
-        self.rfile.read(length)
-        if self.path.endswith("/embeddings"):
+        raw = self.rfile.read(length)
+        if RECORD is not None:
+            with open(RECORD, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"path": self.path, "headers": dict(self.headers),
+                                    "body": raw.decode("utf-8", "replace")}) + "\n")
+        if self.path.endswith("/rerank"):
+            body = json.loads(raw or b"{}")
+            if body.get("query") == BAD_QUERY:
+                self._send({"error": {"message": "query: refused by the fake", "code": None,
+                                      "type": "invalid_request_error", "param": "query"}}, 400)
+            else:
+                self._send(rerank_answer(body))
+        elif self.path.endswith("/embeddings"):
             self._send({"object": "list", "data": [{"object": "embedding", "index": 0,
                                                     "embedding": [1.0, 0.0]}]})
         else:
@@ -54,6 +65,31 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+#: A rerank query the fake refuses with a 400 in OpenAI's error shape (error passthrough tests).
+BAD_QUERY = "refuse me"
+#: A file each POST is appended to as one JSON line (path, headers, body), when given.
+RECORD: str | None = None
+
+
+def rerank_answer(body: dict) -> dict:
+    """A Cohere-shaped rerank answer: the score is the share of query words in the document."""
+    query = set(str(body.get("query", "")).lower().split())
+    docs = [d["text"] if isinstance(d, dict) else str(d) for d in body.get("documents", [])]
+    scored = [(len(query & set(d.lower().split())) / max(len(query), 1), i)
+              for i, d in enumerate(docs)]
+    scored.sort(key=lambda s: (-s[0], s[1]))
+    top_n = body.get("top_n") or len(scored)
+    results = []
+    for score, i in scored[:top_n]:
+        r: dict = {"index": i, "relevance_score": score}
+        if body.get("return_documents"):
+            r["document"] = {"text": docs[i]}
+        results.append(r)
+    return {"id": "fake-rerank", "results": results,
+            "meta": {"billed_units": {"search_units": 1}, "tokens": {"input_tokens": 1}},
+            "usage": {"total_tokens": 1}}
 
 
 def main() -> None:
@@ -69,7 +105,10 @@ def main() -> None:
     p.add_argument("--deadlock-after", type=float, help="stop answering (no CPU) after S s")
     p.add_argument("--busy-after", type=float, help="answer nothing while busy, from S s")
     p.add_argument("--busy-for", type=float, default=10.0, help="how long the busy spell lasts")
+    p.add_argument("--record", help="append every POST (path, headers, body) to this file")
     a = p.parse_args()
+    global RECORD
+    RECORD = a.record
     if a.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     print(f"fakeserver on {a.port} pid-start", flush=True)

@@ -83,7 +83,7 @@ def test_a_good_entry_parses_into_typed_objects():
             ("normalize: true", "normalise: true"),
             ["unknown key 'normalise'", "did you mean 'normalize'"],
         ),
-        (("type: embedding", "type: vision"), ["must be 'chat' or 'embedding'"]),
+        (("type: embedding", "type: vision"), ["must be 'chat', 'embedding' or 'rerank'"]),
         (("    memory_mb: 10\n", ""), ["missing required key 'memory_mb'"]),
         (('"path:/nowhere"', '"ftp:x"'), ["unknown source kind 'ftp'"]),
         (("memory_mb: 10}", "memory_mb: 0}"), ["must be > 0"]),
