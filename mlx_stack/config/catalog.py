@@ -17,7 +17,7 @@ from pathlib import Path
 from mlx_stack.config.schema import Field, Problems, close_matches, describe, read_mapping
 from mlx_stack.config.sources import Source, SourceError, parse_source
 from mlx_stack.config.yamlfile import YamlDoc, load_yaml, parse_yaml
-from mlx_stack.embeddings.model.architectures import POOLINGS
+from mlx_stack.embeddings.model.architectures import POOLINGS, RERANK_ARCHITECTURES
 from mlx_stack.errors import CatalogError, ConfigError
 
 
@@ -30,7 +30,6 @@ class ModelType(str, enum.Enum):
 TIER_HINTS = ("standard", "fast")
 #: Cross-encoder families the rerank server loads (config.json ``model_type``, ``-`` -> ``_``):
 #: checked here so a stack file naming another one is refused before anything starts.
-RERANK_ARCHITECTURES = ("bert", "xlm_roberta", "modernbert")
 
 
 @dataclass(frozen=True)

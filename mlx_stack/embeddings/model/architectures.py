@@ -50,6 +50,10 @@ _ARCHITECTURES = (
 )
 
 SUPPORTED_ARCHITECTURES: frozenset[str] = frozenset(a.model_type for a in _ARCHITECTURES)
+RERANK_ARCHITECTURES = ("bert", "xlm_roberta")
+"""Cross-encoders the rerank mode runs: a BERT-family encoder, then dense + tanh on the first
+token and one relevance logit (``BertForSequenceClassification``,
+``XLMRobertaForSequenceClassification``; ``model/crossencoder.py``)."""
 """Text-embedding ``model_type`` values (config.json), after ``-`` -> ``_``."""
 
 HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd")

@@ -19,6 +19,7 @@ from .architectures import (
     HIDDEN_SIZE_KEYS,
     POOLINGS,
     POSITIONS_KEYS,
+    RERANK_ARCHITECTURES,
     Architecture,
     Pooling,
     UnsupportedArchitectureError,
@@ -40,10 +41,6 @@ _DENSE_MODULE = "sentence_transformers.models.Dense"
 
 Task = Literal["embed", "rerank"]
 TASKS: tuple[Task, ...] = ("embed", "rerank")
-RERANK_ARCHITECTURES = ("bert", "xlm_roberta")
-"""Cross-encoders the server runs: a BERT-family encoder, then dense + tanh on the first token
-and one relevance logit (``BertForSequenceClassification``,
-``XLMRobertaForSequenceClassification``)."""
 
 
 class ModelFolderError(MlxStackError):
