@@ -75,7 +75,14 @@ def unwrapped(message: str) -> str:
     match = _LITELLM_WRAPPING.match(message)
     if match is None or not match["message"].strip():
         return message
-    return match["message"].strip()
+    inner = match["message"].strip()
+    if inner.startswith("{"):  # some providers (cohere/) quote the backend's whole body
+        try:
+            quoted = json.loads(inner)["error"]["message"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return inner
+        return quoted if isinstance(quoted, str) and quoted else inner
+    return inner
 
 
 class BodyCheck:

@@ -122,12 +122,21 @@ def test_keys_are_required_on_both_sides(rerank_stack):
     assert direct.status_code == 401
 
 
-def test_bad_input_is_a_4xx_through_the_proxy(rerank_stack):
-    r = httpx.post(rerank_stack.url("proxy") + "/v1/rerank", timeout=30,
-                   headers={"Authorization": f"Bearer {rerank_stack.key()}"},
-                   json={"model": "local-rerank", "query": "q", "documents": "not a list"})
-    assert 400 <= r.status_code < 500, r.text
-    assert "error" in r.json()
+@pytest.mark.parametrize("bad", [{"documents": "not a list"}, {"documents": []},
+                                 {"query": ""}, {"top_n": 0}, {"documents": [{"txt": "a"}]},
+                                 {"return_documents": "yes"}])  # fmt: skip
+def test_bad_input_gets_the_servers_4xx_through_the_proxy(rerank_stack, bad):
+    """The server's status and message, not LiteLLM's 500s or its CohereException wrapping."""
+    body = {"query": "q", "documents": ["d"], **bad}
+    direct = httpx.post(rerank_stack.url("rerank") + "/v1/rerank", timeout=30,
+                        headers=rerank_stack.backend_headers(),
+                        json={"model": "tiny-rerank", **body})  # fmt: skip
+    via = httpx.post(rerank_stack.url("proxy") + "/v1/rerank", timeout=30,
+                     headers={"Authorization": f"Bearer {rerank_stack.key()}"},
+                     json={"model": "local-rerank", **body})  # fmt: skip
+    assert 400 <= direct.status_code < 500, direct.text
+    assert via.status_code == direct.status_code, via.text
+    assert via.json()["error"]["message"] == direct.json()["error"]["message"]
 
 
 def test_restart_rerank_and_its_log(rerank_stack):

@@ -29,6 +29,9 @@ WRAPPED = [
      "OpenAIException - 'str' object has no attribute 'get'\n\nLiteLLM: model group 'fast' "
      "failed with the error above. No fallback was attempted. LiteLLM Retried: 1 times",
      "'str' object has no attribute 'get'"),
+    ('litellm.BadRequestError: CohereException - {"error": {"message": "\'top_n\' must be '
+     'a positive integer, got 0", "type": "invalid_request_error"}}\n\nLiteLLM: model group '
+     "'local-rerank' failed with the error above.", "'top_n' must be a positive integer, got 0"),
     # LiteLLM's own messages, and anything else, pass unchanged.
     ("/embeddings: Missing required parameter: 'input'.",
      "/embeddings: Missing required parameter: 'input'."),
