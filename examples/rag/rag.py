@@ -4,13 +4,22 @@
     export MLX_STACK_KEY=$(mlx-stack key)
     python examples/rag/rag.py index examples/rag/corpus
     python examples/rag/rag.py ask "How do I reduce endpoint latency?"
+    python examples/rag/rag.py ask --search two-pass "How do I reduce endpoint latency?"
+    python examples/rag/rag.py eval examples/rag/questions.json
+
+Search runs one of four ways (``--search``): ``float`` (cosine of float vectors), ``int8`` and
+``binary`` (the server's quantised vectors: a quarter and a thirty-second of the size), or
+``two-pass``: the binary scan's top 50, then the stack's reranker (``local-rerank``, a
+cross-encoder reading query and passage together) orders them. ``eval`` measures recall@1 and
+recall@5 of each on a labelled set of questions.
 
 Vectors come from the proxy's ``local-embed`` model at http://127.0.0.1:4000/v1 (``MLX_STACK_URL``
 moves it); the key is ``MLX_STACK_KEY``, else the output of ``mlx-stack key``. The index is two
 plain files in a folder (``./rag-index`` by default): ``vectors.npy`` (float32, one unit-length
 row per chunk) and ``index.json`` (the chunks, their files, and a fingerprint of the embeddings
-model, so an index is never searched with vectors from another model). It needs only ``openai``
-and ``numpy``, which mlx-stack already installs. Guide: docs/embeddings.md.
+model, so an index is never searched with vectors from another model), plus the same rows as
+int8 (``int8.npy``) and as packed sign bits (``bits.npy``). It needs only ``openai`` and
+``numpy``, which mlx-stack already installs. Guide: docs/embeddings.md.
 """
 
 from __future__ import annotations
@@ -31,6 +40,10 @@ import openai
 
 DEFAULT_URL = "http://127.0.0.1:4000/v1"
 EMBED_MODEL = "local-embed"
+RERANK_MODEL = "local-rerank"
+SEARCHES = ("float", "int8", "binary", "two-pass")
+CANDIDATES = 50
+"""How many passages the binary scan hands to the reranker."""
 DEFAULT_STORE = Path("rag-index")
 MAX_CHUNK_CHARS = 800
 """~200 tokens: under the 256-token window of the default model (all-MiniLM-L6-v2)."""
@@ -38,7 +51,7 @@ BATCH = 64
 FINGERPRINT_TEXT = "mlx-stack index fingerprint: the quick brown fox jumps over the lazy dog."
 SAME_MODEL_COSINE = 0.999
 """The same model gives the same vector (cosine ~1.0); another model gives ~0 or a new size."""
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 SYSTEM_PROMPT = (
     "Answer the question using only the numbered context passages. Cite the passages you use "
     "as [1], [2]. If the context does not contain the answer, say that you do not know."
@@ -68,6 +81,10 @@ class Index:
     chunks: list[Chunk]
     vectors: np.ndarray
     fingerprint: np.ndarray
+    int8: np.ndarray
+    """The server's int8 rows (``embedding_type: int8``)."""
+    bits: np.ndarray
+    """The server's packed sign bits (``embedding_type: ubinary``), uint8."""
 
 
 def connect() -> openai.OpenAI:
@@ -132,14 +149,20 @@ def _split_long(paragraph: str) -> list[str]:
     return [*pieces, current] if current else pieces
 
 
-def embed(client: openai.OpenAI, texts: Sequence[str], input_type: str | None) -> np.ndarray:
-    """Unit-length float32 rows. ``input_type`` picks the model's query or document prefix."""
-    extra = {"input_type": input_type} if input_type else None
+def embed(
+    client: openai.OpenAI, texts: Sequence[str], input_type: str | None, kind: str = "float"
+) -> np.ndarray:
+    """Unit-length float32 rows, or the server's quantised ones (``kind`` int8 / ubinary).
+    ``input_type`` picks the model's query or document prefix."""
+    extra: dict[str, str] = {"input_type": input_type} if input_type else {}
+    if kind != "float":
+        extra["embedding_type"] = kind
     rows: list[list[float]] = []
     for start in range(0, len(texts), BATCH):
         try:
             res = client.embeddings.create(
-                model=EMBED_MODEL, input=list(texts[start : start + BATCH]), extra_body=extra
+                model=EMBED_MODEL, input=list(texts[start : start + BATCH]),
+                extra_body=extra or None,
             )
         except openai.APIConnectionError:
             raise RagError(
@@ -158,6 +181,8 @@ def embed(client: openai.OpenAI, texts: Sequence[str], input_type: str | None) -
                 "embeddings tier? (`mlx-stack status`, `mlx-stack init --add-embeddings MODEL`)"
             ) from None
         rows.extend(d.embedding for d in sorted(res.data, key=lambda d: d.index))
+    if kind != "float":
+        return np.rint(rows).astype(np.int8 if kind == "int8" else np.uint8)
     vectors = np.asarray(rows, dtype=np.float32)
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
@@ -174,10 +199,13 @@ def build_index(client: openai.OpenAI, folder: Path, store: Path) -> Index:
     chunks = read_chunks(folder)
     if not chunks:
         raise RagError(f"no .md or .txt files with text under {folder}")
+    texts = [c.text for c in chunks]
     index = Index(
         chunks,
-        embed(client, [c.text for c in chunks], "document"),
+        embed(client, texts, "document"),
         embed(client, [FINGERPRINT_TEXT], None)[0],
+        embed(client, texts, "document", "int8"),
+        embed(client, texts, "document", "ubinary"),
     )
     store.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -188,23 +216,29 @@ def build_index(client: openai.OpenAI, folder: Path, store: Path) -> Index:
         "chunks": [asdict(c) for c in chunks],
     }
     # Write both files under temporary names, then rename: a crash never leaves half an index.
-    np.save(store / "vectors.tmp.npy", index.vectors)
+    arrays = {"vectors": index.vectors, "int8": index.int8, "bits": index.bits}
+    for name, array in arrays.items():
+        np.save(store / f"{name}.tmp.npy", array)
     (store / "index.tmp.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    os.replace(store / "vectors.tmp.npy", store / "vectors.npy")
-    os.replace(store / "index.tmp.json", store / "index.json")
+    for name in arrays:
+        os.replace(store / f"{name}.tmp.npy", store / f"{name}.npy")
+    os.replace(store / "index.tmp.json", store / "index.json")  # last: it names the format
     return index
 
 
 def load_index(store: Path) -> Index:
     try:
         meta = json.loads((store / "index.json").read_text(encoding="utf-8"))
-        vectors = np.load(store / "vectors.npy")
+        if meta.get("format") != INDEX_FORMAT:
+            raise RagError(f"{store} holds an index this script cannot read: rebuild it")
+        vectors, int8, bits = (np.load(store / f"{n}.npy") for n in ("vectors", "int8", "bits"))
     except FileNotFoundError:
         raise RagError(f"no index in {store}: run `rag.py index FOLDER --store {store}`") from None
-    if meta.get("format") != INDEX_FORMAT or len(meta["chunks"]) != len(vectors):
+    if not len(meta["chunks"]) == len(vectors) == len(int8) == len(bits):
         raise RagError(f"{store} holds an index this script cannot read: rebuild it")
     chunks = [Chunk(**c) for c in meta["chunks"]]
-    return Index(chunks, vectors, np.asarray(meta["fingerprint"], dtype=np.float32))
+    fingerprint = np.asarray(meta["fingerprint"], dtype=np.float32)
+    return Index(chunks, vectors, fingerprint, int8, bits)
 
 
 def check_same_model(client: openai.OpenAI, index: Index) -> None:
@@ -223,15 +257,66 @@ def check_same_model(client: openai.OpenAI, index: Index) -> None:
     )
 
 
-def search(client: openai.OpenAI, index: Index, query: str, k: int) -> list[Hit]:
+def search(
+    client: openai.OpenAI, index: Index, query: str, k: int, how: str = "float"
+) -> list[Hit]:
+    """The ``k`` best passages, by one of ``SEARCHES`` (see the module docstring)."""
     check_same_model(client, index)
-    q = embed(client, [query], "query")[0]
-    scores = index.vectors @ q
-    order = np.argsort(-scores)[:k]
+    if how == "float":
+        scores = index.vectors @ embed(client, [query], "query")[0]
+    elif how == "int8":
+        q8 = embed(client, [query], "query", "int8")[0]
+        scores = index.int8.astype(np.int32) @ q8.astype(np.int32)
+    else:
+        q_bits = embed(client, [query], "query", "ubinary")[0]
+        differ = np.unpackbits(np.bitwise_xor(index.bits, q_bits), axis=1).sum(axis=1)
+        scores = -differ.astype(np.float32)  # fewer differing bits: closer
+    order = np.argsort(-scores, kind="stable")
+    if how == "two-pass":
+        candidates = order[:CANDIDATES]
+        ranked = rerank(client, query, [index.chunks[i].text for i in candidates])
+        return [Hit(rank + 1, score, index.chunks[candidates[i]].source,
+                    index.chunks[candidates[i]].text)
+                for rank, (i, score) in enumerate(ranked[:k])]  # fmt: skip
     return [
         Hit(rank + 1, float(scores[i]), index.chunks[i].source, index.chunks[i].text)
-        for rank, i in enumerate(order)
+        for rank, i in enumerate(order[:k])
     ]
+
+
+def rerank(client: openai.OpenAI, query: str, passages: Sequence[str]) -> list[tuple[int, float]]:
+    """(position in ``passages``, relevance) best first, from the stack's rerank tier."""
+    try:
+        answer: Any = client.post("/rerank", cast_to=object, body={
+            "model": RERANK_MODEL, "query": query, "documents": list(passages)})
+    except openai.NotFoundError:
+        raise RagError("the stack has no rerank tier: `mlx-stack init --add-rerank MODEL`, "
+                       "or search with --search float|int8|binary") from None
+    except openai.APIStatusError as exc:
+        if exc.status_code == 400 and "Invalid model name" in str(exc):
+            raise RagError("the stack has no rerank tier (`local-rerank`): `mlx-stack init "
+                           "--add-rerank MODEL`, or --search float|int8|binary") from None
+        raise RagError(f"rerank failed ({exc.status_code}): {_message(exc)}") from None
+    return [(int(r["index"]), float(r["relevance_score"])) for r in answer["results"]]
+
+
+def evaluate(
+    client: openai.OpenAI,
+    index: Index,
+    questions: Sequence[dict[str, str]],
+    searches: Sequence[str],
+) -> dict[str, dict[str, float]]:
+    """recall@1 and recall@5 per search: the share of questions whose labelled file is the
+    source of the first passage, or of one of the first five."""
+    out: dict[str, dict[str, float]] = {}
+    for how in searches:
+        first = top5 = 0
+        for item in questions:
+            sources = [h.source for h in search(client, index, item["question"], 5, how)]
+            first += sources[:1] == [item["source"]]
+            top5 += item["source"] in sources
+        out[how] = {"recall@1": first / len(questions), "recall@5": top5 / len(questions)}
+    return out
 
 
 def pick_chat_model(models: Sequence[dict[str, Any]]) -> str | None:
@@ -280,9 +365,29 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        questions = json.loads(args.questions.read_text(encoding="utf-8"))["questions"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RagError(f"{args.questions}: not a questions file ({exc})") from None
+    client = connect()
+    listed = {m["id"] for m in client.models.list().model_dump()["data"]}
+    searches = [s for s in SEARCHES if s != "two-pass" or RERANK_MODEL in listed]
+    results = evaluate(client, load_index(args.store), questions, searches)
+    if args.json:
+        print(json.dumps({"questions": len(questions), "recall": results}, indent=2))
+        return 0
+    print(f"{len(questions)} questions\n\n| search | recall@1 | recall@5 |\n|---|---:|---:|")
+    for how, r in results.items():
+        print(f"| {how} | {r['recall@1']:.2f} | {r['recall@5']:.2f} |")
+    if "two-pass" not in results:
+        print(f"\ntwo-pass skipped: the proxy lists no {RERANK_MODEL!r}", file=sys.stderr)
+    return 0
+
+
 def _cmd_ask(args: argparse.Namespace) -> int:
     client = connect()
-    hits = search(client, load_index(args.store), args.query, args.k)
+    hits = search(client, load_index(args.store), args.query, args.k, args.search)
     model = answer = skipped = None
     if args.no_chat:
         skipped = "--no-chat"
@@ -322,11 +427,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_ask.add_argument("--no-chat", action="store_true", help="search only")
     p_ask.add_argument("--max-tokens", type=int, default=256, help="answer length limit")
     p_ask.add_argument("--json", action="store_true", help="machine-readable output")
-    for p in (p_index, p_ask):
+    p_ask.add_argument("--search", choices=SEARCHES, default="float",
+                       help="how to find passages (default: float)")  # fmt: skip
+    p_eval = sub.add_parser("eval", help="recall@1/@5 of each search on labelled questions")
+    p_eval.add_argument("questions", type=Path, help='JSON: {"questions": [{question, source}]}')
+    p_eval.add_argument("--json", action="store_true", help="machine-readable output")
+    for p in (p_index, p_ask, p_eval):
         p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="index folder")
     args = parser.parse_args(argv)
+    commands = {"index": _cmd_index, "ask": _cmd_ask, "eval": _cmd_eval}
     try:
-        return _cmd_index(args) if args.command == "index" else _cmd_ask(args)
+        return commands[args.command](args)
     except RagError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -8,8 +8,10 @@ nothing. Nothing is mocked.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 from stackenv import StackEnv, write_stack
@@ -159,3 +161,47 @@ def test_down_leaves_nothing(rerank_stack):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     for name in ("embeddings", "rerank", "proxy"):
         assert ports.is_free(rerank_stack.ports[name]), name
+
+
+def test_two_pass_retrieval_in_the_rag_example(rerank_stack, tmp_path, monkeypatch, capsys):
+    """examples/rag/rag.py: an index of float, int8 and bit vectors from the server; `eval`
+    measures recall@1/@5 of each search on the shipped questions (the tiny reranker is random,
+    so only the protocol is checked for two-pass, not its quality); `ask --search two-pass`
+    orders the binary scan's candidates exactly as the rerank tier scores them."""
+    import importlib.util
+    import json
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("rag_two_pass", root / "examples/rag/rag.py")
+    assert spec and spec.loader
+    rag = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = rag
+    spec.loader.exec_module(rag)
+    monkeypatch.setenv("MLX_STACK_URL", rerank_stack.url("proxy") + "/v1")
+    monkeypatch.setenv("MLX_STACK_KEY", rerank_stack.key())
+    store = tmp_path / "index"
+    assert rag.main(["index", str(root / "examples/rag/corpus"), "--store", str(store)]) == 0
+    index = rag.load_index(store)
+    assert index.int8.dtype == np.int8 and index.int8.shape == index.vectors.shape
+    assert index.bits.shape == (len(index.chunks), index.vectors.shape[1] // 8)
+    capsys.readouterr()
+    questions = root / "examples/rag/questions.json"
+    assert rag.main(["eval", str(questions), "--store", str(store), "--json"]) == 0
+    recall = json.loads(capsys.readouterr().out)["recall"]
+    assert set(recall) == {"float", "int8", "binary", "two-pass"}
+    assert recall["float"]["recall@5"] >= 0.9 and recall["int8"]["recall@5"] >= 0.9
+    for r in recall.values():
+        assert 0 <= r["recall@1"] <= r["recall@5"] <= 1
+    query = "How do I reduce endpoint latency?"
+    assert rag.main(["ask", "--search", "two-pass", "--no-chat", "--json", "-k", "3",
+                     "--store", str(store), query]) == 0  # fmt: skip
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    direct = httpx.post(rerank_stack.url("rerank") + "/v1/rerank", timeout=60,
+                        headers=rerank_stack.backend_headers(),
+                        json={"model": "tiny-rerank", "query": query,
+                              "documents": [c.text for c in index.chunks]}).json()  # fmt: skip
+    expected = [(index.chunks[r["index"]].source, r["relevance_score"])
+                for r in direct["results"][:3]]  # all 9 chunks are candidates (< 50)
+    assert [h["source"] for h in hits] == [source for source, _ in expected]
+    assert [h["score"] for h in hits] == pytest.approx([score for _, score in expected])
