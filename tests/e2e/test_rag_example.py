@@ -170,7 +170,7 @@ def test_an_index_from_another_model_is_refused(workdir, tmp_path, capsys, monke
     """Simulate a model change: the stored fingerprint no longer matches the served model."""
     store = tmp_path / "stale"
     store.mkdir()
-    for name in ("vectors.npy", "index.json"):
+    for name in ("vectors.npy", "int8.npy", "bits.npy", "index.json"):
         (store / name).write_bytes((workdir / "rag-index" / name).read_bytes())
     meta = json.loads((store / "index.json").read_text())
     meta["fingerprint"] = meta["fingerprint"][1:] + meta["fingerprint"][:1]  # another vector
