@@ -205,3 +205,35 @@ def test_two_pass_retrieval_in_the_rag_example(rerank_stack, tmp_path, monkeypat
                 for r in direct["results"][:3]]  # all 9 chunks are candidates (< 50)
     assert [h["source"] for h in hits] == [source for source, _ in expected]
     assert [h["score"] for h in hits] == pytest.approx([score for _, score in expected])
+
+
+@pytest.mark.parametrize("snippet", ["cohere_rerank.py", "litellm_rerank.py"])
+def test_the_documented_rerank_clients_work_offline(rerank_stack, tmp_path, snippet):
+    """docs/clients.md's rerank snippets, run as is with the internet cut off: they rank the
+    documents as the rerank tier does, and try to reach nothing outside this machine."""
+    import os
+    import subprocess
+    import sys
+
+    from offline import OFFLINE_BOOT
+
+    root = Path(__file__).resolve().parents[2]
+    log = tmp_path / "refused"
+    env = {k: v for k, v in os.environ.items()
+           if not k.upper().startswith(("OPENAI_", "LITELLM_", "CO_", "COHERE_"))}  # fmt: skip
+    env |= {"MLX_STACK_URL": rerank_stack.url("proxy") + "/v1",
+            "MLX_STACK_KEY": rerank_stack.key(), "HOME": str(tmp_path),
+            "OFFLINE_GUARD_LOG": str(log)}  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", OFFLINE_BOOT,
+                          str(root / "examples" / "clients" / snippet)],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert not log.exists(), log.read_text()
+    documents = ["Optimize API response time", "Travel and expenses", "Load testing"]
+    direct = httpx.post(rerank_stack.url("rerank") + "/v1/rerank", timeout=60,
+                        headers=rerank_stack.backend_headers(),
+                        json={"model": "tiny-rerank", "query": "reduce endpoint latency",
+                              "documents": documents, "top_n": 2}).json()  # fmt: skip
+    expected = [f"document {r['index']}: relevance {r['relevance_score']:.3f}"
+                for r in direct["results"]]  # fmt: skip
+    assert run.stdout.splitlines() == expected
