@@ -29,8 +29,18 @@ HEAD_STD = 0.3
 different documents differ clearly: a ranking test needs a spread."""
 
 
-def build_tiny_reranker(dest: Path, architecture: str = "bert", seed: int = SEED) -> Path:
-    """Write config.json, model.safetensors and the tokenizer files to ``dest``."""
+def build_tiny_reranker(
+    dest: Path,
+    architecture: str = "bert",
+    seed: int = SEED,
+    *,
+    width: int = WIDTH,
+    layers: int = LAYERS,
+    heads: int = HEADS,
+    inner: int = INNER,
+) -> Path:
+    """Write config.json, model.safetensors and the tokenizer files to ``dest``. The sizes
+    default to tiny; the benchmark passes real models' sizes (random weights, true cost)."""
     from safetensors.numpy import save_file
 
     if architecture not in ("bert", "xlm_roberta"):
@@ -48,36 +58,36 @@ def build_tiny_reranker(dest: Path, architecture: str = "bert", seed: int = SEED
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
     weights: dict[str, np.ndarray] = {
-        f"{prefix}.embeddings.word_embeddings.weight": normal(vocab, WIDTH),
-        f"{prefix}.embeddings.position_embeddings.weight": normal(positions, WIDTH),
-        f"{prefix}.embeddings.token_type_embeddings.weight": normal(2 if bert else 1, WIDTH),
-        f"{prefix}.embeddings.LayerNorm.weight": np.ones(WIDTH, np.float32),
-        f"{prefix}.embeddings.LayerNorm.bias": np.zeros(WIDTH, np.float32),
+        f"{prefix}.embeddings.word_embeddings.weight": normal(vocab, width),
+        f"{prefix}.embeddings.position_embeddings.weight": normal(positions, width),
+        f"{prefix}.embeddings.token_type_embeddings.weight": normal(2 if bert else 1, width),
+        f"{prefix}.embeddings.LayerNorm.weight": np.ones(width, np.float32),
+        f"{prefix}.embeddings.LayerNorm.bias": np.zeros(width, np.float32),
     }
-    for layer in range(LAYERS):
+    for layer in range(layers):
         at = f"{prefix}.encoder.layer.{layer}"
         for name, (rows, cols) in {
-            "attention.self.query": (WIDTH, WIDTH),
-            "attention.self.key": (WIDTH, WIDTH),
-            "attention.self.value": (WIDTH, WIDTH),
-            "attention.output.dense": (WIDTH, WIDTH),
-            "intermediate.dense": (INNER, WIDTH),
-            "output.dense": (WIDTH, INNER),
+            "attention.self.query": (width, width),
+            "attention.self.key": (width, width),
+            "attention.self.value": (width, width),
+            "attention.output.dense": (width, width),
+            "intermediate.dense": (inner, width),
+            "output.dense": (width, inner),
         }.items():
             weights[f"{at}.{name}.weight"] = normal(rows, cols, std=0.1)
             weights[f"{at}.{name}.bias"] = normal(rows)
         for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
-            weights[f"{at}.{norm}.weight"] = np.ones(WIDTH, np.float32)
-            weights[f"{at}.{norm}.bias"] = np.zeros(WIDTH, np.float32)
+            weights[f"{at}.{norm}.weight"] = np.ones(width, np.float32)
+            weights[f"{at}.{norm}.bias"] = np.zeros(width, np.float32)
     if bert:  # the pooler (dense + tanh on [CLS]) feeds the classifier
-        weights["bert.pooler.dense.weight"] = normal(WIDTH, WIDTH, std=HEAD_STD)
-        weights["bert.pooler.dense.bias"] = normal(WIDTH)
-        weights["classifier.weight"] = normal(1, WIDTH, std=HEAD_STD)
+        weights["bert.pooler.dense.weight"] = normal(width, width, std=HEAD_STD)
+        weights["bert.pooler.dense.bias"] = normal(width)
+        weights["classifier.weight"] = normal(1, width, std=HEAD_STD)
         weights["classifier.bias"] = normal(1)
     else:  # RobertaClassificationHead: dense + tanh on <s>, then out_proj
-        weights["classifier.dense.weight"] = normal(WIDTH, WIDTH, std=HEAD_STD)
-        weights["classifier.dense.bias"] = normal(WIDTH)
-        weights["classifier.out_proj.weight"] = normal(1, WIDTH, std=HEAD_STD)
+        weights["classifier.dense.weight"] = normal(width, width, std=HEAD_STD)
+        weights["classifier.dense.bias"] = normal(width)
+        weights["classifier.out_proj.weight"] = normal(1, width, std=HEAD_STD)
         weights["classifier.out_proj.bias"] = normal(1)
     save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
 
@@ -86,10 +96,10 @@ def build_tiny_reranker(dest: Path, architecture: str = "bert", seed: int = SEED
                           else "XLMRobertaForSequenceClassification"],
         "model_type": "bert" if bert else "xlm-roberta",
         "vocab_size": vocab,
-        "hidden_size": WIDTH,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "intermediate_size": INNER,
+        "hidden_size": width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": inner,
         "hidden_act": "gelu",
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
