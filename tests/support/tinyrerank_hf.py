@@ -112,6 +112,17 @@ def qwen3_reranker(folder: Path, seed: int = SEED) -> Path:
     return folder
 
 
+def qwen3_reranker_tokenizer(folder: Path) -> Path:
+    """Only the tokenizer and config.json of :func:`qwen3_reranker` (no torch, no weights):
+    enough for settings and tokenizer tests."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _qwen_tokenizer(folder)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": WIDTH,
+        "max_position_embeddings": 40960}))  # fmt: skip
+    return folder
+
+
 def _plain_tokenizer(folder: Path, **config: Any) -> None:
     """No fixed padding or truncation in tokenizer.json (MiniLM's pads to 128)."""
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
