@@ -24,6 +24,10 @@ from types import ModuleType
 from mlx_stack.config import catalog, stackfile
 from mlx_stack.config.schema import Field
 from mlx_stack.embeddings import SUPPORTED_ARCHITECTURES
+from mlx_stack.embeddings.model.architectures import (
+    CROSS_ENCODER_ARCHITECTURES,
+    YES_NO_ARCHITECTURES,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,8 +97,10 @@ CATALOG_NOTES: dict[str, Callable[[], str]] = {
         f"{_or(sorted(SUPPORTED_ARCHITECTURES))}."
     ),
     "models[] (rerank)": lambda: (
-        f"`architecture`: {_or(catalog.RERANK_ARCHITECTURES)} (a Hugging Face "
-        "`*ForSequenceClassification` folder: config.json, model.safetensors, tokenizer.json)."
+        f"`architecture`: {_or(CROSS_ENCODER_ARCHITECTURES)} (a Hugging Face "
+        "`*ForSequenceClassification` folder: config.json, model.safetensors, tokenizer.json), "
+        f"or {_or(YES_NO_ARCHITECTURES)} (a `*ForCausalLM` folder of a yes/no reranker such as "
+        "Qwen3-Reranker: see [rerank.md](rerank.md#models))."
     ),
     "models[].quantizations[]": lambda: (
         "The first quantisation is the model's default, and its `memory_mb` must equal the "

@@ -47,8 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--task",
         choices=TASKS,
-        help="embed, or rerank (a cross-encoder); default: rerank for a *ForSequenceClassification "
-        "folder",
+        help="embed, or rerank (a cross-encoder; for a *ForCausalLM folder such as "
+        "Qwen3-Reranker, a yes/no reranker); default: rerank for a *ForSequenceClassification "
+        "folder, else embed",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8003)

@@ -206,8 +206,10 @@ def _write_dense(folder: Path, inputs: int, outputs: int, seed: int) -> None:
 # ------------------------------------------------------------------------------------- weights
 
 
-def write_random_model(folder: Path, config: dict[str, Any], seed: int = SEED) -> None:
-    """``config.json`` as given (hub form), weights from transformers' ``AutoModel`` class.
+def write_random_model(folder: Path, config: dict[str, Any], seed: int = SEED,
+                       auto: str = "AutoModel") -> None:  # fmt: skip
+    """``config.json`` as given (hub form), weights from transformers' ``auto`` class
+    (``AutoModel``; ``AutoModelForSequenceClassification`` for a cross-encoder's head).
 
     Every weight is redrawn at unit scale (matrices N(0, 1/fan_in), norms around 1, biases
     and embeddings visible), so no layer is a near no-op and a mistake anywhere shows.
@@ -219,7 +221,7 @@ def write_random_model(folder: Path, config: dict[str, Any], seed: int = SEED) -
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     hf_config = transformers.AutoConfig.from_pretrained(str(folder))
     torch.manual_seed(seed)
-    model = transformers.AutoModel.from_config(hf_config)
+    model = getattr(transformers, auto).from_config(hf_config)
     state: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, tensor in model.state_dict().items():

@@ -61,7 +61,10 @@ def stack_of(text: str, catalog: Catalog = SHIPPED):
 
 def test_shipped_rerankers_load_with_their_fields():
     names = {e.name for e in SHIPPED if isinstance(e, RerankModel)}
-    assert names == {"ms-marco-minilm-l6-v2", "bge-reranker-base", "bge-reranker-v2-m3"}
+    assert names == {"ms-marco-minilm-l6-v2", "bge-reranker-base", "bge-reranker-v2-m3",
+                     "gte-reranker-modernbert-base", "qwen3-reranker-0.6b"}
+    llm = SHIPPED.rerank("qwen3-reranker-0.6b")
+    assert (llm.architecture, [q.id for q in llm.quantizations]) == ("qwen3", ["bf16", "4bit"])
     m = SHIPPED.rerank("bge-reranker-v2-m3")
     assert (m.architecture, m.max_sequence_length) == ("xlm_roberta", 8192)
     assert [s.ref for s in m.default_quant.sources] == ["BAAI/bge-reranker-v2-m3"]
@@ -72,7 +75,8 @@ def test_shipped_rerankers_load_with_their_fields():
     [
         (("architecture: bert", "architecture: bertt"), [":6:", "models[0].architecture",
                                                          "'bertt'", "bert"]),
-        (("architecture: bert", "architecture: qwen3"), ["not a reranker this version serves"]),
+        (("architecture: bert", "architecture: gemma3_text"),
+         ["not a reranker this version serves"]),
         (("max_sequence_length: 128", "max_sequence_length: 0"), [":8:", "must be > 0"]),
         (("    params_m: 0.1\n", ""), ["models[0]", "params_m"]),
         (("type: rerank", "type: reranker"), ["'chat', 'embedding' or 'rerank'"]),

@@ -88,3 +88,66 @@ def test_a_classifier_with_several_labels_is_not_a_reranker(folder, tmp_path):
     with pytest.raises(ModelFolderError, match="3 labels"):
         resolve(other)
     assert resolve(folder).task == "rerank"
+
+
+@pytest.fixture(scope="module")
+def qwen3_folder(tmp_path_factory):
+    from tinyrerank_hf import qwen3_reranker_tokenizer
+
+    return qwen3_reranker_tokenizer(tmp_path_factory.mktemp("rr") / "qwen3")
+
+
+@pytest.mark.parametrize("document", ["Paris is the capital.", "", "!! odd", " lead", "1990",
+                                      "\nnew line?\n", "yes no"])  # fmt: skip
+@pytest.mark.parametrize("query", ["capital of france?", "q ", "what\n"])
+def test_the_yes_no_prompt_is_the_cards_whole_string_tokenised(qwen3_folder, query, document):
+    from tokenizers import Tokenizer
+
+    from mlx_stack.embeddings.model import yesnoprompt as p
+
+    (pair,) = p.PromptTokenizer(qwen3_folder, 4096).encode_pairs(query, [document])
+    whole = Tokenizer.from_file(str(qwen3_folder / "tokenizer.json"))
+    text = (f"{p.PREFIX}<Instruct>: {p.DEFAULT_INSTRUCTION}\n<Query>: {query}\n"
+            f"<Document>: {document}{p.SUFFIX}")  # fmt: skip
+    assert list(pair) == whole.encode(text, add_special_tokens=False).ids
+    assert not pair.truncated
+
+
+def test_the_yes_no_prompt_cuts_the_document_then_the_query_keeping_the_template(qwen3_folder):
+    from tokenizers import Tokenizer
+
+    from mlx_stack.embeddings.model.yesnoprompt import SUFFIX, PromptTokenizer
+
+    tokenizer = PromptTokenizer(qwen3_folder, 160)
+    decode = Tokenizer.from_file(str(qwen3_folder / "tokenizer.json")).decode
+    long_doc, long_query = " ".join(["word"] * 300), " ".join(["query"] * 300)
+    (cut,) = tokenizer.encode_pairs("capital of france?", [long_doc])
+    assert len(cut) == 160 and cut.truncated and cut.full_length > 300
+    text = decode(cut, skip_special_tokens=False)
+    assert "<Query>: capital of france?\n<Document>: word word" in text
+    assert text.endswith(SUFFIX)
+    (both,) = tokenizer.encode_pairs(long_query, [long_doc])
+    text = decode(both, skip_special_tokens=False)
+    assert len(both) == 160 and "query\n<Document>: word" in text and text.endswith(SUFFIX)
+    (capped,) = tokenizer.encode_pairs("q", ["a b c d e f"], max_document_tokens=2)
+    assert capped.truncated and "<Document>: a b<|im_end|>" in decode(capped, False)
+
+
+def test_a_causal_lm_is_a_yes_no_reranker_only_when_asked(qwen3_folder, tmp_path):
+    import json
+    import shutil
+
+    from mlx_stack.embeddings.model.settings import Overrides
+
+    assert resolve(qwen3_folder).task == "embed"  # Qwen3-Embedding folders look the same
+    settings = resolve(qwen3_folder, Overrides(task="rerank"))
+    assert (settings.task, settings.scorer) == ("rerank", "yes_no")
+    other = tmp_path / "no-answers"
+    shutil.copytree(qwen3_folder, other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"] = {k: v for k, v in tokenizer["model"]["vocab"].items()
+                                   if k not in ("yes", "no")}  # fmt: skip
+    tokenizer["model"]["merges"] = []
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ModelFolderError, match="no token 'yes', 'no'"):
+        resolve(other, Overrides(task="rerank"))

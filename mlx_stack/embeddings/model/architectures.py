@@ -50,10 +50,14 @@ _ARCHITECTURES = (
 )
 
 SUPPORTED_ARCHITECTURES: frozenset[str] = frozenset(a.model_type for a in _ARCHITECTURES)
-RERANK_ARCHITECTURES = ("bert", "xlm_roberta")
-"""Cross-encoders the rerank mode runs: a BERT-family encoder, then dense + tanh on the first
-token and one relevance logit (``BertForSequenceClassification``,
-``XLMRobertaForSequenceClassification``; ``model/crossencoder.py``)."""
+CROSS_ENCODER_ARCHITECTURES = ("bert", "xlm_roberta", "modernbert")
+"""Cross-encoders the rerank mode runs (``*ForSequenceClassification``, one label): an encoder,
+then a head to one relevance logit: BERT/XLM-R dense + tanh on the first token, ModernBERT
+pooling + dense + activation + norm + classifier (``model/crossencoder.py``)."""
+YES_NO_ARCHITECTURES = ("qwen3",)
+"""Causal LMs that rerank by answering "yes" or "no" under a prompt (Qwen3-Reranker,
+``*ForCausalLM`` served with ``--task rerank``; ``model/yesno.py``)."""
+RERANK_ARCHITECTURES = CROSS_ENCODER_ARCHITECTURES + YES_NO_ARCHITECTURES
 """Text-embedding ``model_type`` values (config.json), after ``-`` -> ``_``."""
 
 HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd")

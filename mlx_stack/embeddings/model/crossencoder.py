@@ -1,11 +1,9 @@
 """A cross-encoder (reranker): a (query, document) pair in, one relevance logit out.
 
-Hugging Face's ``BertForSequenceClassification`` and ``XLMRobertaForSequenceClassification``
-with one label are a BERT-family encoder (mlx-embeddings' ``bert`` / ``xlm_roberta`` model
-files, as the embeddings use) and a small head on the first token: dense, tanh, then a linear
-layer to the logit. BERT keeps that dense layer as its pooler (``bert.pooler.dense``) and the
-last as ``classifier``; RoBERTa keeps both in ``classifier`` (``dense``, ``out_proj``). The
-head is four arrays, applied here; the encoder gets the pair's token types (BERT's segments).
+Hugging Face's ``*ForSequenceClassification`` with one label is an encoder (mlx-embeddings'
+model file, as the embeddings use) and a small head, applied here from its checkpoint arrays
+because mlx-embeddings' own heads differ from transformers' (see :mod:`.heads`). BERT and
+XLM-RoBERTa get the pair's token types (BERT's segments); ModernBERT has none.
 
 Not thread-safe: the server calls one instance from a single worker thread, as the encoder.
 """
@@ -16,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -26,17 +24,26 @@ from .tokenizer import PairIds, PairTokenizer
 
 WARM_UP_PAIR = ("mlx-stack warm-up", "a document")
 
-#: Checkpoint prefix of the encoder, and names of the head's (dense, output) layers.
+
+class _Layout(NamedTuple):
+    """Where a family keeps its encoder in the checkpoint, and which encoder class runs it."""
+
+    prefix: str
+    encoder_class: str
+    token_types: bool
+
+
 _LAYOUTS = {
-    "bert": ("bert.", "bert.pooler.dense", "classifier"),
-    "xlm_roberta": ("roberta.", "classifier.dense", "classifier.out_proj"),
+    "bert": _Layout("bert.", "Model", True),
+    "xlm_roberta": _Layout("roberta.", "Model", True),
+    "modernbert": _Layout("model.", "ModernBertModel", False),
 }
 
 
 class CrossEncoder:
     """A loaded cross-encoder and its pair tokenizer."""
 
-    def __init__(self, settings: ModelSettings, encoder: Any, head: tuple[Any, ...],
+    def __init__(self, settings: ModelSettings, encoder: Any, head: Any,
                  tokenizer: PairTokenizer) -> None:  # fmt: skip
         self.settings = settings
         self.tokenizer = tokenizer
@@ -53,32 +60,31 @@ class CrossEncoder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import mlx.core as mx
 
-        from .network import _quantize_if_needed, _read_weights, import_model_file
+        from .heads import take_head
+        from .network import (
+            _quantize_if_needed,
+            _read_weights,
+            import_model_file,
+            match_activations,
+        )
 
         path = settings.path
         model_type = settings.architecture.model_type
-        prefix, dense, output = _LAYOUTS[model_type]
+        layout = _LAYOUTS[model_type]
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         config["add_pooling_layer"] = model_type == "bert"  # RoBERTa's head has its own dense
         model_file = import_model_file(f"mlx_embeddings.models.{model_type}")
-        encoder = model_file.Model(model_file.ModelArgs.from_dict(config))
+        args = model_file.ModelArgs.from_dict(config)
+        encoder = getattr(model_file, layout.encoder_class)(args)
+        match_activations(encoder, config)
         weights = _read_weights(path)
-        head = tuple(weights.pop(f"{layer}.{part}", None) for layer in (dense, output)
-                     for part in ("weight", "bias"))  # fmt: skip
-        missing = [f"{layer}.{part}" for (layer, part), w in zip(
-            [(dense, "weight"), (dense, "bias"), (output, "weight"), (output, "bias")], head,
-            strict=True) if w is None]  # fmt: skip
-        if missing:
-            raise ValueError(f"{path}: no classifier weights {', '.join(missing)} in the "
-                             "checkpoint: not a cross-encoder of this architecture")
-        if model_type == "bert":  # the pooler is also part of the encoder module
-            weights[f"{dense}.weight"], weights[f"{dense}.bias"] = head[0], head[1]
-        weights = {k.removeprefix(prefix): v for k, v in weights.items()}
+        head = take_head(model_type, config, weights, str(path))
+        weights = {k.removeprefix(layout.prefix): v for k, v in weights.items()}
         if hasattr(encoder, "sanitize"):
             weights = encoder.sanitize(weights)
         _quantize_if_needed(encoder, config, weights)
         encoder.load_weights(list(weights.items()))
-        mx.eval(encoder.parameters(), *head)
+        mx.eval(encoder.parameters(), *head.arrays())
         encoder.eval()
         instance = cls(settings, encoder, head, PairTokenizer(path, settings.max_seq_len))
         if fast_kernels:
@@ -105,12 +111,13 @@ class CrossEncoder:
             ids[row, : len(pair)] = pair
             types[row, : len(pair)] = pair.type_ids
             mask[row, : len(pair)] = 1
-        out = self.module(mx.array(ids), token_type_ids=mx.array(types),
-                          attention_mask=mx.array(mask).astype(mx.float32))  # fmt: skip
-        first = out.last_hidden_state[:, 0].astype(mx.float32)
-        dense_w, dense_b, out_w, out_b = self._head
-        hidden = mx.tanh(first @ dense_w.astype(mx.float32).T + dense_b.astype(mx.float32))
-        logits = hidden @ out_w.astype(mx.float32).T + out_b.astype(mx.float32)
+        mask_f = mx.array(mask).astype(mx.float32)
+        if _LAYOUTS[self.settings.architecture.model_type].token_types:
+            out = self.module(mx.array(ids), token_type_ids=mx.array(types),
+                              attention_mask=mask_f).last_hidden_state  # fmt: skip
+        else:
+            out = self.module(mx.array(ids), attention_mask=mask_f)["last_hidden_state"]
+        logits = self._head(out.astype(mx.float32), mask_f)
         mx.eval(logits)
         return np.array(logits, dtype=np.float32)
 

@@ -16,10 +16,11 @@ from typing import Any, Literal
 from mlx_stack.errors import MlxStackError
 
 from .architectures import (
+    CROSS_ENCODER_ARCHITECTURES,
     HIDDEN_SIZE_KEYS,
     POOLINGS,
     POSITIONS_KEYS,
-    RERANK_ARCHITECTURES,
+    YES_NO_ARCHITECTURES,
     Architecture,
     Pooling,
     UnsupportedArchitectureError,
@@ -41,6 +42,10 @@ _DENSE_MODULE = "sentence_transformers.models.Dense"
 
 Task = Literal["embed", "rerank"]
 TASKS: tuple[Task, ...] = ("embed", "rerank")
+Scorer = Literal["cross_encoder", "yes_no"]
+"""How a reranker scores a pair: a classifier head's logit, or an LLM's "yes" against "no"."""
+YES_NO_TOKENS = ("yes", "no", "<|im_start|>", "<|im_end|>")
+"""Tokens a yes/no reranker's vocabulary must have: the answers and its chat template's."""
 
 
 class ModelFolderError(MlxStackError):
@@ -78,6 +83,8 @@ class ModelSettings:
     task: Task = "embed"
     """``rerank``: a cross-encoder scoring (query, document) pairs; pooling and the options
     after it do not apply."""
+    scorer: Scorer = "cross_encoder"
+    """For ``rerank``: read from config.json's ``architectures`` (see :func:`_check_reranker`)."""
 
 
 def resolve(path: Path, overrides: Overrides | None = None) -> ModelSettings:
@@ -99,8 +106,9 @@ def resolve(path: Path, overrides: Overrides | None = None) -> ModelSettings:
             )
     config = _read_json(path / "config.json", default={})
     task = over.task or _task(config)
+    scorer: Scorer = "cross_encoder"
     if task == "rerank":
-        _check_reranker(path, config, architecture)
+        scorer = _check_reranker(path, config, architecture)
         modules: Any = []  # a cross-encoder's folder may carry a bi-encoder's files too
     else:
         modules = _read_json(path / "modules.json", default=[])
@@ -127,6 +135,7 @@ def resolve(path: Path, overrides: Overrides | None = None) -> ModelSettings:
         query_prefix=_prefix(over.query_prefix, prompts.get("query")),
         document_prefix=_prefix(over.document_prefix, prompts.get("document")),
         task=task,
+        scorer=scorer,
     )
 
 
@@ -140,11 +149,24 @@ def _task(config: Any) -> Task:
     return "embed"
 
 
-def _check_reranker(path: Path, config: Any, architecture: Architecture) -> None:
-    if architecture.model_type not in RERANK_ARCHITECTURES:
+def _check_reranker(path: Path, config: Any, architecture: Architecture) -> Scorer:
+    """The head named in config.json decides how pairs are scored: ``*ForSequenceClassification``
+    is a cross-encoder (one label); ``*ForCausalLM`` can only score by its next token, so it is
+    a yes/no reranker (Qwen3-Reranker), whose vocabulary must hold the answers and template."""
+    names = config.get("architectures") if isinstance(config, dict) else None
+    names = [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+    if any(n.endswith("ForCausalLM") for n in names):
+        if architecture.model_type not in YES_NO_ARCHITECTURES:
+            raise ModelFolderError(
+                f"{path}: {architecture.model_type} causal LMs are not supported as yes/no "
+                f"rerankers (supported: {', '.join(YES_NO_ARCHITECTURES)}); pick another model")
+        _check_yes_no_tokens(path)
+        return "yes_no"
+    if architecture.model_type not in CROSS_ENCODER_ARCHITECTURES:
         raise ModelFolderError(
             f"{path}: {architecture.model_type} cross-encoders are not supported by the rerank "
-            f"server (supported: {', '.join(RERANK_ARCHITECTURES)}); pick another model"
+            f"server (supported: {', '.join(CROSS_ENCODER_ARCHITECTURES)}; yes/no rerankers: "
+            f"{', '.join(YES_NO_ARCHITECTURES)} *ForCausalLM); pick another model"
         )
     labels = config.get("id2label") if isinstance(config, dict) else None
     count = len(labels) if isinstance(labels, dict) else config.get("num_labels", 1)
@@ -152,6 +174,23 @@ def _check_reranker(path: Path, config: Any, architecture: Architecture) -> None
         raise ModelFolderError(
             f"{path}/config.json: the classifier has {count} labels; a reranker gives one "
             "relevance score per pair (num_labels 1): this is not a reranker"
+        )
+    return "cross_encoder"
+
+
+def _check_yes_no_tokens(path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as exc:  # the library raises bare Exception subclasses for bad files
+        raise ModelFolderError(f"{path}/tokenizer.json is unreadable: {exc}") from None
+    missing = [t for t in YES_NO_TOKENS if tokenizer.token_to_id(t) is None]
+    if missing:
+        raise ModelFolderError(
+            f"{path}/tokenizer.json has no token {', '.join(map(repr, missing))}: a yes/no "
+            "reranker answers with single 'yes'/'no' tokens under a <|im_start|> chat template "
+            "(Qwen3-Reranker's); this folder is not one"
         )
 
 

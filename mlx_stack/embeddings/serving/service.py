@@ -80,6 +80,10 @@ Loader = Callable[[ModelSettings], Embedder]
 
 def default_loader(fast_kernels: bool = True) -> Loader:
     def load(settings: ModelSettings) -> Embedder:
+        if settings.task == "rerank" and settings.scorer == "yes_no":
+            from ..model.yesno import YesNoReranker
+
+            return YesNoReranker.load(settings)
         if settings.task == "rerank":
             from ..model.crossencoder import CrossEncoder
 
