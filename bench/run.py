@@ -147,6 +147,14 @@ def main() -> int:
         help="also run mlx-stack with this BLAS library (MLX_STACK_BLAS), e.g. "
         "openblas=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 (repeatable)",
     )
+    parser.add_argument(
+        "--also-env",
+        action="append",
+        default=[],
+        metavar="LABEL:VAR=VALUE[,VAR=VALUE]",
+        help="also run mlx-stack with these environment variables, e.g. "
+        "spin200:KMP_BLOCKTIME=200 (repeatable)",
+    )
     parser.add_argument("--log-dir", type=Path, default=BENCH / ".logs")
     parser.add_argument("--rate", type=float, default=50.0, help="open-loop queries per second")
     parser.add_argument("--duration", type=float, default=25.0, help="open-loop seconds")
@@ -182,6 +190,7 @@ def main() -> int:
     notes: list[str] = []
     servers = [mlx_stack_server(model, args.log_dir)]
     servers += [mlx_stack_server(model, args.log_dir, blas) for blas in extra_blas]
+    servers += [mlx_stack_env_server(model, args.log_dir, spec) for spec in args.also_env]
     stack = Path(tempfile.mkdtemp(prefix="mlx-stack-bench-")) if args.proxy else None
     try:
         return measure_all(args, servers, stack, model, texts, workloads, notes, started_at,
@@ -375,6 +384,19 @@ def mlx_stack_server(model: Path, logs: Path, blas: tuple[str, str] | None = Non
     return Server(name, argv, port, env, logs / f"{name.replace(' ', '_')}.log")
 
 
+def mlx_stack_env_server(model: Path, logs: Path, spec: str) -> Server:
+    """This project's server with extra environment variables (``LABEL:VAR=VALUE,...``)."""
+    label, sep, assignments = spec.partition(":")
+    pairs = [a.partition("=") for a in assignments.split(",") if a]
+    if not sep or not label or not pairs or any(not p[1] or not p[0] for p in pairs):
+        raise SystemExit(f"--also-env wants LABEL:VAR=VALUE[,VAR=VALUE], got {spec!r}")
+    server = mlx_stack_server(model, logs)
+    server.name = f"mlx-stack [{label}]"
+    server.log = logs / f"mlx-stack_{label}.log"
+    server.env.update({name: value for name, _, value in pairs})
+    return server
+
+
 def st_server(model: Path, logs: Path) -> Server:
     port = free_port()
     argv = [sys.executable, str(BENCH / "st_server.py"), "--model-path", str(model)]
@@ -457,8 +479,12 @@ def served_name(port: int, headers: dict[str, str]) -> str:
 
 def stop_stack(home: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLX_STACK_HOME": str(home)}
-    subprocess.run([sys.executable, "-m", "mlx_stack.cli", "down"], env=env,
-                   capture_output=True, timeout=120)
+    down = subprocess.run([sys.executable, "-m", "mlx_stack.cli", "down"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    if down.returncode != 0:  # keep the home: its state is how the stack can still be stopped
+        print(f"`mlx-stack down` failed; stop it with MLX_STACK_HOME={home} mlx-stack down:\n"
+              + down.stdout + down.stderr, file=sys.stderr)
+        return
     shutil.rmtree(home, ignore_errors=True)
 
 
