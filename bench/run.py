@@ -714,8 +714,15 @@ def drive_open_loop(server: Server, workload: Workload, rate: float) -> Measurem
         ready.wait()
         while (job := jobs.get()) is not None:
             scheduled, body = job
-            connection.request("POST", "/v1/embeddings", body, headers=headers)
-            response = connection.getresponse()
+            try:
+                connection.request("POST", "/v1/embeddings", body, headers=headers)
+                response = connection.getresponse()
+            except (ConnectionError, http.client.HTTPException):
+                # the server closed an idle keep-alive connection: a client reconnects
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+                connection.request("POST", "/v1/embeddings", body, headers=headers)
+                response = connection.getresponse()
             payload = response.read()
             done = time.perf_counter()
             with lock:
