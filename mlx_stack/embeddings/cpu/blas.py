@@ -31,7 +31,7 @@ SPIN_ENV = {"KMP_BLOCKTIME": "1"}
 sleep. 1 ms still spans the gaps between one forward pass's products, so a pass keeps its
 speed; but between requests two spinning threads took both cores of a 2-core machine from
 whatever came next (the proxy forwarding the answer, the client, the event loop): through the
-proxy, a short query's extra time fell from ~14 ms to ~1 ms and the server's CPU per query by a
+proxy, a short query's extra time fell from ~14 ms to 1-4 ms and the server's CPU per query by a
 third (measured on an AMD EPYC, 2 cores, load ~5). A user's own setting wins."""
 
 REFERENCE = "reference (slow)"
