@@ -1,7 +1,7 @@
 """Run the LiteLLM proxy, with one compatibility shim: JSON bodies sent as form data.
 
-(And the stack's middlewares in front of LiteLLM: ``webguard.py``, ``bodycheck.py``, then
-``gate.py``.)
+(And the stack's middlewares in front of LiteLLM: ``webguard.py``, ``bodycheck.py``, ``gate.py``,
+then ``fastlane.py``, which answers embedding requests without LiteLLM.)
 
 ``curl -d '{"model": ...}'`` without ``-H 'Content-Type: application/json'`` sends a JSON body
 labelled ``application/x-www-form-urlencoded``; LiteLLM then parses it as a form and answers
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from mlx_stack.litellm.gate import read_body, replay
@@ -56,17 +58,30 @@ def _is_json(body: bytes) -> bool:
         return False
 
 
+def _config_path(argv: list[str]) -> Path | None:
+    """The ``--config FILE`` of LiteLLM's command line, if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1])
+    return None
+
+
 def main() -> None:
     from litellm.proxy import proxy_server
     from litellm.proxy.proxy_cli import run_server
 
     from mlx_stack.config.proxykey import ENV_VAR
-    from mlx_stack.litellm import bodycheck, gate, webguard
+    from mlx_stack.litellm import bodycheck, fastlane, gate, webguard
 
     # The CLI serves "litellm.proxy.proxy_server:app" by import path; with one worker that is
     # this very module object, so the middleware added here is the one that serves. The last
     # one added runs first: the web guard (Host, Origin, CORS), the body check, the gate,
-    # then the content-type shim, then LiteLLM.
+    # then the content-type shim, the embeddings fast lane, then LiteLLM.
+    lane = fastlane.options_from_env(_config_path(sys.argv[1:]), os.environ)
+    if lane is not None:
+        proxy_server.app.add_middleware(fastlane.FastLane, **lane)
     proxy_server.app.add_middleware(JsonBodyShim)
     options = gate.options_from_env()
     if options is not None:
