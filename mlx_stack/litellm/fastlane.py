@@ -32,7 +32,7 @@ Message = dict[str, Any]
 PATHS = frozenset({"/v1/embeddings", "/embeddings"})
 OFF_LOOP_BYTES = 256 * 1024
 """Bodies from this size are parsed in a worker thread, so the proxy keeps answering."""
-_PASSED_HEADERS = ("content-type", "retry-after")
+_PASSED_HEADERS = ("content-type", "retry-after", "x-mlx-stack-truncated-inputs")
 _SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"))
 """What LiteLLM's own security middleware adds to every answer."""
 

@@ -161,8 +161,12 @@ def number(pattern: str, text: str) -> float:
     return float(m[1])
 
 
+RERANK_SNIPPETS = ("cohere_rerank.py", "litellm_rerank.py")
+"""Run against a stack with a rerank tier, in tests/e2e/test_rerank_stack.py."""
+
+
 def test_every_client_example_is_run():
-    assert sorted(SNIPPETS) == sorted(p.name for p in CLIENTS.glob("*.py"))
+    assert sorted(SNIPPETS + RERANK_SNIPPETS) == sorted(p.name for p in CLIENTS.glob("*.py"))
 
 
 def test_the_guard_cuts_the_internet_and_langchain_defaults_need_it(runs):
@@ -304,4 +308,4 @@ def test_truncation_header_through_the_proxy(live_stack):
         timeout=60,
     )
     assert r.status_code == 200
-    assert r.headers["llm_provider-x-mlx-stack-truncated-inputs"] == "1"
+    assert r.headers["x-mlx-stack-truncated-inputs"] == "1"  # the fast lane passes it on

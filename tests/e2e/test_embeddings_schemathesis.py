@@ -95,16 +95,11 @@ def test_schemathesis_through_the_proxy_finds_nothing(tmp_path: Path) -> None:
         document["paths"] = {"/v1/embeddings": document["paths"]["/v1/embeddings"]}
         location = tmp_path / "proxy-openapi.json"
         location.write_text(json.dumps(document))
-        log = env.home / "logs" / "proxy.log"
-        log_before = log.stat().st_size
         command = schemathesis(str(location), "--url", env.url("proxy"),
                                "-H", f"Authorization: Bearer {env.key()}",
                                examples=PROXY_EXAMPLES)  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path,
                                 env=child_env(), timeout=RUN_DEADLINE)  # fmt: skip
-        with log.open("rb") as f:
-            f.seek(log_before)
-            answered = f.read().decode(errors="replace")
         metrics = httpx.get(env.url("embeddings") + "/metrics", timeout=30,
                             headers=env.backend_headers()).text
     finally:
@@ -116,7 +111,7 @@ def test_schemathesis_through_the_proxy_finds_nothing(tmp_path: Path) -> None:
     generated = re.search(r"(\d+) generated, (\d+) passed", result.stdout)
     assert generated, report
     assert int(generated[1]) == int(generated[2]) >= 400, report
-    statuses = re.findall(r'"POST /v1/embeddings HTTP/1.1" (\d{3})', answered)
-    assert len(statuses) >= 400 and not [s for s in statuses if s.startswith("5")]
-    assert statuses.count("400") > 50 and statuses.count("200") > 100  # both kinds were sent
+    # schemathesis's own checks saw no 5xx at :4000; behind it, the server saw valid requests
+    # (the body check answered most invalid ones) and no failure of its own either
     assert metric_value(metrics, 'mlx_embeddings_requests_total{code="200"}') > 100
+    assert 'code="500"' not in metrics and 'type="internal"' not in metrics

@@ -141,28 +141,6 @@ def test_bad_input_gets_the_servers_4xx_through_the_proxy(rerank_stack, bad):
     assert via.json()["error"]["message"] == direct.json()["error"]["message"]
 
 
-def test_restart_rerank_and_its_log(rerank_stack):
-    before = {s["name"]: s for s in rerank_stack.status()["services"]}["rerank"]["pid"]
-    rerank_stack.cli("restart", "rerank", check=True, timeout=300)
-    after = {s["name"]: s for s in rerank_stack.status()["services"]}["rerank"]
-    assert after["state"] == "ready" and after["pid"] != before
-    via = rerank_via_proxy(rerank_stack)
-    assert via.status_code == 200, via.text
-    assert ranking(via.json()) == ranking(rerank_direct(rerank_stack).json())
-    logs = rerank_stack.cli("logs", "rerank", "-n", "200", check=True).stdout
-    assert logs.strip()
-
-
-def test_down_leaves_nothing(rerank_stack):
-    pids = [s["pid"] for s in rerank_stack.status()["services"] if s.get("pid")]
-    assert pids
-    rerank_stack.cli("down", check=True, timeout=120)
-    for pid in pids:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    for name in ("embeddings", "rerank", "proxy"):
-        assert ports.is_free(rerank_stack.ports[name]), name
-
-
 def test_two_pass_retrieval_in_the_rag_example(rerank_stack, tmp_path, monkeypatch, capsys):
     """examples/rag/rag.py: an index of float, int8 and bit vectors from the server; `eval`
     measures recall@1/@5 of each search on the shipped questions (the tiny reranker is random,
@@ -237,3 +215,25 @@ def test_the_documented_rerank_clients_work_offline(rerank_stack, tmp_path, snip
     expected = [f"document {r['index']}: relevance {r['relevance_score']:.3f}"
                 for r in direct["results"]]  # fmt: skip
     assert run.stdout.splitlines() == expected
+
+
+def test_restart_rerank_and_its_log(rerank_stack):
+    before = {s["name"]: s for s in rerank_stack.status()["services"]}["rerank"]["pid"]
+    rerank_stack.cli("restart", "rerank", check=True, timeout=300)
+    after = {s["name"]: s for s in rerank_stack.status()["services"]}["rerank"]
+    assert after["state"] == "ready" and after["pid"] != before
+    via = rerank_via_proxy(rerank_stack)
+    assert via.status_code == 200, via.text
+    assert ranking(via.json()) == ranking(rerank_direct(rerank_stack).json())
+    logs = rerank_stack.cli("logs", "rerank", "-n", "200", check=True).stdout
+    assert logs.strip()
+
+
+def test_down_leaves_nothing(rerank_stack):
+    pids = [s["pid"] for s in rerank_stack.status()["services"] if s.get("pid")]
+    assert pids
+    rerank_stack.cli("down", check=True, timeout=120)
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    for name in ("embeddings", "rerank", "proxy"):
+        assert ports.is_free(rerank_stack.ports[name]), name
