@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from mlx_stack.backendkey import KEY_ENV
-from mlx_stack.litellm.gate import carries_key, read_body, replay
+from mlx_stack.litellm.gate import RETRY_AFTER_S, carries_key, read_body, replay
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -106,7 +106,9 @@ class FastLane:
                 passed = [(k.lower().encode(), v.encode()) for k, v in response.headers.items()
                           if k.lower() in _PASSED_HEADERS]
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            status, passed = 503, [(b"content-type", b"application/json")]
+            status = 503
+            passed = [(b"content-type", b"application/json"),
+                      (b"retry-after", str(RETRY_AFTER_S).encode())]
             payload = json.dumps({"error": {
                 "message": f"the embeddings server did not answer ({type(exc).__name__}); "
                            "retry in a few seconds (`mlx-stack status` shows its state)",

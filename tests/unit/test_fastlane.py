@@ -86,8 +86,9 @@ def test_takes_only_keyed_embedding_requests_for_its_models() -> None:
             ]:
                 assert (await _call(lane, path, raw, headers_))[0] == 299, (path, raw)
             await runner.cleanup()
-            status, _, payload = await _call(lane, "/v1/embeddings", body, [AUTH])
+            status, headers, payload = await _call(lane, "/v1/embeddings", body, [AUTH])
             assert status == 503 and "did not answer" in json.loads(payload)["error"]["message"]
+            assert headers[b"retry-after"] == b"2"  # as the gate's own 503 says
         finally:
             await runner.cleanup()
             if lane._session is not None:
