@@ -75,6 +75,16 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarr
     return ids, mask
 
 
+def open_tokenizer(model_path: Path) -> tuple[Tokenizer, int]:
+    """The folder's ``tokenizer.json`` with its own padding and truncation switched off (we pad
+    per batch and cut by our own rules), and its pad token's id (read before padding is off)."""
+    tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
+    pad_id = _pad_id(tokenizer, model_path)
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer, pad_id
+
+
 def _pad_id(tokenizer: Tokenizer, model_path: Path) -> int:
     """The pad token's id; its value hardly matters (masked out) but must be a valid row."""
     padding = tokenizer.padding
@@ -112,10 +122,7 @@ class PairTokenizer:
     """
 
     def __init__(self, model_path: Path, max_length: int) -> None:
-        self._tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
-        self.pad_id = _pad_id(self._tokenizer, model_path)
-        self._tokenizer.no_padding()
-        self._tokenizer.no_truncation()
+        self._tokenizer, self.pad_id = open_tokenizer(model_path)
         self._specials = int(self._tokenizer.num_special_tokens_to_add(True))
         if max_length <= self._specials + 1:
             raise ValueError(f"a maximum of {max_length} tokens leaves no room for a pair")

@@ -16,9 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
-from .tokenizer import PairIds, _pad_id
+from .tokenizer import PairIds, open_tokenizer
 
 SYSTEM = ('Judge whether the Document meets the requirements based on the Query and the '
           'Instruct provided. Note that the answer can only be "yes" or "no".')  # fmt: skip
@@ -34,10 +32,7 @@ class PromptTokenizer:
 
     def __init__(self, model_path: Path, max_length: int,
                  instruction: str = DEFAULT_INSTRUCTION) -> None:  # fmt: skip
-        self._tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
-        self.pad_id = _pad_id(self._tokenizer, model_path)
-        self._tokenizer.no_padding()
-        self._tokenizer.no_truncation()
+        self._tokenizer, self.pad_id = open_tokenizer(model_path)
         self.instruction = instruction
         self.answer_ids = tuple(self._id(token) for token in ANSWERS)
         self._prefix = self._encode(PREFIX)
