@@ -86,6 +86,17 @@ def test_a_paragraph_longer_than_a_chunk_is_cut_between_words(tmp_path):
     assert words.split() == ("lorem ipsum " * 200).split()
 
 
+@pytest.mark.parametrize("text", [None, "not json", "[]", '{"items": []}'])
+def test_eval_refuses_a_file_that_is_not_a_questions_file(tmp_path, capsys, text):
+    """Checked before the proxy is reached: one line naming the file, exit 1, no traceback."""
+    questions = tmp_path / "q.json"
+    if text is not None:
+        questions.write_text(text)
+    assert rag.main(["eval", str(questions), "--store", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {questions}: not a questions file") and "Traceback" not in err
+
+
 def test_pick_chat_model():
     models = [{"id": "local-embed", "mode": "embedding"}, {"id": "fast", "mode": "chat"}]
     assert rag.pick_chat_model(models) == "fast"
