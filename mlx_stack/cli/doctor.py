@@ -150,6 +150,41 @@ def check_models(stack: Stack) -> list[Check]:
     return out
 
 
+def check_remotes(paths: StatePaths, stack: Stack) -> list[Check]:
+    """Each remote stack: its key file, and one keyed call (reachable, authorised, latency,
+    the models it lists); identity verdicts are the running supervisor's (`status`)."""
+    from mlx_stack.config.plan import RemoteTarget
+    from mlx_stack.config.remotes import read_remote_key
+    from mlx_stack.supervisor.remotes import check_remote
+
+    out = []
+    for r in stack.remotes:
+        name = f"remote {r.name}"
+        try:
+            key = read_remote_key(paths.key_file(r.key_file), r.name)
+        except MlxStackError as exc:
+            out.append(Check(name, Level.FAIL, str(exc), "copy the remote's `mlx-stack key` "
+                             f"into {paths.key_file(r.key_file)} (chmod 600)"))
+            continue
+        res = check_remote(RemoteTarget(r, key))
+        if not res.reachable:
+            out.append(Check(name, Level.WARN, f"{r.url}: {res.problem}",
+                             "start that stack, or open its port in its firewall for this "
+                             "machine (docs/scale-out.md)"))
+        elif res.authorised is False or res.identities is None:
+            out.append(Check(name, Level.FAIL, f"{r.url}: {res.problem}",
+                             "put that machine's `mlx-stack key` in key_file"))
+        else:
+            wanted = [m.name for m in r.models]
+            absent = [n for n in wanted if n not in res.identities]
+            level = Level.WARN if absent else Level.OK
+            out.append(Check(name, level, f"{r.url}: authorised, {res.latency_ms:.0f} ms, "
+                             f"serves {', '.join(sorted(res.identities)) or 'nothing'}"
+                             + (f"; not {', '.join(absent)}" if absent else ""),
+                             f"fix remotes.{r.name}.models" if absent else ""))
+    return out
+
+
 def check_ports(stack: Stack, running: bool) -> list[Check]:
     if running:
         return [Check("ports", Level.OK, "the stack is running and holds its ports")]
@@ -187,6 +222,7 @@ def run_checks(paths: StatePaths, catalog: Catalog, running: bool,
     checks.append(check_key(paths, stack))
     if stack is not None:
         checks.append(check_exposure(stack))
+        checks += check_remotes(paths, stack)
         checks += check_models(stack)
         checks += check_ports(stack, running)
     checks += check_disk(paths)

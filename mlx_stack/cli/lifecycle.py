@@ -20,6 +20,7 @@ from mlx_stack.config.plan import Plan, ServiceSpec
 from mlx_stack.config.stackfile import Stack
 from mlx_stack.contract.commands import Action, Answer, Command, Mailbox, known_names_message
 from mlx_stack.contract.snapshot import (
+    RemoteStatus,
     ServiceSnapshot,
     SupervisorSnapshot,
     load_snapshot,
@@ -459,6 +460,12 @@ def supervisor_warnings(paths: StatePaths) -> list[str]:
     if problem:
         return [problem]
     return list(snap.warnings) if snap and supervisor_alive(snap) else []
+
+
+def remote_statuses(paths: StatePaths) -> tuple[RemoteStatus, ...]:
+    """The remote stacks as the running supervisor last probed them (none if it is down)."""
+    snap, _ = _snapshot_or_problem(paths)
+    return snap.remotes if snap and supervisor_alive(snap) else ()
 
 
 def stack_running(paths: StatePaths) -> bool:

@@ -379,12 +379,15 @@ def status(as_json: bool) -> None:
     problem = lifecycle.stack_problem(paths) or problem
     warnings += lifecycle.supervisor_warnings(paths)
     rows = lifecycle.status(paths, plan)
+    remotes = lifecycle.remote_statuses(paths)
     if as_json:
         body = {
             "stack_file": str(paths.stack_file),
             "problem": problem or None,
             "warnings": warnings,
             "services": [r.to_json() for r in rows],
+            "remotes": [{"name": r.name, "state": render.remote_state(r), **r.to_json()}
+                        for r in remotes],
         }
         _emit(body)
         return
@@ -394,6 +397,9 @@ def status(as_json: bool) -> None:
         click.secho(f"warning: {w}", fg="yellow", err=True)
     con = render.console()
     con.print(render.status_table(rows))
+    if remotes:
+        con.print()
+        con.print(render.remotes_table(remotes))
     for line in render.fatal_logs(rows):
         con.print(line, markup=False)
 

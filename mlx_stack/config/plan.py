@@ -21,6 +21,7 @@ from mlx_stack.backendkey import KEY_ENV as BACKEND_KEY_ENV
 from mlx_stack.config.catalog import CatalogEntry, load_catalog
 from mlx_stack.config.modelfolder import weights_size
 from mlx_stack.config.proxykey import ENV_VAR, read_key
+from mlx_stack.config.remotes import Remote, read_remote_key
 from mlx_stack.config.settings import WatchSettings
 from mlx_stack.config.sources import describe_missing, locate_first
 from mlx_stack.config.stackfile import (
@@ -40,8 +41,11 @@ from mlx_stack.litellm.config import (
     build_config,
     render_config,
     routes,
+    shared_names,
 )
 from mlx_stack.litellm.gate import ROUTES_ENV, STATE_ENV, routes_to_env
+from mlx_stack.litellm.identity import SOURCES_ENV, sources_to_env
+from mlx_stack.litellm.remotes import REMOTES_FILE_ENV
 from mlx_stack.litellm.webguard import ACCESS_ENV, WebAccess
 from mlx_stack.paths import StatePaths
 from mlx_stack.ports import connect_host
@@ -116,6 +120,14 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True)
+class RemoteTarget:
+    """A remote proxy to probe (``supervisor/remotes.py``), with its key (never shown)."""
+
+    remote: Remote
+    key: str = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class Plan:
     """Every service of a stack, in start order (model servers first, the proxy last).
 
@@ -126,6 +138,8 @@ class Plan:
     model_servers: tuple[ServiceSpec, ...]
     proxy: ServiceSpec
     missing: dict[str, str] = field(default_factory=dict)
+    #: Other machines' proxies whose models join this one (``config/remotes.py``).
+    remotes: tuple[RemoteTarget, ...] = ()
 
     @property
     def all(self) -> tuple[ServiceSpec, ...]:
@@ -297,9 +311,20 @@ def proxy_service(
         "--port", str(p.port),
         "--num_workers", "1",
     )  # fmt: skip
-    env = {**PROXY_ENV, ROUTES_ENV: routes_to_env(routes(stack)),
+    if p.tls_cert_file:  # LiteLLM's own options (uvicorn's ssl_certfile / ssl_keyfile)
+        argv += ("--ssl_certfile_path", str(paths.key_file(p.tls_cert_file)),
+                 "--ssl_keyfile_path", str(paths.key_file(p.tls_key_file)))
+    # A name shared with a remote is balanced by LiteLLM's router, not held by the gate (which
+    # sees only this machine's services).
+    shared = shared_names(stack)
+    gated = {n: r for n, r in routes(stack).items() if n not in shared}
+    env = {**PROXY_ENV, ROUTES_ENV: routes_to_env(gated),
            STATE_ENV: str(paths.state_file),
-           ACCESS_ENV: WebAccess.for_bind(p.host, p.cors_origins).to_env()}
+           ACCESS_ENV: WebAccess.for_bind(p.host, p.cors_origins).to_env(),
+           SOURCES_ENV: sources_to_env(identity_sources(stack))}
+    if stack.remotes:
+        env[REMOTES_FILE_ENV] = str(paths.run / "remotes.json")
+    remote_keys = {t.remote.key_env: t.key for t in remote_targets(stack, paths)}
     return ServiceSpec(
         name="proxy",
         kind=ServiceKind.PROXY,
@@ -307,12 +332,33 @@ def proxy_service(
         env=env,
         port=p.port,
         host=p.host,
-        probe=Probe(ProbeKind.PROXY, f"http://{connect_host(p.host)}:{p.port}"),
+        probe=Probe(ProbeKind.PROXY, f"{p.scheme}://{connect_host(p.host)}:{p.port}"),
         config_file=(cfg, render_config(build_config(stack, served_paths))),
-        secret_env={ENV_VAR: key},
+        secret_env={ENV_VAR: key, **remote_keys},
         session_env=_session(backend_key),
         unset_env=PROXY_UNSET_ENV,
     )
+
+
+def remote_targets(stack: Stack, paths: StatePaths) -> tuple[RemoteTarget, ...]:
+    """Each remote with its key, read from its 0600 file (a missing key file stops `up`)."""
+    return tuple(RemoteTarget(r, read_remote_key(paths.key_file(r.key_file), r.name))
+                 for r in stack.remotes)
+
+
+def identity_sources(stack: Stack) -> dict[str, dict[str, str]]:
+    """What the proxy's identity route (``litellm/identity.py``) lists: every local name,
+    and where the vector servers' model cards are."""
+    out = {t.name: {"mode": "chat", "model": t.model.name} for t in stack.tiers}
+    if stack.embeddings is not None:
+        e = stack.embeddings
+        out[EMBEDDINGS_MODEL_NAME] = {"mode": "embedding", "model": e.model.name,
+                                      "url": f"http://127.0.0.1:{e.port}"}
+    if stack.rerank is not None:
+        r = stack.rerank
+        out[RERANK_MODEL_NAME] = {"mode": "rerank", "model": r.model.name,
+                                  "url": f"http://127.0.0.1:{r.port}"}
+    return out
 
 
 def build_plan(
@@ -358,7 +404,7 @@ def build_plan(
         else:
             servers.append(rerank_service(r, path, backend_key))
     proxy = proxy_service(stack, paths, key, served_paths, backend_key)
-    return Plan(tuple(servers), proxy, missing)
+    return Plan(tuple(servers), proxy, missing, remote_targets(stack, paths))
 
 
 def load_stack_file(paths: StatePaths) -> Stack:

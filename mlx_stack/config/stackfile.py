@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mlx_stack.config.catalog import Catalog, ChatModel, EmbeddingModel, RerankModel
+from mlx_stack.config.remotes import Remote, read_remotes
 from mlx_stack.config.schema import Field, Problems, close_matches, fields_of, read_mapping
 from mlx_stack.config.settings import ProxySettings, WatchSettings
 from mlx_stack.config.yamlfile import YamlDoc, load_yaml, parse_yaml
@@ -52,6 +53,12 @@ PROXY_FIELDS = [
     *fields_of(ProxySettings, ["host", "port"]),
     Field("auth", (dict,), "how clients authenticate: a master key in key_file", {}),
     *fields_of(ProxySettings, ["timeout_s", "num_retries", "cors_origins"]),
+    Field("tls", (dict, type(None)), "serve HTTPS: {cert_file, key_file} (PEM; relative to the "
+          "state folder); see docs/security.md", None),
+]
+TLS_FIELDS = [
+    Field("cert_file", (str,), "the certificate (PEM), chain included"),
+    Field("key_file", (str,), "its private key (PEM, mode 0600)"),
 ]
 WATCHDOG_FIELDS = fields_of(WatchSettings)
 STACK_FIELDS = [
@@ -61,6 +68,8 @@ STACK_FIELDS = [
     Field("rerank", (dict, type(None)), "the optional rerank tier (a cross-encoder)", None),
     Field("proxy", (dict, type(None)), "the LiteLLM proxy in front of all tiers", {}),
     Field("watchdog", (dict, type(None)), "health probes, restarts and log rotation", {}),
+    Field("remotes", (dict, type(None)), "other machines' mlx-stack proxies whose models join "
+          "this proxy (docs/scale-out.md)", None),
 ]
 
 
@@ -100,6 +109,7 @@ class Stack:
     path: Path | None = None
     watchdog: WatchSettings = field(default_factory=WatchSettings)
     rerank: RerankTier | None = None
+    remotes: tuple[Remote, ...] = ()
 
     def tier(self, name: str) -> ChatTier:
         for t in self.tiers:
@@ -229,9 +239,16 @@ def _read_proxy(raw: dict, problems: Problems) -> ProxySettings:
     if not 0 <= d["num_retries"] <= 10:
         problems.add("proxy.num_retries", "must be between 0 and 10")
     origins = _read_origins(d["cors_origins"], problems)
+    tls = read_mapping(d["tls"], "proxy.tls", TLS_FIELDS, problems) if d["tls"] else None
+    for key in ("cert_file", "key_file") if tls else ():
+        problem = _key_file_problem(tls[key])  # type: ignore[index]
+        if problem:
+            problems.add(f"proxy.tls.{key}", problem)
     return ProxySettings(host=d["host"], port=d["port"], key_file=auth["key_file"],
                          timeout_s=float(d["timeout_s"]), num_retries=d["num_retries"],
-                         cors_origins=origins)
+                         cors_origins=origins,
+                         tls_cert_file=tls["cert_file"] if tls else "",
+                         tls_key_file=tls["key_file"] if tls else "")
 
 
 def _key_file_problem(name: str) -> str | None:
@@ -290,6 +307,10 @@ def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
     rerank = _read_rerank(top["rerank"], catalog, problems) if top["rerank"] else None
     proxy = _read_proxy(top["proxy"] or {}, problems)
     watchdog = _read_watchdog(top["watchdog"] or {}, problems)
+    local_kinds = {**{t.name: "chat" for t in tiers},
+                   **({EMBEDDINGS_MODEL_NAME: "embedding"} if emb else {}),
+                   **({RERANK_MODEL_NAME: "rerank"} if rerank else {})}
+    remotes = read_remotes(top["remotes"], problems, tuple(t.name for t in tiers), local_kinds)
     ports: dict[int, str] = {}
     for name, port, path in [
         *((t.name, t.port, f"tiers.{t.name}.port") for t in tiers),
@@ -302,7 +323,7 @@ def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
         ports.setdefault(port, name)
     if problems:
         raise ConfigError(doc.path, problems.items)
-    return Stack(tuple(tiers), emb, proxy, doc.path, watchdog, rerank)
+    return Stack(tuple(tiers), emb, proxy, doc.path, watchdog, rerank, remotes)
 
 
 def load_stack(path: Path, catalog: Catalog, system: str) -> Stack:

@@ -19,6 +19,7 @@ import yaml
 
 from mlx_stack.backendkey import LITELLM_API_KEY
 from mlx_stack.config.proxykey import ENV_VAR
+from mlx_stack.config.remotes import Remote, RemoteModel
 from mlx_stack.config.stackfile import EMBEDDINGS_MODEL_NAME, RERANK_MODEL_NAME, Stack
 from mlx_stack.litellm.gate import Route
 
@@ -130,6 +131,7 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
     rerank = rerank_deployment(stack)
     if rerank is not None:
         model_list.append(rerank)
+    model_list += [remote_deployment(r, m, p.timeout_s) for r in stack.remotes for m in r.models]
     fallbacks = [{n: list(r.fallbacks)} for n, r in routes(stack).items() if r.fallbacks]
     router: dict[str, Any] = {
         "num_retries": p.num_retries,
@@ -138,6 +140,16 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
     }
     if fallbacks:
         router["fallbacks"] = fallbacks
+    general: dict[str, Any] = {"master_key": f"os.environ/{ENV_VAR}"}
+    shared = shared_names(stack)
+    if shared:
+        _share(model_list, shared)
+        general.update({
+            "background_health_checks": True,
+            "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+            "enable_health_check_routing": True,
+            "background_health_check_model_groups": sorted(shared),
+        })
     return {
         "model_list": model_list,
         "router_settings": router,
@@ -146,7 +158,51 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
             "telemetry": False,
             "request_timeout": p.timeout_s,
         },
-        "general_settings": {"master_key": f"os.environ/{ENV_VAR}"},
+        "general_settings": general,
+    }
+
+
+#: LiteLLM's background health check of every deployment of a name served by several hosts:
+#: a dead host is marked unhealthy and routed around before clients hit it (health-check
+#: routing); one failed request also cools it down (``COOLDOWN_S``), and it comes back after.
+HEALTH_CHECK_INTERVAL_S = 10
+COOLDOWN_S = 5
+
+
+def shared_names(stack: Stack) -> frozenset[str]:
+    """Proxy names with a remote deployment: LiteLLM's router balances them, not the gate."""
+    return frozenset(m.joined for r in stack.remotes for m in r.models)
+
+
+def _share(model_list: list[dict[str, Any]], shared: frozenset[str]) -> None:
+    """Deployments of a shared name cool down on their first failure (the retry then goes to
+    another deployment), for ``COOLDOWN_S``."""
+    for d in model_list:
+        if d["model_name"] in shared:
+            d["model_info"].update({"allowed_fails": 0, "cooldown_time": COOLDOWN_S})
+
+
+def remote_deployment(remote: Remote, model: RemoteModel, timeout_s: float) -> dict[str, Any]:
+    """One model of a remote mlx-stack proxy, with its key from the proxy's environment.
+
+    ``mlx_stack_remote`` / ``mlx_stack_identity`` mark it for the launcher
+    (``litellm/remotes.py``), which leaves out vector models whose identity is not accepted."""
+    if model.mode == "rerank":
+        params: dict[str, Any] = {"model": f"cohere/{model.name}", "api_base": remote.url}
+    else:
+        params = {"model": f"openai/{model.name}", "api_base": f"{remote.url}/v1"}
+    params.update({"api_key": f"os.environ/{remote.key_env}",
+                   "timeout": min(timeout_s, 120.0) if model.mode != "chat" else timeout_s})
+    if model.mode == "chat":
+        params["stream_timeout"] = timeout_s
+    if model.mode == "embedding":
+        params["allowed_openai_params"] = ["dimensions"]
+    return {
+        "model_name": model.joined,
+        "litellm_params": params,
+        "model_info": {"mode": model.mode, "mlx_stack_remote": remote.name,
+                       "mlx_stack_model": model.name,
+                       "mlx_stack_identity": model.needs_identity},
     }
 
 

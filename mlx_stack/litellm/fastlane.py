@@ -42,16 +42,20 @@ def upstreams_from_config(path: Path) -> dict[str, tuple[str, float]]:
     generated LiteLLM config (``config.py`` writes ``model_info.mode: embedding``)."""
     config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     out: dict[str, tuple[str, float]] = {}
+    elsewhere: set[str] = set()
     for entry in config.get("model_list") or []:
         params = entry.get("litellm_params") or {}
         base = str(params.get("api_base", ""))
+        if not base.startswith("http://127.0.0.1:"):
+            # A name also served by another host (a remote stack) is LiteLLM's router's to
+            # balance and fail over: the lane steps aside for it.
+            elsewhere.add(str(entry.get("model_name")))
+            continue
         if (entry.get("model_info") or {}).get("mode") != "embedding":
             continue
-        if not base.startswith("http://127.0.0.1:"):
-            continue  # only the stack's own loopback server
         out[str(entry["model_name"])] = (base.rstrip("/") + "/embeddings",
                                          float(params.get("timeout", 120)))
-    return out
+    return {name: target for name, target in out.items() if name not in elsewhere}
 
 
 class FastLane:

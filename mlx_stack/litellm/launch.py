@@ -68,12 +68,30 @@ def _config_path(argv: list[str]) -> Path | None:
     return None
 
 
+def _use_effective_config(argv: list[str], remotes_file: str | None) -> None:
+    """With remotes, LiteLLM loads the config without the vector models not accepted
+    (``remotes.py``): ``--config`` in ``argv`` is pointed at that file."""
+    from mlx_stack.litellm import remotes
+
+    config = _config_path(argv[1:])
+    if not remotes_file or config is None or not config.is_file():
+        return
+    effective = str(remotes.effective_config(config, Path(remotes_file)))
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            argv[i + 1] = effective
+        elif arg.startswith("--config="):
+            argv[i] = f"--config={effective}"
+
+
 def main() -> None:
     from litellm.proxy import proxy_server
     from litellm.proxy.proxy_cli import run_server
 
     from mlx_stack.config.proxykey import ENV_VAR
-    from mlx_stack.litellm import bodycheck, fastlane, gate, webguard
+    from mlx_stack.litellm import bodycheck, fastlane, gate, identity, remotes, webguard
+
+    _use_effective_config(sys.argv, os.environ.get(remotes.REMOTES_FILE_ENV))
 
     # The CLI serves "litellm.proxy.proxy_server:app" by import path; with one worker that is
     # this very module object, so the middleware added here is the one that serves. The last
@@ -87,6 +105,9 @@ def main() -> None:
     if options is not None:
         proxy_server.app.add_middleware(gate.TierGate, **options)
     proxy_server.app.add_middleware(bodycheck.BodyCheck, key=os.environ.get(ENV_VAR, ""))
+    ident = identity.options_from_env()
+    if ident is not None:
+        proxy_server.app.add_middleware(identity.IdentityRoute, **ident)
     proxy_server.app.add_middleware(webguard.WebGuard, access=webguard.WebAccess.from_env())
     run_server(prog_name="litellm")
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 
 from mlx_stack.config.plan import Probe, ProbeKind
+from mlx_stack.loopback import is_loopback
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,17 @@ def new_client(url: str, timeout_s: float) -> httpx.Client:
     TLS settings only for an ``https`` URL: httpx's default context loads the CA bundle, ~40 ms
     of CPU per client, which at one liveness probe per service per second was most of an idle
     supervisor's CPU (12% of a core with two services, measured with py-spy)."""
-    return httpx.Client(timeout=timeout_s, trust_env=False, verify=url.startswith("https:"))
+    return httpx.Client(timeout=timeout_s, trust_env=False, verify=_verify(url))
+
+
+def _verify(url: str) -> bool:
+    """Check certificates for https, except on loopback: the stack's own proxy with
+    ``proxy.tls`` (a certificate for the machine's network name, maybe self-signed) probed on
+    127.0.0.1, where no one can sit between the supervisor and its child."""
+    if not url.startswith("https:"):
+        return False
+    host = (urlsplit(url).hostname or "").lower()
+    return not (host == "localhost" or is_loopback(host))
 
 
 def _run(probe: Probe, check: Callable[[httpx.Client], str], timeout_s: float,
