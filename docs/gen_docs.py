@@ -55,6 +55,13 @@ ENV_VARS = {
     "origins it serves (from proxy.host and proxy.cors_origins); not read from yours",
     "MLX_STACK_STATE_FILE": "set by mlx-stack in the proxy's environment: where the supervisor's "
     "snapshot is, for the same gate; not read from yours",
+    "MLX_STACK_IDENTITY_SOURCES": "set by mlx-stack in the proxy's environment: the local names "
+    "and vector servers its identity route (`GET /mlx-stack/v1/identity`) reports; not read "
+    "from yours",
+    "MLX_STACK_REMOTES_FILE": "set by mlx-stack in the proxy's environment: run/remotes.json, "
+    "the remote vector models the supervisor accepted; not read from yours",
+    "MLX_STACK_REMOTE_KEY_<N>": "set by mlx-stack in the proxy's environment: the key of the "
+    "Nth remote (from its key_file); not read from yours",
 }
 
 #: Rules the Field lists cannot express, by section. Constants come from the code.
@@ -83,6 +90,19 @@ STACK_NOTES: dict[str, Callable[[], str]] = {
     "proxy": lambda: (
         "`host` must be an IP address; `timeout_s` > 0; `num_retries` 0-10. Keep 127.0.0.1 "
         "unless other machines must reach the proxy, and then protect the key."
+    ),
+    "proxy.tls": lambda: (
+        "Both files are PEM; relative paths are under the state folder. LiteLLM serves HTTPS "
+        "with them (its `--ssl_certfile_path` / `--ssl_keyfile_path`); see docs/security.md."
+    ),
+    "remotes.<name>": lambda: (
+        "A remote name is lower case letters, digits, `-` and `_`. `url` is the remote proxy's "
+        "root (`http://` or `https://`, host, port). Each entry of `models` is a model name at "
+        "the remote, or `{name: NAME, as: LOCAL_NAME}` to join under another name. A chat model "
+        "joins the local tier of its name (balanced, failed over) or is a new name; "
+        "`local-embed` and `local-rerank` join the local ones only with an equal identity "
+        "(weights hash, pooling, normalisation, prefixes, dimensions), else they are refused "
+        "and `status` says what differs. See docs/scale-out.md."
     ),
     "proxy.auth": lambda: (
         "A relative `key_file` is under the state folder. `mlx-stack init` creates the key; "
