@@ -13,8 +13,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mlx_stack.config.catalog import Catalog, ChatModel, EmbeddingModel, RerankModel
-# REMOTE_FIELDS: imported so the reference (gen_docs.py) finds it with the other sections.
-from mlx_stack.config.remotes import REMOTE_FIELDS, Remote, read_remotes  # noqa: F401
+
+# REMOTE_FIELDS is re-exported: the reference (gen_docs.py) documents each section from here.
+from mlx_stack.config.remotes import REMOTE_FIELDS as REMOTE_FIELDS
+from mlx_stack.config.remotes import Remote, read_remotes
 from mlx_stack.config.schema import Field, Problems, close_matches, fields_of, read_mapping
 from mlx_stack.config.settings import ProxySettings, WatchSettings
 from mlx_stack.config.yamlfile import YamlDoc, load_yaml, parse_yaml
