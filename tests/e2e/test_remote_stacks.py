@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import threading
 import time
@@ -247,7 +248,8 @@ def test_bs_proxy_over_https_with_proxy_tls(pair):
     url = f"https://127.0.0.2:{b.ports['proxy']}"
     wait_for(lambda: next(s for s in b.status()["services"]
                           if s["name"] == "proxy")["state"] == "ready", 90, "B's proxy on TLS")
-    with httpx.Client(verify=str(cert), timeout=60, trust_env=False) as client:
+    trust = ssl.create_default_context(cafile=str(cert))
+    with httpx.Client(verify=trust, timeout=60, trust_env=False) as client:
         res = client.post(url + "/v1/embeddings", json={"model": "local-embed", "input": "x"},
                           headers={"Authorization": f"Bearer {b.key()}"})
         assert res.status_code == 200, res.text

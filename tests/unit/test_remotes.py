@@ -371,3 +371,51 @@ def test_remote_statuses_survive_the_snapshot_file():
     snap = SupervisorSnapshot(pid=1, create_time=1.0, argv=("x",), started_at=1.0, remotes=(r,))
     back = SupervisorSnapshot.from_json(json.loads(snapshot_text(snap)))
     assert back.remotes == (r,)
+
+
+# ----- the proxy's identity route, in process ------------------------------------------------
+
+
+def call_route(route, path: str, headers: list[tuple[bytes, bytes]], method: str = "GET"):
+    import asyncio
+
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(msg):
+        sent.append(msg)
+
+    asyncio.run(route({"type": "http", "method": method, "path": path, "headers": headers},
+                      receive, send))
+    status = sent[0]["status"] if sent else None
+    body = json.loads(sent[1]["body"]) if len(sent) > 1 else None
+    return status, body
+
+
+def test_the_identity_route_needs_the_key_and_lists_local_names():
+    from mlx_stack.litellm.identity import IdentityRoute
+
+    passed: list[str] = []
+
+    async def app(scope, receive, send):
+        passed.append(scope["path"])
+
+    sources = {"standard": {"mode": "chat", "model": "qwen3-8b"},
+               "local-embed": {"mode": "embedding", "model": "m",
+                               "url": "http://127.0.0.1:9"}}  # nothing listens on port 9
+    route = IdentityRoute(app, sources, key="sk-right-key-0123456789", backend_key="b")
+    assert call_route(route, "/mlx-stack/v1/identity", [])[0] == 401
+    wrong = [(b"authorization", b"Bearer sk-wrong")]
+    assert call_route(route, "/mlx-stack/v1/identity", wrong)[0] == 401
+    right = [(b"authorization", b"Bearer sk-right-key-0123456789")]
+    assert call_route(route, "/mlx-stack/v1/identity", right, "POST")[0] == 405
+    status, body = call_route(route, "/mlx-stack/v1/identity", right)
+    assert status == 200
+    assert body["models"]["standard"] == {"mode": "chat", "model": "qwen3-8b"}
+    embed = body["models"]["local-embed"]
+    assert embed["ready"] is False and "did not answer" in embed["problem"]
+    assert "content_sha256" not in embed  # unknown: never reported as a value
+    call_route(route, "/v1/models", right)
+    assert passed == ["/v1/models"]
