@@ -131,6 +131,9 @@ class RemoteProber:
         self.seen = {n: v for n, v in self.seen.items() if n in names}
         self.last = {n: v for n, v in self.last.items() if n in names}
         self.judgements = judge(tuple(t.remote for t in self.targets), self.local, self.seen)
+        # A model no longer named leaves at once (the loop writes the file before the proxy,
+        # restarted for its new config, reads it).
+        self.accepted = accepted_names(self.judgements) & self._needing_identity()
         self._next_at = now
         if not self._since:
             self._since = now

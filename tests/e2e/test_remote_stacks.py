@@ -4,8 +4,8 @@
 Nothing is mocked: both stacks are the real CLI, supervisor, embeddings server (MiniLM from
 PyPI) and LiteLLM proxy. The steps run in order on one pair of stacks (each stack start costs
 ~15 s of CPU): both served, B's server killed, B's whole stack down (a steady client on A loses
-no request), B back with another vector space (refused, with the reason), a wrong key
-(unauthorised), keys nowhere but their files, and B's proxy over HTTPS (proxy.tls).
+no request), B back (used again), B with another vector space (refused, with the reason), a
+wrong key (unauthorised), keys nowhere but their files, and B's proxy over HTTPS (proxy.tls).
 """
 
 from __future__ import annotations
@@ -171,6 +171,22 @@ def test_killing_bs_server_then_bs_whole_stack_loses_no_request_made_to_a(pair):
     assert r["models"][0]["verdict"] == "accepted" and "not reachable" in r["problem"]
 
 
+def test_b_back_with_the_same_model_serves_again(pair):
+    """After its cooldown and a passing health check, the host that died is used again."""
+    a, b = pair
+    b.cli("up", check=True, timeout=900)
+    wait_for(lambda: remote_of(a)["state"] == "reachable", 30, "A sees B again")
+
+    def b_serves() -> bool:
+        before = served(b)
+        with httpx.Client(timeout=60, trust_env=False) as client:
+            for i in range(20):
+                assert embed(a, client, f"back {i}").status_code == 200
+        return served(b) - before >= 5
+
+    wait_for(b_serves, 60, "A's requests reach B again")
+
+
 def test_b_back_with_another_vector_space_is_refused_with_the_reason(pair):
     a, b = pair
     (b.home / "catalog").mkdir(exist_ok=True)
@@ -178,7 +194,7 @@ def test_b_back_with_another_vector_space_is_refused_with_the_reason(pair):
     text = (b.home / "stack.yaml").read_text()
     (b.home / "stack.yaml").write_text(text.replace("model: all-minilm-l6-v2",
                                                     "model: minilm-prefixed"))
-    b.cli("up", check=True, timeout=900)
+    b.cli("up", check=True, timeout=900)  # a reload: B's embeddings server restarts
     model = wait_for(lambda: (m := remote_of(a)["models"][0])["verdict"] == "refused" and m,
                      60, "B's local-embed refused")
     assert "query_prefix: local '', remote 'b' 'query: '" in model["reason"]
