@@ -16,6 +16,8 @@ A result says whether the service *answered* (an HTTP response, maybe a bad one)
 
 from __future__ import annotations
 
+import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,14 +132,20 @@ def new_client(url: str, timeout_s: float) -> httpx.Client:
     return httpx.Client(timeout=timeout_s, trust_env=False, verify=_verify(url))
 
 
-def _verify(url: str) -> bool:
+def _verify(url: str) -> bool | ssl.SSLContext:
     """Check certificates for https, except on loopback: the stack's own proxy with
     ``proxy.tls`` (a certificate for the machine's network name, maybe self-signed) probed on
-    127.0.0.1, where no one can sit between the supervisor and its child."""
+    127.0.0.1, where no one can sit between the supervisor and its child. ``SSL_CERT_FILE``
+    (the CA bundle LiteLLM also honours) is trusted for a remote stack's certificate."""
     if not url.startswith("https:"):
         return False
     host = (urlsplit(url).hostname or "").lower()
-    return not (host == "localhost" or is_loopback(host))
+    if host == "localhost" or is_loopback(host):
+        return False
+    bundle = os.environ.get("SSL_CERT_FILE")
+    if bundle and os.path.isfile(bundle):
+        return ssl.create_default_context(cafile=bundle)
+    return True
 
 
 def _run(probe: Probe, check: Callable[[httpx.Client], str], timeout_s: float,

@@ -255,7 +255,7 @@ def make_cert(folder: Path) -> tuple[Path, Path]:
 
 
 def test_bs_proxy_over_https_with_proxy_tls(pair):
-    _, b = pair
+    a, b = pair
     cert, _ = make_cert(b.home)
     text = (b.home / "stack.yaml").read_text()
     (b.home / "stack.yaml").write_text(text.replace(
@@ -277,4 +277,23 @@ def test_bs_proxy_over_https_with_proxy_tls(pair):
                   trust_env=False).raise_for_status()
     with httpx.Client(timeout=10, trust_env=False) as client, pytest.raises(httpx.ConnectError):
         client.get(url + "/health/liveliness")  # a self-signed certificate is not trusted
+    # A uses B over HTTPS, trusting B's certificate through SSL_CERT_FILE (LiteLLM honours it);
+    # B's model is now another vector space, so it joins under a name of its own.
+    a.cli("down", check=True, timeout=120)
+    a.extra_env["SSL_CERT_FILE"] = str(cert)
+    text = (a.home / "stack.yaml").read_text().replace(
+        f"http://127.0.0.2:{b.ports['proxy']}", url).replace(
+        "models: [local-embed]", "models: [{name: local-embed, as: b-embed}]")
+    (a.home / "stack.yaml").write_text(text)
+    a.cli("up", check=True, timeout=900)
+    r = wait_for(lambda: (r := remote_of(a))["state"] == "reachable" and r, 30, "B over TLS")
+    assert r["url"] == url and r["models"][0]["verdict"] == "accepted"
+    before_b = served(b)
+    with httpx.Client(timeout=60, trust_env=False) as client:
+        res = client.post(a.url("proxy") + "/v1/embeddings", json={
+            "model": "b-embed", "input": "over TLS"},
+            headers={"Authorization": f"Bearer {a.key()}"})
+    assert res.status_code == 200, res.text
+    assert len(res.json()["data"][0]["embedding"]) == 384
+    assert served(b) - before_b >= 1
 
