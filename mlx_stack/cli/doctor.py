@@ -153,10 +153,12 @@ def check_models(stack: Stack) -> list[Check]:
 def check_remotes(paths: StatePaths, stack: Stack) -> list[Check]:
     """Each remote stack: its key file, and one keyed call (reachable, authorised, latency,
     the models it lists); identity verdicts are the running supervisor's (`status`)."""
+    from mlx_stack.cli.lifecycle import remote_statuses
     from mlx_stack.config.plan import RemoteTarget
     from mlx_stack.config.remotes import read_remote_key
     from mlx_stack.supervisor.remotes import check_remote
 
+    verdicts = {st.name: st.models for st in remote_statuses(paths)}  # the running supervisor's
     out = []
     for r in stack.remotes:
         name = f"remote {r.name}"
@@ -177,12 +179,27 @@ def check_remotes(paths: StatePaths, stack: Stack) -> list[Check]:
         else:
             wanted = [m.name for m in r.models]
             absent = [n for n in wanted if n not in res.identities]
-            level = Level.WARN if absent else Level.OK
-            out.append(Check(name, level, f"{r.url}: authorised, {res.latency_ms:.0f} ms, "
-                             f"serves {', '.join(sorted(res.identities)) or 'nothing'}"
-                             + (f"; not {', '.join(absent)}" if absent else ""),
-                             f"fix remotes.{r.name}.models" if absent else ""))
+            refused = [f"{m.name} refused: {m.reason}" for m in verdicts.get(r.name, ())
+                       if m.verdict == "refused"]
+            level = Level.WARN if absent or refused else Level.OK
+            out.append(Check(
+                name, level, f"{r.url}: authorised, {res.latency_ms:.0f} ms, serves "
+                f"{', '.join(sorted(res.identities)) or 'nothing'}"
+                + (f"; not {', '.join(absent)}" if absent else "")
+                + "".join(f"; {_identity_line(n, res.identities[n])}" for n in wanted
+                          if n in res.identities and res.identities[n].get("mode") != "chat")
+                + "".join(f"; {x}" for x in refused),
+                f"fix remotes.{r.name}.models" if absent else
+                "use the same model and prefixes on both machines, or `as:` another name"
+                if refused else ""))
     return out
+
+
+def _identity_line(name: str, ident: dict) -> str:
+    sha = ident.get("content_sha256")
+    return (f"{name}: weights {sha[:12] if isinstance(sha, str) else 'unknown'}, "
+            f"{ident.get('pooling')} pooling, {ident.get('dimensions')} dimensions, prefixes "
+            f"{ident.get('query_prefix')!r}/{ident.get('document_prefix')!r}")
 
 
 def check_ports(stack: Stack, running: bool) -> list[Check]:

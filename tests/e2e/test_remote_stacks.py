@@ -201,6 +201,9 @@ def test_b_back_with_another_vector_space_is_refused_with_the_reason(pair):
     assert "corrupt stored vectors" in model["reason"]
     out = a.cli("status", check=True).stdout
     assert "local-embed refused" in out and "query_prefix" in out
+    doctor = a.cli("doctor").stdout
+    assert "remote b" in doctor and "local-embed refused" in doctor
+    assert "prefixes 'query: '/''" in doctor  # B's identity, as B's proxy reports it
     # A's proxy restarted without B and serves local-embed from its own server only.
     wait_for(lambda: next(s for s in a.status()["services"]
                           if s["name"] == "proxy")["state"] == "ready", 90, "A's proxy back")
