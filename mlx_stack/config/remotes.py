@@ -97,7 +97,7 @@ class Verdict(str, enum.Enum):
     REFUSED = "refused"  # identity differs: left out, with the reason
 
 
-def read_remotes(raw: Any, problems: Problems, chat_names: tuple[str, ...],
+def read_remotes(raw: Any, problems: Problems,
                  local_kinds: Mapping[str, str]) -> tuple[Remote, ...]:
     """Check the ``remotes:`` section; ``local_kinds``: the local proxy's names -> mode."""
     if raw is None:

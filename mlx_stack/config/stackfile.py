@@ -313,7 +313,7 @@ def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
     local_kinds = {**{t.name: "chat" for t in tiers},
                    **({EMBEDDINGS_MODEL_NAME: "embedding"} if emb else {}),
                    **({RERANK_MODEL_NAME: "rerank"} if rerank else {})}
-    remotes = read_remotes(top["remotes"], problems, tuple(t.name for t in tiers), local_kinds)
+    remotes = read_remotes(top["remotes"], problems, local_kinds)
     ports: dict[int, str] = {}
     for name, port, path in [
         *((t.name, t.port, f"tiers.{t.name}.port") for t in tiers),
