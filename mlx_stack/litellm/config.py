@@ -176,10 +176,13 @@ def shared_names(stack: Stack) -> frozenset[str]:
 
 def _share(model_list: list[dict[str, Any]], shared: frozenset[str]) -> None:
     """Deployments of a shared name cool down on their first failure (the retry then goes to
-    another deployment), for ``COOLDOWN_S``."""
+    another deployment), for ``COOLDOWN_S``; a chat one's health check generates one token
+    (LiteLLM's default is 16, every ``HEALTH_CHECK_INTERVAL_S``, on each host)."""
     for d in model_list:
         if d["model_name"] in shared:
             d["model_info"].update({"allowed_fails": 0, "cooldown_time": COOLDOWN_S})
+            if d["model_info"].get("mode") == "chat":
+                d["model_info"]["health_check_max_tokens"] = 1
 
 
 def remote_deployment(remote: Remote, model: RemoteModel, timeout_s: float) -> dict[str, Any]:

@@ -453,6 +453,7 @@ class Supervisor:
             self.emergency_stop()
             raise
         finally:
+            self.remote_prober.executor.shutdown(wait=False, cancel_futures=True)
             for m in self.services.values():
                 if m.log is not None:
                     m.log.close()

@@ -210,6 +210,8 @@ def test_the_proxy_config_names_each_remote_model_and_never_its_key(home):
     shared = {d["model_name"] for d in config["model_list"]
               if d["model_info"].get("allowed_fails") == 0}
     assert shared == {"standard", "local-embed", "big"}
+    assert {d["model_name"] for d in config["model_list"]
+            if d["model_info"].get("health_check_max_tokens") == 1} == {"standard", "big"}
     general = config["general_settings"]
     assert general["enable_health_check_routing"] is True
     assert general["background_health_check_model_groups"] == ["big", "local-embed", "standard"]
