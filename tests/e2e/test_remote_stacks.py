@@ -3,7 +3,7 @@
 
 Nothing is mocked: both stacks are the real CLI, supervisor, embeddings server (MiniLM from
 PyPI) and LiteLLM proxy. The steps run in order on one pair of stacks (each stack start costs
-~15 s of CPU): both served, B's server killed, B's whole stack down (a steady client on A loses
+~15 s of CPU): both served (embeddings and a chat tier), B's server killed, B's whole stack down (a steady client on A loses
 no request), B back (used again), B with another vector space (refused, with the reason), a
 wrong key (unauthorised), keys nowhere but their files, and B's proxy over HTTPS (proxy.tls).
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from embedserver import metric_value
 from stackenv import StackEnv, write_stack
 
@@ -49,15 +50,18 @@ models:
 
 def remote_section(b: StackEnv) -> str:
     return ("remotes:\n  b:\n    url: http://127.0.0.2:{port}\n    key_file: remotes/b.key\n"
-            "    models: [local-embed]\n").format(port=b.ports["proxy"])
+            "    models: [local-embed, standard]\n").format(port=b.ports["proxy"])
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StackEnv, StackEnv]]:
-    b = write_stack(tmp_path_factory.mktemp("stack-b"), None, tiers=())
+def pair(tmp_path_factory: pytest.TempPathFactory,
+         tiny_model: Path) -> Iterator[tuple[StackEnv, StackEnv]]:
+    """B: a chat tier `standard` (the tiny model), embeddings, its proxy on 127.0.0.2. A: the
+    same, with B's `local-embed` and `standard` as remote deployments."""
+    b = write_stack(tmp_path_factory.mktemp("stack-b"), tiny_model, tiers=("standard",))
     text = (b.home / "stack.yaml").read_text()
     (b.home / "stack.yaml").write_text(text.replace("proxy:\n", "proxy:\n  host: 127.0.0.2\n"))
-    a = write_stack(tmp_path_factory.mktemp("stack-a"), None, tiers=())
+    a = write_stack(tmp_path_factory.mktemp("stack-a"), tiny_model, tiers=("standard",))
     (a.home / "remotes").mkdir()
     (a.home / "remotes" / "b.key").write_text(b.key() + "\n")
     (a.home / "remotes" / "b.key").chmod(0o600)
@@ -121,6 +125,24 @@ def test_a_routes_local_embed_to_its_own_server_and_to_bs(pair):
     assert served(b) - before_b >= 8, (served(b), before_b)
     out = a.cli("status", check=True).stdout
     assert "REMOTE" in out and "reachable" in out and "local-embed accepted" in out
+
+
+def test_a_chat_tier_is_balanced_with_bs(pair):
+    """B's `standard` is one more deployment of A's: LiteLLM's router sends requests to both
+    (its `x-litellm-model-api-base` header says which one answered)."""
+    a, b = pair
+    wait_for(lambda: accepted(a), 60, "A's proxy ready with B")
+    bases = set()
+    with httpx.Client(timeout=60, trust_env=False) as client:
+        for _ in range(16):
+            res = client.post(a.url("proxy") + "/v1/chat/completions", json={
+                "model": "standard", "max_tokens": 2,
+                "messages": [{"role": "user", "content": "hi"}]},
+                headers={"Authorization": f"Bearer {a.key()}"})
+            assert res.status_code == 200, res.text
+            bases.add(res.headers.get("x-litellm-model-api-base", ""))
+    assert bases == {f"http://127.0.0.1:{a.ports['standard']}/v1",
+                     f"http://127.0.0.2:{b.ports['proxy']}/v1"}, bases
 
 
 @dataclass
@@ -207,8 +229,11 @@ def test_b_back_with_another_vector_space_is_refused_with_the_reason(pair):
     # A's proxy restarted without B and serves local-embed from its own server only.
     wait_for(lambda: next(s for s in a.status()["services"]
                           if s["name"] == "proxy")["state"] == "ready", 90, "A's proxy back")
-    effective = (a.home / "run" / "litellm.effective.yaml").read_text()
-    assert "127.0.0.2" not in effective
+    effective = yaml.safe_load((a.home / "run" / "litellm.effective.yaml").read_text())
+    bases = {(d["model_name"], d["litellm_params"]["api_base"].split("//")[1].split(":")[0])
+             for d in effective["model_list"]}
+    assert bases == {("local-embed", "127.0.0.1"), ("standard", "127.0.0.1"),
+                     ("standard", "127.0.0.2")}  # B's chat tier needs no identity: it stays
     before_b = served(b)
     with httpx.Client(timeout=60, trust_env=False) as client:
         for i in range(10):
@@ -286,7 +311,7 @@ def test_bs_proxy_over_https_with_proxy_tls(pair):
     a.extra_env["SSL_CERT_FILE"] = str(cert)
     text = (a.home / "stack.yaml").read_text().replace(
         f"http://127.0.0.2:{b.ports['proxy']}", url).replace(
-        "models: [local-embed]", "models: [{name: local-embed, as: b-embed}]")
+        "models: [local-embed, standard]", "models: [{name: local-embed, as: b-embed}]")
     (a.home / "stack.yaml").write_text(text)
     a.cli("up", check=True, timeout=900)
     r = wait_for(lambda: (r := remote_of(a))["state"] == "reachable" and r, 30, "B over TLS")
