@@ -1,11 +1,12 @@
 """Two real stacks on one machine, each with its own state folder and ports: B's proxy bound to
 127.0.0.2 (the whole 127.0.0.0/8 is loopback), A using B as a remote (docs/scale-out.md).
 
-Nothing is mocked: both stacks are the real CLI, supervisor, embeddings server (MiniLM from
-PyPI) and LiteLLM proxy. The steps run in order on one pair of stacks (each stack start costs
-~15 s of CPU): both served (embeddings and a chat tier), B's server killed, B's whole stack down (a steady client on A loses
-no request), B back (used again), B with another vector space (refused, with the reason), a
-wrong key (unauthorised), keys nowhere but their files, and B's proxy over HTTPS (proxy.tls).
+Nothing is mocked: both stacks are the real CLI, supervisor, mlx_lm.server (a tiny model),
+embeddings server (MiniLM from PyPI) and LiteLLM proxy. The steps run in order on one pair of
+stacks (each stack start costs ~15 s of CPU): both served (embeddings and a chat tier), B's
+server killed, B's whole stack down (a steady client on A loses no request), B back (used
+again), B with another vector space (refused, with the reason), a wrong key (unauthorised),
+keys nowhere but their files, and B's proxy over HTTPS (proxy.tls) used by A over https.
 """
 
 from __future__ import annotations
