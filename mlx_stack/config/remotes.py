@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from mlx_stack.config.schema import Field, Problems, describe, read_mapping
 from mlx_stack.errors import StateError
+from mlx_stack.loopback import is_loopback
 
 #: Names whose models produce vectors or scores: they join only with an equal identity.
 EMBEDDINGS_NAME = "local-embed"
@@ -122,6 +123,21 @@ def read_remotes(raw: Any, problems: Problems,
         if url is not None and not key_problem and models is not None:
             out.append(Remote(name, url, d["key_file"], models, index))
     return tuple(out)
+
+
+def self_reference_problem(remote: Remote, proxy_host: str, proxy_port: int) -> str | None:
+    """A remote that is this stack's own proxy would send requests to itself, round and round."""
+    parts = urlsplit(remote.url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = (parts.hostname or "").lower()
+    mine = proxy_host.strip("[]").lower()
+    same_host = (host == mine
+                 or (mine in ("0.0.0.0", "::") and is_loopback(host))  # bound everywhere
+                 or (host == "localhost" and mine in ("127.0.0.1", "::1")))
+    if port == proxy_port and same_host:
+        return (f"{remote.url} is this stack's own proxy: its requests would come back here "
+                "for ever; name another machine's proxy")
+    return None
 
 
 def key_file_problem(name: str) -> str | None:

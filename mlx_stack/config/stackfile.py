@@ -16,7 +16,7 @@ from mlx_stack.config.catalog import Catalog, ChatModel, EmbeddingModel, RerankM
 
 # REMOTE_FIELDS is re-exported: the reference (gen_docs.py) documents each section from here.
 from mlx_stack.config.remotes import REMOTE_FIELDS as REMOTE_FIELDS
-from mlx_stack.config.remotes import Remote, read_remotes
+from mlx_stack.config.remotes import Remote, read_remotes, self_reference_problem
 from mlx_stack.config.schema import Field, Problems, close_matches, fields_of, read_mapping
 from mlx_stack.config.settings import ProxySettings, WatchSettings
 from mlx_stack.config.yamlfile import YamlDoc, load_yaml, parse_yaml
@@ -314,6 +314,10 @@ def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
                    **({EMBEDDINGS_MODEL_NAME: "embedding"} if emb else {}),
                    **({RERANK_MODEL_NAME: "rerank"} if rerank else {})}
     remotes = read_remotes(top["remotes"], problems, local_kinds)
+    for r in remotes:
+        loop = self_reference_problem(r, proxy.host, proxy.port)
+        if loop:
+            problems.add(f"remotes.{r.name}.url", loop)
     ports: dict[int, str] = {}
     for name, port, path in [
         *((t.name, t.port, f"tiers.{t.name}.port") for t in tiers),

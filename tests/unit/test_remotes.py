@@ -97,6 +97,14 @@ def test_bad_remote_sections_are_refused_with_the_line(edit, expected):
         assert part in message, message
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:4000", "http://localhost:4000",
+                                 "https://127.0.0.1:4000"])
+def test_a_remote_that_is_this_proxy_is_refused(url):
+    with pytest.raises(ConfigError, match=r"stack.yaml:13: remotes.studio.url: .*own proxy"):
+        parse((BASE + REMOTES).replace("http://192.168.1.20:4000/", url))
+    parse((BASE + REMOTES).replace("http://192.168.1.20:4000/", "http://127.0.0.2:4000"))
+
+
 def test_remotes_must_be_a_mapping():
     with pytest.raises(ConfigError, match=r"stack.yaml:11: remotes: expected mapping or null"):
         parse(BASE + "remotes: [a]\n")
