@@ -90,6 +90,10 @@ class ServiceStatus:
     last_exit: str | None = None
     last_exit_log: tuple[str, ...] = ()
     detail: str = ""
+    #: The tier a replica serves (``embeddings`` for ``embeddings-2``); "" for the others.
+    tier: str = ""
+    #: False while the supervisor drains this replica before replacing it.
+    in_route: bool = True
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -106,6 +110,8 @@ class ServiceStatus:
             "last_exit": self.last_exit,
             "last_exit_log": list(self.last_exit_log),
             "detail": self.detail,
+            "tier": self.tier or None,
+            "in_route": self.in_route,
         }
 
 
@@ -159,6 +165,14 @@ def known_services(paths: StatePaths, plan: Plan | None) -> list[str]:
     snap, _ = _snapshot_or_problem(paths)
     names = list(snap.addressable) if snap and supervisor_alive(snap) else []
     return names + [n for n in (plan.names if plan else ()) if n not in names]
+
+
+def addressed(paths: StatePaths, plan: Plan | None, name: str) -> tuple[str, ...]:
+    """The services ``name`` addresses: every replica for a tier with replicas (from the
+    running supervisor, else the stack file), the first alone for ``<tier>-1``."""
+    snap, _ = _snapshot_or_problem(paths)
+    groups = snap.groups if snap and supervisor_alive(snap) else {}
+    return resolve(name, groups or (plan.groups if plan else {}))
 
 
 def _spawn_supervisor(paths: StatePaths, only: Sequence[str], report: Report) -> int | None:
@@ -421,6 +435,7 @@ def status(paths: StatePaths, plan: Plan | None) -> list[ServiceStatus]:
     names = [s.name for s in plan.all] if plan else []
     names += [n for n in known if n not in names]
     specs = {s.name: s for s in plan.all} if plan else {}
+    groups = plan.groups if plan else (snap.groups if snap else {})
     now = time.time()
     for name in names:
         s = known.get(name)
@@ -433,6 +448,7 @@ def status(paths: StatePaths, plan: Plan | None) -> list[ServiceStatus]:
             "restarts": s.restarts if s else 0,
             "last_exit": s.last_exit.describe() if s and s.last_exit else None,
             "last_exit_log": s.last_exit.log_tail if s and s.last_exit else (),
+            "tier": spec.group if spec and spec.group in groups else "",
         }
         if s is None or not alive:
             leftover = s is not None and s.process is not None and processes.is_running(s.process)
@@ -450,6 +466,8 @@ def status(paths: StatePaths, plan: Plan | None) -> list[ServiceStatus]:
             details.append("stack file changed: being applied")
         if s.fault:
             details.append(f"{s.fault} (see `mlx-stack logs supervisor`)")
+        if not s.in_route:
+            details.append("out of the route: finishing its requests before its replacement")
         rows.append(ServiceStatus(
             state=s.state,
             pid=pid,
@@ -457,6 +475,7 @@ def status(paths: StatePaths, plan: Plan | None) -> list[ServiceStatus]:
             rss_bytes=processes.rss_bytes(s.process) if s.process else None,
             probe_ms=s.last_probe_ms,
             detail="; ".join(details),
+            in_route=s.in_route,
             **common,
         ))
     return rows

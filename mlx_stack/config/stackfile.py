@@ -80,6 +80,14 @@ class ChatTier:
     port: int
     backend: str
 
+    @property
+    def replica_names(self) -> tuple[str, ...]:
+        return (self.name,)
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.port,)
+
 
 @dataclass(frozen=True)
 class EmbeddingsTier:
