@@ -175,3 +175,101 @@ def test_down_leaves_nothing(stack: StackEnv) -> None:
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or \
             Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+# -- the rerank tier with replicas: balanced by LiteLLM's router -----------------------------
+
+RERANK_CATALOG = """\
+models:
+  - name: tiny-rerank
+    type: rerank
+    source: local/tiny-rerank
+    description: random-weight BERT cross-encoder built by the tests
+    architecture: bert
+    params_m: 0.1
+    max_sequence_length: 256
+    memory_mb: 30
+    quantizations:
+      - {{id: fp32, source: "path:{path}", memory_mb: 30}}
+"""
+DOCUMENTS = ["The supervisor restarts a crashed server.", "Bananas are yellow.",
+             "mlx-stack restart SERVICE restarts one service.", "A reranker reads both."]
+
+
+@pytest.fixture(scope="module")
+def rerank_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEnv]:
+    from tinyrerank import build_tiny_reranker
+
+    from mlx_stack.ports import free_port_run
+
+    folder = build_tiny_reranker(tmp_path_factory.mktemp("models") / "tiny-rerank", "bert")
+    env = write_stack(tmp_path_factory.mktemp("rerank-replicas"), None, tiers=(),
+                      embeddings=False)
+    (env.home / "catalog").mkdir(exist_ok=True)
+    (env.home / "catalog" / "rerank.yaml").write_text(RERANK_CATALOG.format(path=folder))
+    base = free_port_run(2)
+    env.ports.update({"rerank": base, "rerank-2": base + 1})
+    text = (env.home / "stack.yaml").read_text().replace("tiers: {}\n", "tiers: {}\n"
+        f"rerank:\n  model: tiny-rerank\n  port: {base}\n  replicas: 2\n")
+    (env.home / "stack.yaml").write_text(text)
+    try:
+        env.cli("up", check=True, timeout=900)
+        yield env
+    finally:
+        env.cli("down", timeout=120)
+        env.kill_everything()
+
+
+def rerank_pairs(env: StackEnv, name: str) -> float:
+    metrics = httpx.get(env.url(name) + "/metrics", headers=env.backend_headers(),
+                        timeout=30, trust_env=False).text
+    return metric_value(metrics, "mlx_embeddings_texts_total")
+
+
+def test_rerank_requests_are_balanced_over_both_replicas(rerank_stack: StackEnv) -> None:
+    env = rerank_stack
+    before = {n: rerank_pairs(env, n) for n in ("rerank", "rerank-2")}
+    with httpx.Client(timeout=60, trust_env=False) as c:
+        for _ in range(30):
+            r = c.post(env.url("proxy") + "/v1/rerank",
+                       headers={"Authorization": f"Bearer {env.key()}"},
+                       json={"model": "local-rerank", "query": "restart a server",
+                             "documents": DOCUMENTS})
+            assert r.status_code == 200, r.text
+            assert sorted(x["index"] for x in r.json()["results"]) == [0, 1, 2, 3]
+    served = {n: rerank_pairs(env, n) - before[n] for n in before}
+    assert all(v >= 20 for v in served.values()), served  # 120 pairs, split at random
+
+
+def test_rolling_restart_of_rerank_replicas_under_load(rerank_stack: StackEnv) -> None:
+    env = rerank_stack
+    results: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=60, trust_env=False) as c:
+            while not stop.is_set():
+                try:
+                    results.append(c.post(
+                        env.url("proxy") + "/v1/rerank",
+                        headers={"Authorization": f"Bearer {env.key()}"},
+                        json={"model": "local-rerank", "query": "restart",
+                              "documents": DOCUMENTS}).status_code)
+                except httpx.HTTPError:
+                    results.append(0)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        res = env.cli("restart", "rerank", timeout=600)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=90)
+    assert res.returncode == 0, res.stderr
+    failed = Counter(s for s in results if s != 200)
+    print(f"rerank rolling restart: {len(results)} requests, failed: {dict(failed)}")
+    assert len(results) > 10 and not failed, (failed, len(results))
