@@ -175,10 +175,11 @@ def addressed(paths: StatePaths, plan: Plan | None, name: str) -> tuple[str, ...
     return resolve(name, groups or (plan.groups if plan else {}))
 
 
-def _spawn_supervisor(paths: StatePaths, only: Sequence[str], report: Report) -> int | None:
+def _spawn_supervisor(paths: StatePaths, only: Sequence[str] | None,
+                      report: Report) -> int | None:
     """Start the supervisor; its pid, or None if another one won the race for the lock."""
     argv = processes.python_module("mlx_stack.supervisor")
-    for name in only:
+    for name in only or ():
         argv += ["--only", name]
     env = {**os.environ, **processes.SAFE_PATH_ENV, "MLX_STACK_HOME": str(paths.home)}
     log, warning = open_append(paths.log_file("supervisor"))
