@@ -1,5 +1,5 @@
 """The LiteLLM proxy's generated config: one route per chat tier, ``local-embed`` for embeddings,
-``local-rerank`` for the reranker.
+``local-rerank`` for the reranker (one deployment per replica, under one name).
 
 Generated from the stack file on every `up` (never edited by hand). Facts it relies on, measured
 on litellm 1.106 (see ../shared/NOTES.md): embedding deployments need ``model_info.mode:
@@ -58,7 +58,8 @@ def routes(stack: Stack) -> dict[str, Route]:
     The same table feeds LiteLLM's ``fallbacks`` and the gate that routes around a tier the
     supervisor sees down (``gate.py``). The embeddings tier has no fallback: vectors from
     another model live in another space; nor has the rerank tier: scores of another model are
-    on another scale.
+    on another scale. Their routes list every replica with its port: the gate holds a request
+    only when none is ready, and the fast lane knows which servers are the stack's own.
     """
     names = [t.name for t in stack.tiers]
     out = {n: Route(n, tuple(m for m in names if m != n)) for n in names}

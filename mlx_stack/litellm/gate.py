@@ -15,6 +15,9 @@ that snapshot (re-read when it changes) and, while a tier is not ``ready``:
   supervisor kills the hung process) is sent again when its tier, or a fallback, is ready,
   for up to ``HOLD_S``; else its error becomes a 503 with ``Retry-After``.
 
+A tier with replicas is available while any replica is ready (and not being drained before a
+rolling replacement: ``in_route`` in the snapshot); the fast lane picks among them.
+
 When every tier is ready, requests pass unchanged and unparsed (their bodies are kept, to be
 sent again). Only requests that carry the
 proxy's key are answered here; others go on to LiteLLM, which refuses them (401).
