@@ -139,3 +139,42 @@ def test_a_command_name_addresses_the_tier_one_replica_or_itself():
     assert resolve("embeddings-2", groups) == ("embeddings-2",)
     assert resolve("standard", groups) == ("standard",)
     assert resolve("embeddings", {}) == ("embeddings",)
+
+
+def test_status_shows_each_replica_with_its_tier_and_a_drained_one_says_so(tmp_path,
+                                                                           monkeypatch):
+    from mlx_stack.cli import lifecycle, render
+    from mlx_stack.contract.snapshot import (
+        ServiceSnapshot,
+        SupervisorSnapshot,
+        load_snapshot,
+        snapshot_text,
+    )
+
+    paths = StatePaths(tmp_path)
+    paths.state_file.parent.mkdir(parents=True)
+    plan = build_plan(stack_of(EMB.format(n=2)), paths, key=KEY)
+    specs = {s.name: s for s in plan.all}
+    snap = SupervisorSnapshot(pid=1, create_time=1.0, argv=("x",), started_at=1.0, services=(
+        ServiceSnapshot(name="embeddings", kind="embeddings", state="ready", port=8003,
+                        fingerprint=specs["embeddings"].fingerprint, group="embeddings",
+                        in_route=False),
+        ServiceSnapshot(name="embeddings-2", kind="embeddings", state="ready", port=8004,
+                        fingerprint=specs["embeddings-2"].fingerprint, group="embeddings"),
+        ServiceSnapshot(name="proxy", kind="proxy", state="ready", port=4000,
+                        fingerprint=plan.proxy.fingerprint)))
+    paths.state_file.write_text(snapshot_text(snap))
+    assert load_snapshot(paths.state_file) == snap  # the contract carries group and in_route
+    monkeypatch.setattr(lifecycle, "supervisor_alive", lambda s: s is not None)
+    rows = {r.name: r for r in lifecycle.status(paths, plan)}
+    assert rows["embeddings"].to_json()["tier"] == "embeddings"
+    assert rows["embeddings"].to_json()["in_route"] is False
+    assert rows["embeddings"].detail.startswith("out of the route: finishing its requests")
+    assert rows["embeddings-2"].detail == "" and rows["embeddings-2"].port == 8004
+    assert rows["proxy"].to_json()["tier"] is None
+    con = render.Console(width=240, record=True)
+    con.print(render.status_table(list(rows.values())))
+    text = con.export_text()
+    assert "embeddings-2" in text and "out of the route" in text
+    assert lifecycle.addressed(paths, plan, "embeddings") == ("embeddings", "embeddings-2")
+    assert lifecycle.addressed(paths, plan, "embeddings-1") == ("embeddings",)
