@@ -169,6 +169,88 @@ def test_a_killed_replica_costs_clients_nothing_and_comes_back(stack: StackEnv) 
     print(f"replica killed: back in {back:.1f} s, {len(load.results)} requests, 0 failed")
 
 
+RAW_MINILM = """\
+models:
+  - name: minilm-raw
+    type: embedding
+    source: local/minilm-raw
+    description: the MiniLM weights without normalisation (another model, to the stack)
+    architecture: bert
+    params_m: 22.7
+    dimensions: 384
+    max_sequence_length: 256
+    pooling: mean
+    normalize: false
+    mteb_score: 0
+    memory_mb: 120
+    quantizations:
+      - {{id: fp32, source: "path:{path}", memory_mb: 120}}
+"""
+
+
+def test_a_model_change_rolls_without_failure_or_mixing_and_leaves_the_proxy(
+        stack: StackEnv) -> None:
+    """The new model here is MiniLM without normalisation: its vectors have norms far from 1,
+    so each answer says which model made it. Once the first answer of the new model has come
+    back, no request sent later may get the old model's vector (two vector spaces mixed).
+
+    With two replicas the roll's own order already keeps the models apart (the old replica is
+    drained in the tick after the new one is ready); the fast lane's rule that only the newest
+    model serves matters from three replicas on, and is checked in
+    tests/unit/test_fastlane_replicas.py (a mutation that drops it passed this test)."""
+    import numpy as np
+    from embedserver import minilm_path
+
+    (stack.home / "catalog").mkdir(exist_ok=True)
+    (stack.home / "catalog" / "raw.yaml").write_text(RAW_MINILM.format(path=minilm_path()))
+    before = services(stack)
+    seen: list[tuple[float, float, int, str]] = []  # sent, answered, status, model
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=60, trust_env=False) as c:
+            while not stop.is_set():
+                sent = time.monotonic()
+                try:
+                    r = c.post(stack.url("proxy") + "/v1/embeddings",
+                               headers={"Authorization": f"Bearer {stack.key()}"},
+                               json={"model": "local-embed", "input": "which model?",
+                                     "encoding_format": "float"})
+                    norm = (float(np.linalg.norm(r.json()["data"][0]["embedding"]))
+                            if r.status_code == 200 else 0.0)
+                    seen.append((sent, time.monotonic(), r.status_code,
+                                 "old" if abs(norm - 1) < 1e-3 else "new"))
+                except httpx.HTTPError:
+                    seen.append((sent, time.monotonic(), 0, ""))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(3)]
+    stack_file = stack.home / "stack.yaml"
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        stack_file.write_text(stack_file.read_text().replace("all-minilm-l6-v2", "minilm-raw"))
+        res = stack.cli("up", timeout=600)  # applies the edit, returns once it is applied
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=90)
+    assert res.returncode == 0, res.stderr
+    after = services(stack)
+    assert after["proxy"]["pid"] == before["proxy"]["pid"]  # the proxy was not restarted
+    for name in REPLICAS:
+        assert after[name]["model"] == "minilm-raw" and after[name]["pid"] != before[name]["pid"]
+    failed = [x for x in seen if x[2] != 200]
+    assert not failed and len(seen) > 20, (failed, len(seen))
+    first_new = min(answered for _, answered, _, model in seen if model == "new")
+    late_old = [x for x in seen if x[0] > first_new and x[3] == "old"]
+    assert not late_old, late_old
+    assert any(m == "old" for *_, m in seen)  # the old model served until the switch
+    print(f"model change: {len(seen)} requests, 0 failed, "
+          f"{sum(1 for *_, m in seen if m == 'new')} from the new model")
+
+
 def test_down_leaves_nothing(stack: StackEnv) -> None:
     pids = [s["pid"] for s in services(stack).values() if s["pid"]]
     stack.cli("down", check=True, timeout=120)
