@@ -360,10 +360,11 @@ class Supervisor:
             self.shutting_down = True
             self.report.say("stopping: the proxy first, then the model servers")
             self.dirty = True
-        if not self.shutting_down:
-            self._contained("rolls", lambda: self.rolls.tick(self.services, self.groups(), now))
         for m in list(self.services.values()):
             self._step_contained(m, now)
+        if not self.shutting_down:  # after the steps: a replica ready in this tick is put
+            # back, and the next one drained, in the same snapshot
+            self._contained("rolls", lambda: self.rolls.tick(self.services, self.groups(), now))
         done = False
         if self.shutting_down:
             try:
