@@ -178,3 +178,4 @@ def test_status_shows_each_replica_with_its_tier_and_a_drained_one_says_so(tmp_p
     assert "embeddings-2" in text and "out of the route" in text
     assert lifecycle.addressed(paths, plan, "embeddings") == ("embeddings", "embeddings-2")
     assert lifecycle.addressed(paths, plan, "embeddings-1") == ("embeddings",)
+
