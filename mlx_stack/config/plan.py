@@ -374,16 +374,16 @@ def remote_targets(stack: Stack, paths: StatePaths) -> tuple[RemoteTarget, ...]:
 
 def identity_sources(stack: Stack) -> dict[str, dict[str, str]]:
     """What the proxy's identity route (``litellm/identity.py``) lists: every local name,
-    and where the vector servers' model cards are."""
-    out = {t.name: {"mode": "chat", "model": t.model.name} for t in stack.tiers}
+    and where the vector servers' model cards are (the first replica's). No model name: the
+    cards say it, and a model change must not change the proxy's definition (it would restart
+    the proxy, which a rolling model change of replicas avoids)."""
+    out = {t.name: {"mode": "chat"} for t in stack.tiers}
     if stack.embeddings is not None:
-        e = stack.embeddings
-        out[EMBEDDINGS_MODEL_NAME] = {"mode": "embedding", "model": e.model.name,
-                                      "url": f"http://127.0.0.1:{e.port}"}
+        out[EMBEDDINGS_MODEL_NAME] = {"mode": "embedding",
+                                      "url": f"http://127.0.0.1:{stack.embeddings.port}"}
     if stack.rerank is not None:
-        r = stack.rerank
-        out[RERANK_MODEL_NAME] = {"mode": "rerank", "model": r.model.name,
-                                  "url": f"http://127.0.0.1:{r.port}"}
+        out[RERANK_MODEL_NAME] = {"mode": "rerank",
+                                  "url": f"http://127.0.0.1:{stack.rerank.port}"}
     return out
 
 

@@ -27,7 +27,7 @@ Scope = dict[str, Any]
 
 
 def sources_to_env(sources: Mapping[str, Mapping[str, str]]) -> str:
-    """``{proxy name: {"mode": chat|embedding|rerank, "model": catalog name, "url": base}}``."""
+    """``{proxy name: {"mode": chat|embedding|rerank, "url": a vector server's base}}``."""
     return json.dumps({n: dict(v) for n, v in sorted(sources.items())})
 
 
@@ -59,10 +59,12 @@ class IdentityRoute:
     async def models(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for name, src in self.sources.items():
-            entry: dict[str, Any] = {"mode": src.get("mode", "chat"), "model": src.get("model")}
+            entry: dict[str, Any] = {"mode": src.get("mode", "chat")}
             if src.get("url"):
                 card, problem = await self._card(src["url"])
-                entry.update(identity_of(card) if card else {})
+                if card:
+                    entry["model"] = card.get("id")
+                    entry.update(identity_of(card))
                 entry["ready"] = bool(card and card.get("ready"))
                 if problem:
                     entry["problem"] = problem

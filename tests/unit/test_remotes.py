@@ -228,6 +228,13 @@ def test_the_proxy_config_names_each_remote_model_and_never_its_key(home):
     assert plan.remotes[0].remote.name == "studio" and "sk-" not in repr(plan.remotes)
 
 
+def test_a_model_change_leaves_the_proxy_definition_alone(home):
+    """The identity route names no model: replicas roll a model change without the proxy."""
+    other = BASE.replace("model: all-minilm-l6-v2", "model: bge-small-en-v1.5")
+    one, two = (build_plan(parse(t), home).proxy for t in (BASE, other))
+    assert one.fingerprint == two.fingerprint
+
+
 def test_a_stack_without_remotes_keeps_its_config(home):
     stack = parse(BASE)
     config = build_config(stack, {})
@@ -412,8 +419,8 @@ def test_the_identity_route_needs_the_key_and_lists_local_names():
     async def app(scope, receive, send):
         passed.append(scope["path"])
 
-    sources = {"standard": {"mode": "chat", "model": "qwen3-8b"},
-               "local-embed": {"mode": "embedding", "model": "m",
+    sources = {"standard": {"mode": "chat"},
+               "local-embed": {"mode": "embedding",
                                "url": "http://127.0.0.1:9"}}  # nothing listens on port 9
     route = IdentityRoute(app, sources, key="sk-right-key-0123456789", backend_key="b")
     assert call_route(route, "/mlx-stack/v1/identity", [])[0] == 401
@@ -423,7 +430,7 @@ def test_the_identity_route_needs_the_key_and_lists_local_names():
     assert call_route(route, "/mlx-stack/v1/identity", right, "POST")[0] == 405
     status, body = call_route(route, "/mlx-stack/v1/identity", right)
     assert status == 200
-    assert body["models"]["standard"] == {"mode": "chat", "model": "qwen3-8b"}
+    assert body["models"]["standard"] == {"mode": "chat"}
     embed = body["models"]["local-embed"]
     assert embed["ready"] is False and "did not answer" in embed["problem"]
     assert "content_sha256" not in embed  # unknown: never reported as a value
