@@ -291,7 +291,8 @@ def up(tier: str | None, foreground: bool, as_json: bool) -> None:
         embedding_record.record(paths, ident)
     p = stack.proxy
     host = connect_host(p.host)
-    names = [*(t.name for t in stack.tiers), *([EMBEDDINGS_MODEL_NAME] if stack.embeddings else []),
+    has_embeddings = stack.embeddings is not None or stack.external_embeddings is not None
+    names = [*stack.chat_names, *([EMBEDDINGS_MODEL_NAME] if has_embeddings else []),
              *([RERANK_MODEL_NAME] if stack.rerank else [])]
     if as_json:
         _emit({

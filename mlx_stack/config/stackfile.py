@@ -12,7 +12,15 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mlx_stack.config import external as _external
 from mlx_stack.config.catalog import Catalog, ChatModel, EmbeddingModel, RerankModel
+from mlx_stack.config.external import (
+    EXTERNAL_BACKENDS,
+    ExternalTier,
+    forms_problem,
+    is_external,
+    read_external,
+)
 from mlx_stack.config.schema import Field, Problems, close_matches, fields_of, read_mapping
 from mlx_stack.config.settings import ProxySettings, WatchSettings
 from mlx_stack.config.yamlfile import YamlDoc, load_yaml, parse_yaml
@@ -46,6 +54,14 @@ RERANK_FIELDS = [
     Field("model", (str,), "catalog name of a reranker (`mlx-stack models --type rerank`)"),
     Field("quant", (str, type(None)), "quantisation id; default: the model's first", None),
     Field("port", (int,), "port on 127.0.0.1 the rerank server listens on", RERANK_PORT),
+]
+#: A chat tier or the embeddings tier served by an external server (``config/external.py``).
+EXTERNAL_TIER_FIELDS = [
+    Field("model", (str, type(None)), "with backend: ollama, the Ollama model name", None),
+    Field("quant", (str, type(None)), "not for external servers", None),
+    Field("port", (int, type(None)), "port on 127.0.0.1 a command: server listens on", None),
+    Field("backend", (str,), f"{' or '.join(EXTERNAL_BACKENDS)}", "openai"),
+    *_external.EXTERNAL_FIELDS,
 ]
 AUTH_FIELDS = fields_of(ProxySettings, ["key_file"])
 PROXY_FIELDS = [
@@ -100,6 +116,18 @@ class Stack:
     path: Path | None = None
     watchdog: WatchSettings = field(default_factory=WatchSettings)
     rerank: RerankTier | None = None
+    #: Chat tiers and the embeddings tier served by external servers (``external.py``).
+    external: tuple[ExternalTier, ...] = ()
+
+    @property
+    def chat_names(self) -> tuple[str, ...]:
+        """Every chat tier's name: the model tiers, then the external ones."""
+        return (*(t.name for t in self.tiers),
+                *(t.name for t in self.external if t.kind == "chat"))
+
+    @property
+    def external_embeddings(self) -> ExternalTier | None:
+        return next((t for t in self.external if t.kind == "embeddings"), None)
 
     def tier(self, name: str) -> ChatTier:
         for t in self.tiers:
@@ -142,7 +170,23 @@ def _resolve_quant(
         return None
 
 
-def _read_tiers(raw: dict, catalog: Catalog, system: str, problems: Problems) -> list[ChatTier]:
+def _read_external(body: dict, name: str, kind: str, path: str,
+                   problems: Problems) -> ExternalTier | None:
+    """A ``command:``/``url:`` (or ``backend: ollama``) tier, checked against its own fields."""
+    d = read_mapping(body, path, EXTERNAL_TIER_FIELDS, problems)
+    if d is None:
+        return None
+    if d["port"] is not None:
+        _check_port(d["port"], f"{path}.port", problems)
+    problem = forms_problem(body, catalog_backend=False)
+    if problem:
+        problems.add(path, problem)
+        return None
+    return read_external(d, body, name, kind, path, problems)
+
+
+def _read_tiers(raw: dict, catalog: Catalog, system: str, problems: Problems,
+                external: list[ExternalTier] | None = None) -> list[ChatTier]:
     tiers: list[ChatTier] = []
     for name, body in raw.items():
         path = f"tiers.{name}"
@@ -151,6 +195,11 @@ def _read_tiers(raw: dict, catalog: Catalog, system: str, problems: Problems) ->
             continue
         if name in RESERVED_NAMES:
             problems.add(path, f"{name!r} is reserved; choose another tier name")
+            continue
+        if is_external(body):
+            ext = _read_external(body, name, "chat", path, problems)
+            if ext is not None and external is not None:
+                external.append(ext)
             continue
         d = read_mapping(body, path, TIER_FIELDS, problems)
         if d is None:
@@ -177,7 +226,13 @@ def _read_tiers(raw: dict, catalog: Catalog, system: str, problems: Problems) ->
     return tiers
 
 
-def _read_embeddings(raw: dict, catalog: Catalog, problems: Problems) -> EmbeddingsTier | None:
+def _read_embeddings(raw: dict, catalog: Catalog, problems: Problems,
+                     external: list[ExternalTier] | None = None) -> EmbeddingsTier | None:
+    if is_external(raw):
+        ext = _read_external(raw, "embeddings", "embeddings", "embeddings", problems)
+        if ext is not None and external is not None:
+            external.append(ext)
+        return None
     d = read_mapping(raw, "embeddings", EMBEDDINGS_FIELDS, problems)
     if d is None:
         return None
@@ -285,8 +340,10 @@ def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
         raise ConfigError(doc.path, problems.items)
     if top["version"] != 1:
         problems.add("version", f"unsupported version {top['version']}; this mlx-stack reads 1")
-    tiers = _read_tiers(top["tiers"] or {}, catalog, system, problems)
-    emb = _read_embeddings(top["embeddings"], catalog, problems) if top["embeddings"] else None
+    external: list[ExternalTier] = []
+    tiers = _read_tiers(top["tiers"] or {}, catalog, system, problems, external)
+    emb = (_read_embeddings(top["embeddings"], catalog, problems, external)
+           if top["embeddings"] else None)
     rerank = _read_rerank(top["rerank"], catalog, problems) if top["rerank"] else None
     proxy = _read_proxy(top["proxy"] or {}, problems)
     watchdog = _read_watchdog(top["watchdog"] or {}, problems)
@@ -295,6 +352,8 @@ def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
         *((t.name, t.port, f"tiers.{t.name}.port") for t in tiers),
         *((("embeddings", emb.port, "embeddings.port"),) if emb else ()),
         *((("rerank", rerank.port, "rerank.port"),) if rerank else ()),
+        *((t.name, t.port, f"tiers.{t.name}.port" if t.kind == "chat" else "embeddings.port")
+          for t in external if t.port is not None),
         ("proxy", proxy.port, "proxy.port"),
     ]:
         if port in ports:
@@ -302,7 +361,7 @@ def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
         ports.setdefault(port, name)
     if problems:
         raise ConfigError(doc.path, problems.items)
-    return Stack(tuple(tiers), emb, proxy, doc.path, watchdog, rerank)
+    return Stack(tuple(tiers), emb, proxy, doc.path, watchdog, rerank, external=tuple(external))
 
 
 def load_stack(path: Path, catalog: Catalog, system: str) -> Stack:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from mlx_stack.backendkey import LITELLM_API_KEY
+from mlx_stack.config.external import NO_KEY, ExternalTier
 from mlx_stack.config.proxykey import ENV_VAR
 from mlx_stack.config.stackfile import EMBEDDINGS_MODEL_NAME, RERANK_MODEL_NAME, Stack
 from mlx_stack.litellm.gate import Route
@@ -60,10 +61,12 @@ def routes(stack: Stack) -> dict[str, Route]:
     another model live in another space; nor has the rerank tier: scores of another model are
     on another scale.
     """
-    names = [t.name for t in stack.tiers]
+    names = list(stack.chat_names)
     out = {n: Route(n, tuple(m for m in names if m != n)) for n in names}
     if stack.embeddings is not None:
         out[EMBEDDINGS_MODEL_NAME] = Route(stack.embeddings.name)
+    elif stack.external_embeddings is not None:
+        out[EMBEDDINGS_MODEL_NAME] = Route(stack.external_embeddings.name)
     if stack.rerank is not None:
         out[RERANK_MODEL_NAME] = Route(stack.rerank.name)
     return out
@@ -89,6 +92,26 @@ def rerank_deployment(stack: Stack) -> dict[str, Any] | None:
         },
         "model_info": {"mode": "rerank"},
     }
+
+
+def external_deployment(stack: Stack, t: ExternalTier) -> dict[str, Any]:
+    """An external server as a deployment: OpenAI's provider at its ``/v1``, its own key by
+    variable name (``os.environ/...``: the key is in the proxy's environment only), never the
+    stack's backend key. Its embeddings go through ``normalize.py`` (not the fast lane, which
+    serves only deployments that take the backend key)."""
+    p = stack.proxy
+    params: dict[str, Any] = {
+        "model": f"openai/{t.served_model}",
+        "api_base": t.api_base,
+        "api_key": f"os.environ/{t.key_env}" if t.key_file else NO_KEY,
+    }
+    if t.kind == "embeddings":
+        params["timeout"] = min(p.timeout_s, 120.0)
+        name, mode = EMBEDDINGS_MODEL_NAME, "embedding"
+    else:
+        params["timeout"] = params["stream_timeout"] = p.timeout_s
+        name, mode = t.name, "chat"
+    return {"model_name": name, "litellm_params": params, "model_info": {"mode": mode}}
 
 
 def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
@@ -127,6 +150,7 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
                 "model_info": {"mode": "embedding"},
             }
         )
+    model_list += [external_deployment(stack, t) for t in stack.external]
     rerank = rerank_deployment(stack)
     if rerank is not None:
         model_list.append(rerank)

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from mlx_stack.backendkey import KEY_ENV
+from mlx_stack.backendkey import KEY_ENV, LITELLM_API_KEY
 from mlx_stack.litellm.gate import RETRY_AFTER_S, carries_key, read_body, replay
 
 Scope = dict[str, Any]
@@ -47,8 +47,8 @@ def upstreams_from_config(path: Path) -> dict[str, tuple[str, float]]:
         base = str(params.get("api_base", ""))
         if (entry.get("model_info") or {}).get("mode") != "embedding":
             continue
-        if not base.startswith("http://127.0.0.1:"):
-            continue  # only the stack's own loopback server
+        if not base.startswith("http://127.0.0.1:") or params.get("api_key") != LITELLM_API_KEY:
+            continue  # only the stack's own loopback server (an external one: normalize.py)
         out[str(entry["model_name"])] = (base.rstrip("/") + "/embeddings",
                                          float(params.get("timeout", 120)))
     return out

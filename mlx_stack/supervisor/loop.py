@@ -285,11 +285,13 @@ class Supervisor:
                 self.report.warn(f"log:{m.name}", err)
 
     def _may_start(self, m: Managed) -> bool:
-        """The proxy waits until at least one model server is ready."""
+        """The proxy waits until at least one model server it runs is ready."""
         if m.spec is None or m.spec.kind is not ServiceKind.PROXY:
             return True
-        return any(o.state is S.READY for o in self.services.values()
-                   if o.spec is not None and o.spec.kind is not ServiceKind.PROXY)
+        servers = [o for o in self.services.values()
+                   if o.spec is not None and o.spec.kind is not ServiceKind.PROXY]
+        # A stack of url: tiers only has no model server to wait for.
+        return not servers or any(o.state is S.READY for o in servers)
 
     def _shutdown_step(self) -> bool:
         """Stop the proxy first, then the rest; True once everything has stopped."""
