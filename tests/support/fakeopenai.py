@@ -24,6 +24,7 @@ import argparse
 import base64
 import hashlib
 import json
+import os
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -193,7 +194,8 @@ def _embedding_list(model: str, data: list) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int,
+                   help="default: the port of OLLAMA_HOST (host:port), as `ollama serve` reads")
     p.add_argument("--flavour", choices=("openai", "ollama"), default="openai")
     p.add_argument("--model", default="fake-model", help="the one model name it serves")
     p.add_argument("--dims", type=int, default=64)
@@ -201,6 +203,8 @@ def main() -> None:
     p.add_argument("--record", help="append every POST (path, headers, body) to this file")
     p.add_argument("--tag", default="", help="prefix of every chat answer (which server)")
     a = p.parse_args()
+    if a.port is None:
+        a.port = int(os.environ.get("OLLAMA_HOST", "127.0.0.1:11434").rpartition(":")[2])
     Options.flavour, Options.model, Options.dims = a.flavour, a.model, a.dims
     Options.record, Options.tag = a.record, a.tag
     if a.key_file:
