@@ -239,3 +239,21 @@ def test_ready_timeout_s_replaces_the_progress_deadline(tmp_path):
 def test_a_stack_of_url_tiers_only_still_starts_its_proxy(tmp_path):
     sc = Scenario(tmp_path)  # no model server: every tier is a url: tier
     sc.until(lambda: sc.state("proxy") is ServiceState.READY, what="proxy ready")
+
+
+def _uncommented(text: str, first: str, last: str) -> str:
+    """The commented-out example from its line ``first`` up to the line before ``last``."""
+    lines = text.splitlines()
+    start = lines.index(first)
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith(last))
+    return "\n".join(line.replace("# ", "", 1) for line in lines[start:end]) + "\n"
+
+
+def test_the_commented_examples_of_stack_example_yaml_are_valid():
+    text = (Path(__file__).resolve().parents[2] / "stack.example.yaml").read_text()
+    tiers = parse("tiers:\n" + _uncommented(text, "  # big:", "# The embeddings tier"))
+    assert [t.name for t in tiers.external] == ["big", "gpu-box"]
+    assert tiers.external[0].ready_timeout_s == 300 and tiers.external[1].key_file
+    emb = parse(_uncommented(text, "# embeddings:", "# The rerank tier"))
+    assert emb.external_embeddings is not None
+    assert emb.external_embeddings.command == ("ollama", "serve")
