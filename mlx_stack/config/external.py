@@ -14,9 +14,11 @@ schema already checked (``stackfile.py``), so the stack file keeps one reader pe
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -138,7 +140,7 @@ def read_external(d: dict[str, Any], raw: dict, name: str, kind: str, path: str,
     ollama = backend == OLLAMA
     if d.get("quant") is not None:
         bad("quant", "quant: is for catalog models; an external server chooses its own")
-    served = d["model"] if ollama else (d["served_model"] or name)
+    served = d["model"] if ollama else (name if d["served_model"] is None else d["served_model"])
     if ollama and d["served_model"] is not None:
         bad("served_model", "with backend: ollama, model: is the served model; drop "
             "served_model:")
@@ -169,6 +171,13 @@ def read_external(d: dict[str, Any], raw: dict, name: str, kind: str, path: str,
     key_file = d["key_file"]
     if key_file is not None and (not key_file.strip() or "\0" in key_file):
         bad("key_file", f"{key_file!r} is not a file name; e.g. {name}.key")
+    elif key_file is not None:
+        try:
+            Path(key_file).expanduser()
+        except RuntimeError:
+            bad("key_file", f"{key_file!r}: no such user's home folder on this machine")
+    if not served.strip() or not served.isprintable():
+        bad("model" if ollama else "served_model", f"{served!r} is not a model name")
     if not ok:
         return None
     return ExternalTier(name, kind, backend, served, command, root, port if command else None,
@@ -184,8 +193,9 @@ def _command(value: list | str | None, bad: Any) -> tuple[str, ...]:
         except ValueError as exc:
             bad("command", f"cannot split {value!r} like a shell: {exc}")
             return ()
-    else:
-        argv = value
+    else:  # `--port, 8010` unquoted is a number in YAML: meant as the text
+        argv = [str(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else a
+                for a in value]
     if not argv or not all(isinstance(a, str) and a and "\0" not in a for a in argv):
         bad("command", "must be a program and its arguments: a non-empty list of non-empty "
             "strings, e.g. [ollama, serve], or one string")
@@ -225,3 +235,29 @@ def _env(value: dict, bad: Any) -> dict[str, str]:
         else:
             out[key] = str(item)
     return out
+
+
+def render_external(t: ExternalTier, indent: str) -> str:
+    """The tier's keys as YAML lines (``init --force`` rewrites a stack file from its parsed
+    form: an external tier must survive that). Strings as JSON, which YAML reads back as is."""
+    q = json.dumps
+    lines: list[str] = []
+    if t.backend == OLLAMA:
+        lines += [f"backend: {OLLAMA}", f"model: {q(t.served_model)}"]
+    elif t.served_model != t.name:
+        lines.append(f"served_model: {q(t.served_model)}")
+    if t.supervised:
+        lines += [f"command: {q(list(t.command))}", f"port: {t.port}"]
+    else:
+        lines.append(f"url: {q(t.url)}")
+    if t.health != (OLLAMA_HEALTH if t.backend == OLLAMA else DEFAULT_HEALTH):
+        lines.append(f"health: {q(t.health)}")
+    if t.ready_timeout_s is not None:
+        lines.append(f"ready_timeout_s: {t.ready_timeout_s:g}")
+    env = {k: v for k, v in t.env.items()
+           if not (t.backend == OLLAMA and k == "OLLAMA_HOST" and v == f"127.0.0.1:{t.port}")}
+    if env:
+        lines.append(f"env: {q(env)}")
+    if t.key_file is not None:
+        lines.append(f"key_file: {q(t.key_file)}")
+    return "".join(f"{indent}{line}\n" for line in lines)

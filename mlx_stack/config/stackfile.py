@@ -20,6 +20,7 @@ from mlx_stack.config.external import (
     forms_problem,
     is_external,
     read_external,
+    render_external,
 )
 from mlx_stack.config.schema import Field, Problems, close_matches, fields_of, read_mapping
 from mlx_stack.config.settings import ProxySettings, WatchSettings
@@ -433,13 +434,22 @@ def render_stack(stack: Stack, header: str = "", hints: list[str] | None = None)
                 f"  {t.name}:\n    model: {_q(t.model.name)}\n    quant: {_q(t.quant)}\n"
                 f"    port: {t.port}\n    backend: {t.backend}\n"
             )
-    else:
+    external_chat = [t for t in stack.external if t.kind == "chat"]
+    if external_chat and not stack.tiers:
+        out.append("tiers:\n")
+    for x in external_chat:
+        out.append(f"  {x.name}:\n" + render_external(x, "    "))
+    if not stack.tiers and not external_chat:
         out.append("tiers: {}\n")
     for hint in hints or []:
         out.append(f"# {hint}\n")
     out.append("\n")
     if stack.embeddings is not None:
         out.append(render_embeddings(stack.embeddings) + "\n")
+    elif stack.external_embeddings is not None:
+        out.append("# The embeddings tier: an external server, served through the proxy as "
+                   "'local-embed'.\nembeddings:\n"
+                   + render_external(stack.external_embeddings, "  ") + "\n")
     if stack.rerank is not None:
         out.append(render_rerank(stack.rerank) + "\n")
     p = stack.proxy

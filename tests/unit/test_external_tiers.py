@@ -257,3 +257,84 @@ def test_the_commented_examples_of_stack_example_yaml_are_valid():
     emb = parse(_uncommented(text, "# embeddings:", "# The rerank tier"))
     assert emb.external_embeddings is not None
     assert emb.external_embeddings.command == ("ollama", "serve")
+
+
+def test_external_tiers_survive_a_rewrite_of_the_stack_file():
+    """`init --add-embeddings --force` rewrites the file from its parsed form."""
+    from mlx_stack.config.stackfile import render_stack
+
+    stack = parse(
+        "tiers:\n  big:\n    command: [srv, --port, 9001]\n    port: 9001\n"
+        "    served_model: 'q: 32b'\n    health: /h\n    ready_timeout_s: 90\n"
+        "    env: {A: '1'}\n    key_file: big.key\n"
+        "  remote:\n    url: https://h:8443/v1\n"
+        "embeddings:\n  backend: ollama\n  model: nomic-embed-text\n  command: [ollama, serve]\n"
+        "  port: 11500\n")
+    again = parse(render_stack(stack))
+    assert again.external == stack.external and again.chat_names == ("big", "remote")
+
+
+def test_numbers_in_a_command_list_are_its_text():
+    t = parse("tiers:\n  big:\n    command: [srv, --port, 9001, --temp, 0.5]\n    port: 9001\n")
+    assert t.external[0].command == ("srv", "--port", "9001", "--temp", "0.5")
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("    url: http://h:1\n    key_file: ~nosuchuser-here/k\n", "no such user's home folder"),
+    ("    url: http://h:1\n    served_model: ''\n", "is not a model name"),
+    ("    url: 'http://[::1'\n", "is not a URL"),
+    ("    command: [srv, true]\n    port: 9001\n", "must be a program and its arguments"),
+])
+def test_more_bad_external_values(body, expected):
+    found = problems("tiers:\n  big:\n" + body)
+    assert any(expected in p for p in found), found
+
+
+def test_add_embeddings_refuses_a_stack_whose_embeddings_are_external(tmp_path):
+    from mlx_stack.config.hardware import Hardware
+    from mlx_stack.config.stackinit import add_embeddings
+
+    paths = StatePaths(tmp_path)
+    paths.stack_file.write_text("embeddings:\n  backend: ollama\n  model: nomic-embed-text\n")
+    hw = Hardware(system="Linux", machine="x86_64", chip="cpu", cores=2, memory_gb=16,
+                  backend="cpu")
+    with pytest.raises(ConfigError, match=r"already has an embeddings tier \(ollama: "
+                       r"nomic-embed-text\)"):
+        add_embeddings(paths, CATALOG, hw, "all-minilm-l6-v2", force=False)
+
+
+EXTERNAL_STACK = {
+    "tiers": {
+        "big": {"command": ["srv", "--port", "9001"], "port": 9001, "served_model": "q",
+                "health": "/health", "ready_timeout_s": 90, "env": {"A": "1"},
+                "key_file": "big.key"},
+        "remote": {"url": "http://10.0.0.5:8080/v1", "key_file": "remote.key"},
+    },
+    "embeddings": {"backend": "ollama", "model": "nomic-embed-text",
+                   "command": ["ollama", "serve"], "port": 11500},
+}
+
+
+@pytest.fixture(scope="module")
+def prop_home(tmp_path_factory: pytest.TempPathFactory) -> StatePaths:
+    paths = StatePaths(tmp_path_factory.mktemp("home"))
+    paths.user_catalog.mkdir()
+    ensure_key(paths.key_file())
+    (paths.home / "big.key").write_text("sk-big\n")
+    return paths
+
+
+def test_mutated_external_tiers_load_or_name_file_and_line(prop_home):
+    """The property tests' mutations (tests/unit/test_config_properties.py) of a stack of
+    external tiers: each loads and plans, or is refused with file:line; never a traceback."""
+    from hypothesis import given
+    from test_config_properties import check_stack, examples, mutated
+
+    assert check_stack(prop_home, yaml.safe_dump(EXTERNAL_STACK).encode()) is not None
+
+    @examples(80)
+    @given(text=mutated(EXTERNAL_STACK))
+    def run(text: str) -> None:
+        check_stack(prop_home, text.encode("utf-8"))
+
+    run()
