@@ -34,7 +34,13 @@ class EndpointSeen:
     port: int
     state: str
     latency_ms: float | None
-    detail: str
+    #: What was wrong (empty when reachable): the probe's own words.
+    problem: str
+
+    @property
+    def detail(self) -> str:
+        where = f"{self.url} (url: tier, not run by the stack)"
+        return f"{where}: {self.problem}" if self.problem else where
 
 
 def _port(url: str) -> int:
@@ -45,10 +51,9 @@ def _port(url: str) -> int:
 def _look(e: Endpoint, timeout_s: float) -> EndpointSeen:
     res = run_probe(e.probe, timeout_s)
     state = REACHABLE if res.ok else FAILING if res.answered else UNREACHABLE
-    where = f"{e.probe.url} (url: tier, not run by the stack)"
     return EndpointSeen(e.name, e.kind.value, e.probe.model, e.probe.url, _port(e.probe.url),
                         state, res.latency_ms if res.answered else None,
-                        where if res.ok else f"{where}: {res.detail}")
+                        "" if res.ok else res.detail)
 
 
 def probe_endpoints(endpoints: Sequence[Endpoint],
@@ -58,3 +63,11 @@ def probe_endpoints(endpoints: Sequence[Endpoint],
         return []
     with ThreadPoolExecutor(max_workers=min(8, len(endpoints))) as pool:
         return list(pool.map(lambda e: _look(e, timeout_s), endpoints))
+
+
+def unreachable_warnings(endpoints: Sequence[Endpoint]) -> list[str]:
+    """What `up` says of ``url:`` tiers that do not answer: the stack is up without them (the
+    proxy still routes to them; a chat tier's requests fall back to the others)."""
+    return [f"{e.name} ({e.url}, a url: tier) is {e.state} ({e.problem}); the "
+            "proxy routes to it anyway (chat requests fall back to the other tiers)"
+            for e in probe_endpoints(endpoints) if e.state != REACHABLE]

@@ -304,6 +304,10 @@ def up(tier: str | None, foreground: bool, as_json: bool) -> None:
         })
         return
     if tier is None:
+        from mlx_stack.cli.endpoints import unreachable_warnings
+
+        for w in unreachable_warnings(result.plan.endpoints):
+            click.secho(f"warning: {w}", fg="yellow", err=True)
         click.echo(f"stack is up: http://{host}:{p.port}/v1 serves {', '.join(names)}")
         click.echo("  the key: `mlx-stack key`; state: `mlx-stack status`")
     else:
