@@ -114,6 +114,10 @@ class ServiceSpec:
         h.update(json.dumps([argv, sorted(self.env.items()), self.port, self.host]).encode())
         if self.config_file is not None:
             h.update(self.config_file[1].encode())
+        if self.probe.health:  # an external server: its served name, health route and
+            # deadline are not in its command line, and a new probe needs a new start
+            h.update(json.dumps([self.probe.model, self.probe.health,
+                                 self.ready_timeout_s]).encode())
         h.update(hashlib.sha256("".join(sorted(self.secret_env.values())).encode()).digest())
         return h.hexdigest()[:16]
 

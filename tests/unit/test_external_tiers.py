@@ -338,3 +338,20 @@ def test_mutated_external_tiers_load_or_name_file_and_line(prop_home):
         check_stack(prop_home, text.encode("utf-8"))
 
     run()
+
+
+def test_a_new_served_model_health_or_deadline_is_a_new_definition(tmp_path):
+    """The supervisor applies an edit by fingerprint: what is not in an external server's
+    command line must be in its fingerprint, or the old probe would go on."""
+    base = f"tiers:\n  big:\n    command: [{PY}]\n    port: 9001\n"
+    paths = StatePaths(tmp_path)
+    ensure_key(paths.key_file())
+
+    def fingerprint(extra: str) -> str:
+        return build_plan(parse(base + extra), paths).model_servers[0].fingerprint
+
+    first = fingerprint("")
+    assert first == fingerprint("")
+    changed = [fingerprint("    served_model: other\n"), fingerprint("    health: /h\n"),
+               fingerprint("    ready_timeout_s: 5\n")]
+    assert first not in changed and len(set(changed)) == 3
