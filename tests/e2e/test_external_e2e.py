@@ -149,6 +149,12 @@ def test_the_ollama_fake_really_ignores_encoding_format(ext):
         "dimensions": 8})
     assert r.status_code == 200 and isinstance(r.json()["data"][0]["embedding"], list)
     assert len(r.json()["data"][0]["embedding"]) == DIMS
+    # and its own API agrees (what a user sees with `ollama list` and /api/embed)
+    tags = httpx.get(ext.url("embeddings") + "/api/tags", timeout=10).json()
+    assert [m["name"] for m in tags["models"]] == ["nomic-embed-text:latest"]
+    native = httpx.post(ext.url("embeddings") + "/api/embed", timeout=10, json={
+        "model": "nomic-embed-text:latest", "input": ["x"]}).json()["embeddings"][0]
+    assert native == r.json()["data"][0]["embedding"]
 
 
 def test_openai_sdk_gets_exact_vectors_base64_by_default_and_float(ext):
