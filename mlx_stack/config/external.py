@@ -103,7 +103,7 @@ def is_external(body: Any) -> bool:
         or body.get("backend") in EXTERNAL_BACKENDS)
 
 
-def forms_problem(body: dict, catalog_backend: bool) -> str | None:
+def forms_problem(body: dict) -> str | None:
     """Exactly one of model / command / url (for Ollama: model plus at most one of the two)."""
     given = [k for k in ("model", "command", "url") if body.get(k) is not None]
     if body.get("backend") == OLLAMA:
@@ -113,13 +113,15 @@ def forms_problem(body: dict, catalog_backend: bool) -> str | None:
             return "give command: (run `ollama serve`) or url: (an Ollama already running), " \
                    "not both"
         return None
-    if len(given) == 1:
-        return None
     what = ("model: (a catalog model the stack serves), command: (a program the stack runs) "
             "or url: (a server it only probes)")
-    if not given:
-        return f"give exactly one of {what}" if catalog_backend else None
-    return f"give exactly one of {what}; found {' and '.join(given)}"
+    if len(given) > 1:
+        return f"give exactly one of {what}; found {' and '.join(given)}"
+    if given in ([], ["model"]):
+        return (f"an external server (backend: {body.get('backend')}) needs command: (a program "
+                "the stack runs) or url: (a server it only probes); the name it serves is "
+                "served_model:")
+    return None
 
 
 def read_external(d: dict[str, Any], raw: dict, name: str, kind: str, path: str,

@@ -179,7 +179,7 @@ def _read_external(body: dict, name: str, kind: str, path: str,
         return None
     if d["port"] is not None:
         _check_port(d["port"], f"{path}.port", problems)
-    problem = forms_problem(body, catalog_backend=False)
+    problem = forms_problem(body)
     if problem:
         problems.add(path, problem)
         return None

@@ -96,6 +96,8 @@ def test_ollama_embeddings_defaults():
     ("  command: [x]\n  port: 9001\n  ready_timeout_s: 0\n", 6, "must be > 0"),
     ("  command: [x]\n  port: 80\n", 5, "out of range"),
     ("  command: [x]\n  port: 9001\n  served: m\n", 6, "unknown key 'served'"),
+    ("  backend: openai\n", 3, "an external server (backend: openai) needs command:"),
+    ("  backend: openai\n  model: qwen\n", 3, "the name it serves is served_model:"),
 ])
 def test_bad_external_tiers_are_refused_with_the_line(body, line, expected):
     text = "version: 1\ntiers:\n  big:\n" + "\n".join("  " + x for x in body.splitlines()) + "\n"
