@@ -106,6 +106,7 @@ def _service_names(include_logs: bool = False) -> list[str]:
         paths, catalog = _context()
         stack = _load(paths, catalog)
         names = [t.name for t in stack.model_servers]
+        names += [t.name for t in stack.external if t.supervised]  # command: tiers
         names.append("proxy")
         if include_logs:
             names.append("supervisor")

@@ -62,3 +62,18 @@ def test_up_warns_of_each_url_tier_that_does_not_answer(server):
     assert len(warnings) == 1 and warnings[0].startswith(f"gone ({closed}, a url: tier) is "
                                                          "unreachable (ConnectError")
     assert "chat requests fall back to the other tiers" in warnings[0]
+
+
+def test_doctor_counts_external_servers_and_checks_a_command_tiers_port(tmp_path):
+    from mlx_stack.cli.doctor import check_ports, check_stack
+    from mlx_stack.config.catalog import load_catalog
+    from mlx_stack.paths import StatePaths
+
+    port = free_port()
+    paths = StatePaths(tmp_path)
+    paths.stack_file.write_text(f"tiers:\n  big:\n    command: [srv]\n    port: {port}\n"
+                                "  remote:\n    url: http://10.0.0.5:8080\n")
+    check, stack = check_stack(paths, load_catalog(None))
+    assert stack is not None and "0 model server(s), 2 external server(s)" in check.detail
+    assert any(c.name == f"port {port}" and "free for big" in c.detail
+               for c in check_ports(stack, running=False))
