@@ -92,7 +92,23 @@ class ExternalTier:
     def key_env(self) -> str:
         """The proxy's variable that carries this tier's key (the config names it, never the
         key itself)."""
-        return "MLX_STACK_TIER_KEY_" + re.sub(r"[^A-Z0-9]", "_", self.name.upper())
+        return KEY_ENV_PREFIX + re.sub(r"[^A-Z0-9]", "_", self.name.upper())
+
+    @property
+    def litellm_api_key(self) -> str:
+        """What the generated LiteLLM config says as this tier's ``api_key``."""
+        return f"os.environ/{self.key_env}" if self.key_file else NO_KEY
+
+
+KEY_ENV_PREFIX = "MLX_STACK_TIER_KEY_"
+
+
+def is_external_deployment(api_key: object) -> bool:
+    """Whether a generated deployment's ``api_key`` is an external tier's (see
+    ``litellm_api_key``): how the proxy's middlewares tell them from the stack's own servers
+    (backend key) and other deployments."""
+    return isinstance(api_key, str) and (
+        api_key == NO_KEY or api_key.startswith(f"os.environ/{KEY_ENV_PREFIX}"))
 
 
 def is_external(body: Any) -> bool:

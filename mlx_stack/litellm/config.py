@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from mlx_stack.backendkey import LITELLM_API_KEY
-from mlx_stack.config.external import NO_KEY, ExternalTier
+from mlx_stack.config.external import ExternalTier
 from mlx_stack.config.proxykey import ENV_VAR
 from mlx_stack.config.stackfile import EMBEDDINGS_MODEL_NAME, RERANK_MODEL_NAME, Stack
 from mlx_stack.litellm.gate import Route
@@ -103,7 +103,7 @@ def external_deployment(stack: Stack, t: ExternalTier) -> dict[str, Any]:
     params: dict[str, Any] = {
         "model": f"openai/{t.served_model}",
         "api_base": t.api_base,
-        "api_key": f"os.environ/{t.key_env}" if t.key_file else NO_KEY,
+        "api_key": t.litellm_api_key,
     }
     if t.kind == "embeddings":
         params["timeout"] = min(p.timeout_s, 120.0)

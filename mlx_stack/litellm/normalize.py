@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from mlx_stack.backendkey import LITELLM_API_KEY
+from mlx_stack.config.external import is_external_deployment
 from mlx_stack.litellm.gate import carries_key, read_body, replay
 
 Scope = dict[str, Any]
@@ -128,13 +128,13 @@ def client_answer(payload: Any, wanted: Wanted) -> dict[str, Any]:
 
 
 def models_from_config(path: Path) -> frozenset[str]:
-    """Embeddings model names served by external servers in the generated LiteLLM config: the
-    embedding deployments that do not take the stack's backend key (``config.py``)."""
+    """Embeddings model names served by external servers in the generated LiteLLM config
+    (``config.py``; their ``api_key`` is an external tier's, never the stack's backend key)."""
     config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     return frozenset(
         str(e["model_name"]) for e in config.get("model_list") or []
         if (e.get("model_info") or {}).get("mode") == "embedding"
-        and (e.get("litellm_params") or {}).get("api_key") != LITELLM_API_KEY)
+        and is_external_deployment((e.get("litellm_params") or {}).get("api_key")))
 
 
 class Normalize:

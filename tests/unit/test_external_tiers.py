@@ -218,6 +218,13 @@ def test_external_embeddings_skip_the_fast_lane_and_take_the_normaliser(tmp_path
     path.write_text(yaml.safe_dump(build_config(own, {})))
     assert set(upstreams_from_config(path)) == {"local-embed"}
     assert models_from_config(path) == frozenset()
+    # A deployment with a key of its own that is not an external tier's (another stack's
+    # proxy, say) is none of this layer's business.
+    other = {"model_list": [{"model_name": "local-embed", "model_info": {"mode": "embedding"},
+                             "litellm_params": {"api_base": "http://127.0.0.2:4000/v1",
+                                                "api_key": "os.environ/OTHER_KEY"}}]}
+    path.write_text(yaml.safe_dump(other))
+    assert models_from_config(path) == frozenset() and upstreams_from_config(path) == {}
 
 
 # ----- the supervisor ------------------------------------------------------------------------
