@@ -52,8 +52,8 @@ EXTERNAL_FIELDS = [
           f"path of the external server's cheap health route; default {DEFAULT_HEALTH} "
           f"({OLLAMA_HEALTH} for Ollama)", None),
     Field("ready_timeout_s", (float, type(None)),
-          "seconds a command: server may take to answer its first real request; default: "
-          "the watchdog's start timeouts", None),
+          "seconds a command: server may take to answer its first real request (a fixed "
+          "deadline); default: the watchdog's start_timeout_s", None),
     Field("env", (dict, type(None)), "environment variables for a command: server", None),
     Field("key_file", (str, type(None)),
           "file holding the external server's bearer key, relative to the state folder "

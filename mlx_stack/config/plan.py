@@ -313,9 +313,15 @@ def external_probe(t: ExternalTier, key: str | None) -> Probe:
     return Probe(kind, t.url, t.served_model, key, health=t.health)
 
 
-def external_service(t: ExternalTier, key: str | None = None) -> ServiceSpec:
+def external_service(t: ExternalTier, key: str | None = None,
+                     default_ready_s: float = WatchSettings().start_timeout_s) -> ServiceSpec:
     """A ``command:`` tier: the user's program, its environment, its port; no backend key (a
-    program the stack does not build never sees the stack's own secrets)."""
+    program the stack does not build never sees the stack's own secrets).
+
+    Its start has a fixed deadline (``ready_timeout_s``, else ``default_ready_s``): the
+    watchdog's progress-based one reads a growing log as loading, and a server that logs each
+    request (Ollama, llama.cpp) would then log the failing probes of an unpulled model or a
+    wrong ``served_model`` as "progress" for ``start_timeout_max_s`` (30 minutes)."""
     assert t.port is not None
     return ServiceSpec(
         name=t.name,
@@ -326,7 +332,7 @@ def external_service(t: ExternalTier, key: str | None = None) -> ServiceSpec:
         host="127.0.0.1",
         model=t.served_model,
         probe=external_probe(t, key),
-        ready_timeout_s=t.ready_timeout_s,
+        ready_timeout_s=t.ready_timeout_s or default_ready_s,
     )
 
 
@@ -442,7 +448,7 @@ def build_plan(
         elif (gone := _missing_program(x)) is not None:
             missing[x.name] = gone
         else:
-            servers.append(external_service(x, tier_key))
+            servers.append(external_service(x, tier_key, stack.watchdog.start_timeout_s))
     proxy = proxy_service(stack, paths, key, served_paths, backend_key, tier_keys)
     return Plan(tuple(servers), proxy, missing, tuple(endpoints))
 

@@ -364,3 +364,12 @@ def test_a_new_served_model_health_or_deadline_is_a_new_definition(tmp_path):
     changed = [fingerprint("    served_model: other\n"), fingerprint("    health: /h\n"),
                fingerprint("    ready_timeout_s: 5\n")]
     assert first not in changed and len(set(changed)) == 3
+
+
+def test_a_command_tier_without_ready_timeout_s_gets_a_fixed_start_timeout_s(tmp_path):
+    """Not the progress-based deadline: a server that logs each failing probe (an Ollama
+    model not pulled) would look like it is loading for start_timeout_max_s (30 min)."""
+    stack, paths = _stack_and_paths(tmp_path, (
+        f"tiers:\n  big:\n    command: [{PY}]\n    port: 9001\n"
+        "watchdog:\n  start_timeout_s: 45\n"))
+    assert build_plan(stack, paths).model_servers[0].ready_timeout_s == 45.0
