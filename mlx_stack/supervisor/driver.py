@@ -103,6 +103,7 @@ class ServiceDriver:
         m.next_progress_check = now
         m.ready_since = None
         m.probe_failures = 0
+        m.last_probe_detail = ""
         m.probe = None
         m.next_probe_at = now + 0.2
         m.liveness = None
@@ -264,8 +265,12 @@ class ServiceDriver:
                 m.ready_since = now
                 m.probe_failures = 0
                 self.set_state(m, S.READY)
-            elif now >= self._start_deadline(m):
-                detail = f" ({res.detail})" if res is not None and res.detail else ""
+                return
+            if res is not None and res.detail:
+                m.last_probe_detail = res.detail  # the reason a failed start gives
+            if now >= self._start_deadline(m):
+                last = res.detail if res is not None and res.detail else m.last_probe_detail
+                detail = f" ({last})" if last else ""
                 self._fail_by_killing(m, now, f"not ready after {now - m.started_at:.0f} s"
                                       + detail)
             return

@@ -269,3 +269,31 @@ def test_down_leaves_no_process_and_frees_the_ports(ext):
         time.sleep(0.1)
     for name in ("ext", "embeddings", "proxy"):
         assert is_free(ext.ports[name], "127.0.0.1"), name
+
+
+def test_a_command_tier_that_never_answers_right_fails_its_start_in_time(tmp_path):
+    """The fake logs every request, as Ollama and llama.cpp do: with the watchdog's
+    progress-based deadline its failing probes (here: a served_model it does not serve) would
+    read as loading for start_timeout_max_s. A command: tier's deadline is fixed."""
+    home = tmp_path / "stuck"
+    home.mkdir(mode=0o700)
+    port, proxy = free_port(), free_port()
+    (home / "stack.yaml").write_text(
+        f"tiers:\n  wrong:\n    command: [{sys.executable}, {FAKE}, --port, '{port}', "
+        "--model, real-name]\n"
+        f"    port: {port}\n    served_model: not-this-one\n"
+        f"proxy:\n  port: {proxy}\n"
+        "watchdog:\n  start_timeout_s: 3\n  start_timeout_max_s: 120\n")
+    ensure_key(home / "proxy.key")
+    env = StackEnv(home, {"wrong": port, "proxy": proxy})
+    try:
+        began = time.monotonic()
+        res = env.cli("up", timeout=120)
+        took = time.monotonic() - began
+        assert res.returncode != 0, res.stdout
+        assert "not ready after 3 s" in res.stderr, res.stderr
+        assert "The model `not-this-one` does not exist" in res.stderr, res.stderr
+        assert took < 60, took  # far from start_timeout_max_s
+    finally:
+        env.cli("down", timeout=120)
+        env.kill_everything()
