@@ -19,6 +19,7 @@ Only requests that carry the proxy's key are read (the others go on to LiteLLM's
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -37,6 +38,8 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 
 PATHS = frozenset({"/v1/embeddings", "/embeddings"})
+OFF_LOOP_BYTES = 256 * 1024
+"""Answers from this size are re-encoded in a worker thread, so the proxy keeps answering."""
 FORMATS = ("float", "base64")
 
 
@@ -169,13 +172,18 @@ class Normalize:
         passed = [(k, v) for k, v in caught.headers if k not in (b"content-length",)]
         if status == 200:
             try:
-                payload = json.dumps(client_answer(json.loads(payload), wanted)).encode()
+                payload = (_reshape(payload, wanted) if len(payload) < OFF_LOOP_BYTES
+                           else await asyncio.to_thread(_reshape, payload, wanted))
             except NormalizeError as exc:
                 status, payload = exc.status, exc.body()
             except ValueError:
                 status, payload = 502, NormalizeError(
                     502, "the external embeddings server's answer is not JSON").body()
         await _answer(send, status, payload, passed)
+
+
+def _reshape(payload: bytes, wanted: Wanted) -> bytes:
+    return json.dumps(client_answer(json.loads(payload), wanted)).encode()
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:

@@ -145,3 +145,23 @@ def test_the_middleware_leaves_other_models_and_keyless_requests_alone():
     keyless = {"model": "local-embed", "input": "x", "dimensions": 2}
     call(app, keyless, key="sk-someone-else-0000000000")
     assert inner.bodies[-1] == keyless  # LiteLLM answers it (401); this layer reads nothing
+
+
+def test_a_large_answer_is_reshaped_off_the_event_loop_alike():
+    """Many vectors: re-encoded in a worker thread (the proxy keeps serving), same result."""
+    class Many(OllamaLike):
+        async def __call__(self, scope, receive, send) -> None:
+            msg = await receive()
+            body = json.loads(msg["body"])
+            raw = json.dumps({"object": "list", "data": [
+                {"object": "embedding", "index": i, "embedding": VEC.tolist() * 64}
+                for i in range(200)]}).encode()
+            assert len(raw) > 256 * 1024 and body["encoding_format"] == "float"
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": raw})
+
+    app = Normalize(Many(), frozenset({"local-embed"}), KEY)
+    status, body = call(app, {"model": "local-embed", "input": ["x"] * 200,
+                              "encoding_format": "base64", "dimensions": 2})
+    assert status == 200 and len(body["data"]) == 200
+    assert all(np.allclose(unb64(d["embedding"]), [0.6, 0.8]) for d in body["data"])
