@@ -157,7 +157,8 @@ def check_ports(stack: Stack, running: bool) -> list[Check]:
     if running:
         return [Check("ports", Level.OK, "the stack is running and holds its ports")]
     out = []
-    services = [(t.name, t.port) for t in stack.model_servers]
+    services = [pair for t in stack.model_servers  # each replica of a tier on its own port
+                for pair in zip(t.replica_names, t.ports, strict=True)]
     services += [(t.name, t.port) for t in stack.external if t.port is not None]
     services.append(("proxy", stack.proxy.port))
     for name, port in services:

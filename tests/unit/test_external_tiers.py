@@ -213,10 +213,12 @@ def test_external_embeddings_skip_the_fast_lane_and_take_the_normaliser(tmp_path
     path = tmp_path / "litellm.yaml"
     path.write_text(render_config(build_config(stack, {})))
     assert upstreams_from_config(path) == {}
+    assert upstreams_from_config(path, routes(stack)) == {}  # as the proxy reads it
     assert models_from_config(path) == {"local-embed"}
     own = parse("embeddings:\n  model: all-minilm-l6-v2\n  port: 8003\n")
     path.write_text(yaml.safe_dump(build_config(own, {})))
     assert set(upstreams_from_config(path)) == {"local-embed"}
+    assert set(upstreams_from_config(path, routes(own))) == {"local-embed"}
     assert models_from_config(path) == frozenset()
     # A deployment with a key of its own that is not an external tier's (another stack's
     # proxy, say) is none of this layer's business.
