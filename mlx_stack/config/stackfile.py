@@ -106,8 +106,24 @@ class ChatTier:
         return (self.port,)
 
 
+class _Replicated:
+    """A tier of N identical servers on consecutive ports (``replicas``)."""
+
+    name: str
+    port: int
+    replicas: int
+
+    @property
+    def replica_names(self) -> tuple[str, ...]:
+        return replica_names(self.name, self.replicas)
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return tuple(range(self.port, self.port + self.replicas))
+
+
 @dataclass(frozen=True)
-class EmbeddingsTier:
+class EmbeddingsTier(_Replicated):
     model: EmbeddingModel
     quant: str
     port: int
@@ -115,17 +131,9 @@ class EmbeddingsTier:
     name: str = "embeddings"
     replicas: int = 1
 
-    @property
-    def replica_names(self) -> tuple[str, ...]:
-        return replica_names(self.name, self.replicas)
-
-    @property
-    def ports(self) -> tuple[int, ...]:
-        return tuple(range(self.port, self.port + self.replicas))
-
 
 @dataclass(frozen=True)
-class RerankTier:
+class RerankTier(_Replicated):
     """The rerank server: the embeddings server's program in rerank mode, on its own port."""
 
     model: RerankModel
@@ -133,14 +141,6 @@ class RerankTier:
     port: int
     name: str = "rerank"
     replicas: int = 1
-
-    @property
-    def replica_names(self) -> tuple[str, ...]:
-        return replica_names(self.name, self.replicas)
-
-    @property
-    def ports(self) -> tuple[int, ...]:
-        return tuple(range(self.port, self.port + self.replicas))
 
 
 @dataclass(frozen=True)
