@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
-from mlx_stack.config import catalog, stackfile
+from mlx_stack.config import catalog, external, stackfile
 from mlx_stack.config.schema import Field
 from mlx_stack.embeddings import SUPPORTED_ARCHITECTURES
 from mlx_stack.embeddings.model.architectures import (
@@ -53,6 +53,9 @@ ENV_VARS = {
     "`mlx-stack key --backend`); not read from yours",
     "MLX_STACK_WEB_ACCESS": "set by mlx-stack in the proxy's environment: the hosts and web "
     "origins it serves (from proxy.host and proxy.cors_origins); not read from yours",
+    "MLX_STACK_TIER_KEY_": "followed by a tier's name in upper case (`MLX_STACK_TIER_KEY_"
+    "BIG`): set by mlx-stack in the proxy's environment to pass it an external tier's "
+    "`key_file` key; not read from yours",
     "MLX_STACK_STATE_FILE": "set by mlx-stack in the proxy's environment: where the supervisor's "
     "snapshot is, for the same gate; not read from yours",
     "MLX_STACK_IDENTITY_SOURCES": "set by mlx-stack in the proxy's environment: the local names "
@@ -109,6 +112,23 @@ STACK_NOTES: dict[str, Callable[[], str]] = {
         "`mlx-stack key` prints it."
     ),
 }
+
+
+def external_note() -> str:
+    return (
+        "A tier (or the embeddings tier) with `command:` or `url:` instead of `model:` is an "
+        "OpenAI-compatible server the stack does not build (exactly one of `model`, `command`, "
+        "`url`). `command:` + `port:`: the supervisor runs it, probes it through its API (a "
+        "one-token chat completion, or a one-text embedding), restarts it and stops it with the "
+        "stack. `url:`: the stack only probes it (`status` shows it reachable or unreachable). "
+        f"`backend`: {_or(external.EXTERNAL_BACKENDS)}; with `{external.OLLAMA}`, `model` is the "
+        f"Ollama model name, `url` defaults to {external.OLLAMA_URL} and a `command` listens on "
+        f"port {external.OLLAMA_PORT} unless `port` says otherwise. Embeddings from an external "
+        "server reach clients in the encoding they ask for, cut to `dimensions` "
+        "([scale-out.md](scale-out.md#external-servers))."
+    )
+
+
 CATALOG_NOTES: dict[str, Callable[[], str]] = {
     "models[] (chat)": lambda: f"`tier_hint`: {_or(catalog.TIER_HINTS)}.",
     "models[] (embedding)": lambda: (
@@ -228,6 +248,9 @@ def configuration_md() -> str:
         if path in STACK_NOTES:
             out.append("\n" + STACK_NOTES[path]() + "\n")
         out.append("\n")
+    out.append("### `tiers.<name>` or `embeddings`: an external server\n\n")
+    out.append(_table(stackfile.EXTERNAL_TIER_FIELDS))
+    out.append("\n" + external_note() + "\n\n")
     out += [
         "## Catalog files\n\n",
         "The shipped catalog is [`catalog/chat.yaml`](../catalog/chat.yaml) and "

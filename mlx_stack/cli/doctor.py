@@ -131,7 +131,10 @@ def check_stack(paths: StatePaths, catalog: Catalog) -> tuple[Check, Stack | Non
         return Check("stack file", Level.FAIL, first[-1].strip(" -"),
                      "mlx-stack init, or fix the file (docs/troubleshooting.md)"), None
     n = len(stack.model_servers)
-    return Check("stack file", Level.OK, f"{paths.stack_file}: {n} model server(s)"), stack
+    ext = len(stack.external)
+    more = f", {ext} external server(s) (command:/url: tiers)" if ext else ""
+    return Check("stack file", Level.OK,
+                 f"{paths.stack_file}: {n} model server(s){more}"), stack
 
 
 def check_models(stack: Stack) -> list[Check]:
@@ -208,6 +211,7 @@ def check_ports(stack: Stack, running: bool) -> list[Check]:
     out = []
     services = [pair for t in stack.model_servers  # each replica of a tier on its own port
                 for pair in zip(t.replica_names, t.ports, strict=True)]
+    services += [(t.name, t.port) for t in stack.external if t.port is not None]
     services.append(("proxy", stack.proxy.port))
     for name, port in services:
         if ports.is_free(port):

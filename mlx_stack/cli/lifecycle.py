@@ -480,7 +480,16 @@ def status(paths: StatePaths, plan: Plan | None) -> list[ServiceStatus]:
             in_route=s.in_route,
             **common,
         ))
-    return rows
+    return rows + _endpoint_rows(plan)
+
+
+def _endpoint_rows(plan: Plan | None) -> list[ServiceStatus]:
+    """``url:`` tiers, asked now (``endpoints.py``): no supervisor runs them."""
+    from mlx_stack.cli.endpoints import probe_endpoints
+
+    return [ServiceStatus(name=e.name, kind=e.kind, state=e.state, model=e.model, port=e.port,
+                          probe_ms=e.latency_ms, detail=e.detail)
+            for e in probe_endpoints(plan.endpoints if plan else ())]
 
 
 def supervisor_warnings(paths: StatePaths) -> list[str]:

@@ -31,6 +31,9 @@ STATE_STYLES = {
     "backoff": "red",
     "fatal": "bold red",
     "stopped": "dim",
+    "reachable": "green",  # url: tiers (cli/endpoints.py)
+    "failing": "red",
+    "unreachable": "red",
 }
 
 

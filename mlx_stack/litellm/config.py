@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from mlx_stack.backendkey import LITELLM_API_KEY
+from mlx_stack.config.external import ExternalTier
 from mlx_stack.config.proxykey import ENV_VAR
 from mlx_stack.config.remotes import Remote, RemoteModel
 from mlx_stack.config.stackfile import EMBEDDINGS_MODEL_NAME, RERANK_MODEL_NAME, Stack
@@ -62,13 +63,15 @@ def routes(stack: Stack) -> dict[str, Route]:
     on another scale. Their routes list every replica with its port: the gate holds a request
     only when none is ready, and the fast lane knows which servers are the stack's own.
     """
-    names = [t.name for t in stack.tiers]
+    names = list(stack.chat_names)
     out = {n: Route(n, tuple(m for m in names if m != n)) for n in names}
     for model_name, tier in ((EMBEDDINGS_MODEL_NAME, stack.embeddings),
                              (RERANK_MODEL_NAME, stack.rerank)):
         if tier is not None:
             out[model_name] = Route(
                 tier.name, replicas=tuple(zip(tier.replica_names, tier.ports, strict=True)))
+    if stack.external_embeddings is not None:  # an external server: one, no replicas
+        out[EMBEDDINGS_MODEL_NAME] = Route(stack.external_embeddings.name)
     return out
 
 
@@ -95,6 +98,26 @@ def rerank_deployments(stack: Stack) -> list[dict[str, Any]]:
         },
         "model_info": {"mode": "rerank"},
     } for port in r.ports]
+
+
+def external_deployment(stack: Stack, t: ExternalTier) -> dict[str, Any]:
+    """An external server as a deployment: OpenAI's provider at its ``/v1``, its own key by
+    variable name (``os.environ/...``: the key is in the proxy's environment only), never the
+    stack's backend key. Its embeddings go through ``normalize.py`` (not the fast lane, which
+    serves only deployments that take the backend key)."""
+    p = stack.proxy
+    params: dict[str, Any] = {
+        "model": f"openai/{t.served_model}",
+        "api_base": t.api_base,
+        "api_key": t.litellm_api_key,
+    }
+    if t.kind == "embeddings":
+        params["timeout"] = min(p.timeout_s, 120.0)
+        name, mode = EMBEDDINGS_MODEL_NAME, "embedding"
+    else:
+        params["timeout"] = params["stream_timeout"] = p.timeout_s
+        name, mode = t.name, "chat"
+    return {"model_name": name, "litellm_params": params, "model_info": {"mode": mode}}
 
 
 def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
@@ -136,6 +159,7 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
                     "model_info": {"mode": "embedding"},
                 }
             )
+    model_list += [external_deployment(stack, t) for t in stack.external]
     model_list += rerank_deployments(stack)
     model_list += [remote_deployment(r, m, p.timeout_s) for r in stack.remotes for m in r.models]
     fallbacks = [{n: list(r.fallbacks)} for n, r in routes(stack).items() if r.fallbacks]

@@ -1,7 +1,8 @@
 """Run the LiteLLM proxy, with one compatibility shim: JSON bodies sent as form data.
 
 (And the stack's middlewares in front of LiteLLM: ``webguard.py``, ``bodycheck.py``, ``gate.py``,
-then ``fastlane.py``, which answers embedding requests without LiteLLM.)
+``normalize.py`` (vectors of external embeddings servers), then ``fastlane.py``, which answers
+embedding requests without LiteLLM.)
 
 ``curl -d '{"model": ...}'`` without ``-H 'Content-Type: application/json'`` sends a JSON body
 labelled ``application/x-www-form-urlencoded``; LiteLLM then parses it as a form and answers
@@ -89,17 +90,29 @@ def main() -> None:
     from litellm.proxy.proxy_cli import run_server
 
     from mlx_stack.config.proxykey import ENV_VAR
-    from mlx_stack.litellm import bodycheck, fastlane, gate, identity, remotes, webguard
+    from mlx_stack.litellm import (
+        bodycheck,
+        fastlane,
+        gate,
+        identity,
+        normalize,
+        remotes,
+        webguard,
+    )
 
     _use_effective_config(sys.argv, os.environ.get(remotes.REMOTES_FILE_ENV))
 
     # The CLI serves "litellm.proxy.proxy_server:app" by import path; with one worker that is
     # this very module object, so the middleware added here is the one that serves. The last
     # one added runs first: the web guard (Host, Origin, CORS), the body check, the gate,
-    # then the content-type shim, the embeddings fast lane, then LiteLLM.
+    # then the content-type shim, the vector normaliser of external embeddings servers, the
+    # embeddings fast lane, then LiteLLM.
     lane = fastlane.options_from_env(_config_path(sys.argv[1:]), os.environ)
     if lane is not None:
         proxy_server.app.add_middleware(fastlane.FastLane, **lane)
+    norm = normalize.options_from_env(_config_path(sys.argv[1:]), os.environ)
+    if norm is not None:
+        proxy_server.app.add_middleware(normalize.Normalize, **norm)
     proxy_server.app.add_middleware(JsonBodyShim)
     options = gate.options_from_env()
     if options is not None:

@@ -350,7 +350,7 @@ class Supervisor:
                 m.next_start_at = 0.0
 
     def _may_start(self, m: Managed) -> bool:
-        """The proxy waits until at least one model server is ready, and for a first
+        """The proxy waits until at least one model server it runs is ready, and for a first
         verdict on the remotes (so it starts with the remote models it will keep)."""
         if m.spec is None or m.spec.kind is not ServiceKind.PROXY:
             return True
@@ -358,8 +358,10 @@ class Supervisor:
         if prober.targets and (not prober.settled(self.rt.monotonic())
                                or self._remotes_written != prober.accepted):
             return False
-        return any(o.state is S.READY for o in self.services.values()
-                   if o.spec is not None and o.spec.kind is not ServiceKind.PROXY)
+        servers = [o for o in self.services.values()
+                   if o.spec is not None and o.spec.kind is not ServiceKind.PROXY]
+        # A stack of url: tiers only has no model server to wait for.
+        return not servers or any(o.state is S.READY for o in servers)
 
     def _shutdown_step(self) -> bool:
         """Stop the proxy first, then the rest; True once everything has stopped."""

@@ -117,7 +117,9 @@ def run_liveness(
     """Ask the service's cheap health route; 200 is alive, any other answer is broken."""
 
     def check(c: httpx.Client) -> str:
-        r = c.get(f"{probe.url}{LIVENESS_PATHS[probe.kind]}")
+        # An external server's own route (``health:``), which may want its key.
+        r = c.get(f"{probe.url}{probe.health or LIVENESS_PATHS[probe.kind]}",
+                  headers=_auth(probe) if probe.health else {})
         return "" if r.status_code == 200 else f"HTTP {r.status_code}: {r.text[:200]}"
 
     return _run(probe, check, timeout_s, client)

@@ -322,7 +322,7 @@ def scenario(tmp_path: Path, fake: FakeRemotes) -> Scenario:
     sc = Scenario(tmp_path, spec("embeddings", ServiceKind.EMBEDDINGS), start=False)
     r = remote("b", EMBED, ("standard", "standard"))
     plan = sc.current_plan
-    sc.plan = Plan(plan.model_servers, plan.proxy, {}, (RemoteTarget(r, "sk-b"),))
+    sc.plan = Plan(plan.model_servers, plan.proxy, {}, remotes=(RemoteTarget(r, "sk-b"),))
     sc.sup.remote_prober = RemoteProber(InlineExecutor(), fake.check, fake.card, interval_s=1.0)
     sc.sup.load_initial()
     return sc
