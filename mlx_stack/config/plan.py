@@ -455,7 +455,9 @@ def identity_sources(stack: Stack) -> dict[str, dict[str, str]]:
     and where the vector servers' model cards are (the first replica's). No model name: the
     cards say it, and a model change must not change the proxy's definition (it would restart
     the proxy, which a rolling model change of replicas avoids)."""
-    out = {t.name: {"mode": "chat"} for t in stack.tiers}
+    out = {name: {"mode": "chat"} for name in stack.chat_names}
+    if stack.external_embeddings is not None:  # an external server reports no identity:
+        out[EMBEDDINGS_MODEL_NAME] = {"mode": "embedding"}  # never mixed with another
     if stack.embeddings is not None:
         out[EMBEDDINGS_MODEL_NAME] = {"mode": "embedding",
                                       "url": f"http://127.0.0.1:{stack.embeddings.port}"}
