@@ -1,10 +1,12 @@
 """How the stack rides out a crash or a hang of a tier, under load through the proxy.
 
-    python bench/recovery.py [--faults kill,stop,restart] [--targets embeddings,standard]
+    python bench/recovery.py [--faults kill,stop,restart,remote] [--targets embeddings,standard]
                              [--retries 1] [--clients 4] [--seconds 20] [--replicas 1,2]
 
 For each fault (``kill``: kill -9; ``stop``: SIGSTOP, alive but never answering; ``restart``:
-``mlx-stack restart TIER``, with replicas a rolling replacement), target tier, number of
+``mlx-stack restart TIER``, with replicas a rolling replacement; ``remote``: a second stack B,
+its proxy on 127.0.0.2, serves A's ``local-embed`` as a remote, and B's embeddings server is
+killed, then B's whole stack is stopped, while the clients talk to A), target tier, number of
 embeddings replicas (``--replicas``; the fault hits the first replica) and proxy retry
 setting, in one run on this machine: bring up a stack in a temporary state
 folder (free ports; the bundled MiniLM for embeddings; for a chat target two chat tiers,
@@ -128,6 +130,88 @@ def run_scenario(fault: str, target: str, retries: int, clients: int, seconds: f
     }
 
 
+def wait_until(pred, within: float) -> None:
+    deadline = time.monotonic() + within
+    while not pred():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not within {within} s: {pred.__doc__}")
+        time.sleep(0.2)
+
+
+def run_remote_scenario(clients: int, seconds: float) -> dict:
+    """A and B, each an embeddings-only stack with the bundled MiniLM; A lists B's
+    ``local-embed`` under ``remotes:`` (the set-up of tests/e2e/test_remote_stacks.py).
+    The clients call A; B's server dies (kill -9), then B's whole stack stops."""
+    root = Path(tempfile.mkdtemp(prefix="mlx-stack-recovery-remote-"))
+    b = write_stack(root / "b", None, embeddings=True)
+    text = (b.home / "stack.yaml").read_text()
+    (b.home / "stack.yaml").write_text(text.replace("proxy:\n", "proxy:\n  host: 127.0.0.2\n"))
+    a = write_stack(root / "a", None, embeddings=True)
+    (a.home / "remotes").mkdir()
+    (a.home / "remotes" / "b.key").write_text(b.key() + "\n")
+    (a.home / "remotes" / "b.key").chmod(0o600)
+    with (a.home / "stack.yaml").open("a") as f:
+        f.write(f"remotes:\n  b:\n    url: http://127.0.0.2:{b.ports['proxy']}\n"
+                "    key_file: remotes/b.key\n    models: [local-embed]\n")
+    results: list[tuple[float, float, int]] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+    url = a.url("proxy") + "/v1/embeddings"
+    headers = {"Authorization": f"Bearer {a.key()}"}
+
+    def accepted() -> bool:
+        """B's local-embed accepted by A and A's proxy ready"""
+        st = a.status()
+        (remote,) = st["remotes"]
+        proxy = next(s for s in st["services"] if s["name"] == "proxy")
+        return remote["models"][0]["verdict"] == "accepted" and proxy["state"] == "ready"
+
+    def client() -> None:
+        with httpx.Client(timeout=120, trust_env=False) as c:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    status = c.post(url, json={"model": "local-embed", "input": "a steady load"},
+                                    headers=headers).status_code
+                except httpx.HTTPError:
+                    status = 0
+                with lock:
+                    results.append((t0, time.monotonic(), status))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    try:
+        b.cli("up", check=True, timeout=600)
+        a.cli("up", check=True, timeout=600)
+        wait_until(accepted, 120)
+        for t in threads:
+            t.start()
+        time.sleep(5)
+        emb = next(s for s in b.status()["services"] if s["name"] == "embeddings")
+        fault_at = time.monotonic()
+        os.kill(emb["pid"], signal.SIGKILL)  # a process B's stack started
+        time.sleep(seconds / 2)
+        b.cli("down", check=True, timeout=120)
+        time.sleep(seconds / 2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=130)
+        for env in (a, b):
+            env.cli("down", timeout=120)
+            env.kill_everything()
+    after = [(e - s) * 1000 for s, e, _ in results if s >= fault_at - 1]
+    latencies = [(e - s) * 1000 for s, e, _ in results]
+    return {
+        "requests": len(results),
+        "failed": sum(1 for *_, st in results if st != 200),
+        "statuses": dict(Counter(st for *_, st in results if st != 200)),
+        "fault_to_ready_s": None,
+        "fault_to_new_process_s": None,
+        "p50_ms": statistics.median(latencies) if latencies else None,
+        "max_ms": max(after) if after else None,
+    }
+
+
 def cpu_model() -> str:
     """The CPU's name and its widest vector extensions (the machines differ day to day)."""
     try:
@@ -162,6 +246,14 @@ def main() -> None:
           "worst (ms) | load avg (1 min) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for fault in a.faults.split(","):
+        if fault == "remote":
+            res = run_remote_scenario(a.clients, a.seconds)
+            kinds = ", ".join(f"{s}: {c}" for s, c in sorted(res["statuses"].items()))
+            print(f"| remote (B's server kill -9, then B down) | embeddings | 1 + B | - | "
+                  f"{res['requests']} | {res['failed']}{f' ({kinds})' if kinds else ''} | - | - "
+                  f"| {res['p50_ms']:.1f} | {res['max_ms']:.0f} | {os.getloadavg()[0]:.1f} |",
+                  flush=True)
+            continue
         for target in a.targets.split(","):
             for n in (int(x) for x in a.replicas.split(",")):
                 if n > 1 and target != "embeddings":
