@@ -44,6 +44,9 @@ ENV_VARS = {
     "MLX_STACK_HOME": "the state folder (default `~/.mlx-stack`): stack file, key, logs, run/",
     "MLX_STACK_BLAS": "path of an optimised BLAS to preload into MLX children on Linux, or "
     "`none` to preload nothing (default: found automatically)",
+    "MLX_STACK_ENGINE": "what runs the embeddings encoder: `auto` (default: measured on first "
+    "start and cached; MLX on Apple Silicon), `mlx` or `onnx` (ONNX Runtime; bert and "
+    "xlm_roberta); the server's `--engine` wins",
     "MLX_STACK_PROXY_KEY": "set by mlx-stack in the proxy's own environment to pass it the "
     "key; not read from yours",
     "MLX_STACK_ROUTES": "set by mlx-stack in the proxy's environment: each model name's service "

@@ -1,0 +1,110 @@
+"""Load the encoder with the engine chosen for this model on this machine.
+
+On a CPU, for a model both engines can run, the first start loads both, times each on the
+model's real shapes (one short query, and a batch of the server's typical size), keeps the
+winner (``choice.decide``), drops the other and caches the result, so later starts load one
+engine only. The measurement is bounded: a few dozen short passes and a few batches (well
+under the ~3 s budget for MiniLM- and bge-small-sized models).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..cpu import blas
+from ..model.settings import ModelSettings
+from .choice import ChoiceCache, EngineChoice, EngineMode, Machine, Timing, choice_key, decide, plan
+
+log = logging.getLogger("mlx_stack.embeddings")
+
+SHORT_RUNS = 15
+BATCH_RUNS = 3
+BATCH_SHAPE = (16, 32)
+"""A batch of 16 texts of 32 tokens: what the cost-model batcher gathers under light load."""
+MEASURE_TEXT = "how do I reset my password"
+
+
+def versions() -> dict[str, str]:
+    """Library versions a measurement depends on (and the BLAS MLX got)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"blas": blas.preload().name}
+    for package in ("mlx", "onnxruntime", "mlx-stack"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "absent"
+    return found
+
+
+def load_encoder(settings: ModelSettings, content_sha256: str, mode: EngineMode,
+                 fast_kernels: bool = True) -> Any:  # fmt: skip
+    """The loaded encoder (``engine_choice`` set on it) for ``settings``."""
+    from ..cpu.kernels import private_cache_dir
+    from .onnxencoder import onnx_problem
+
+    machine = Machine.from_host(versions())
+    problem = onnx_problem(settings)
+    fixed = plan(mode, machine, problem)
+    if fixed is not None:
+        encoder = _load(fixed.engine, settings, content_sha256, fast_kernels)
+        encoder.engine_choice = fixed
+        return encoder
+    cache = ChoiceCache(private_cache_dir("engine")[0])
+    key = choice_key(content_sha256, machine)
+    cached = cache.read(key)
+    if cached is not None:
+        encoder = _load(cached.engine, settings, content_sha256, fast_kernels)
+        encoder.engine_choice = cached
+        return encoder
+    started = time.monotonic()
+    encoders = {name: _load(name, settings, content_sha256, fast_kernels)
+                for name in ("onnx", "mlx")}  # fmt: skip
+    measured = {name: measure(enc.forward, enc.tokenizer) for name, enc in encoders.items()}
+    choice = decide(measured)
+    choice = EngineChoice(choice.engine, choice.reason, choice.measured, key=key)
+    log.info("engine: %s (%s; measured in %.1f s on %s)", choice.engine, choice.reason,
+             time.monotonic() - started, machine.describe())  # fmt: skip
+    cache.write(choice, machine)
+    chosen = encoders.pop(choice.engine)
+    encoders.clear()
+    gc.collect()
+    chosen.engine_choice = choice
+    return chosen
+
+
+def measure(forward: Callable[[Sequence[Sequence[int]]], Any], tokenizer: Any) -> Timing:
+    """Median milliseconds of a short query and of a batch, after one warm pass of each."""
+    short = tokenizer.encode([MEASURE_TEXT])[0].ids
+    rows, length = BATCH_SHAPE
+    length = min(length, getattr(tokenizer, "max_length", length))
+    filler = (short * length)[:length]
+    batch = [filler] * rows
+    return Timing(_median_ms(forward, [short], SHORT_RUNS), _median_ms(forward, batch, BATCH_RUNS))
+
+
+def _median_ms(forward: Callable[[Sequence[Sequence[int]]], Any],
+               sequences: Sequence[Sequence[int]], runs: int) -> float:  # fmt: skip
+    forward(sequences)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        forward(sequences)
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 3)
+
+
+def _load(engine: str, settings: ModelSettings, content_sha256: str, fast_kernels: bool) -> Any:
+    if engine == "onnx":
+        from ..cpu.kernels import private_cache_dir
+        from .onnxencoder import OnnxEncoder
+
+        return OnnxEncoder.load(settings, content_sha256, private_cache_dir("onnx")[0])
+    from ..model.encoder import TextEncoder
+
+    return TextEncoder.load(settings, fast_kernels=fast_kernels)
