@@ -10,9 +10,11 @@ Supported: ``bert`` and ``xlm_roberta`` with absolute positions, exact GELU and 
 weights (float32, float16 or bfloat16, computed in float32). Anything else raises
 :class:`OnnxUnsupported` with the reason, and the server keeps that model on MLX.
 
-The graph takes right-padded ``input_ids`` and ``attention_mask`` (int32 ``[batch, tokens]``)
-and returns ``last_hidden_state`` (float32 ``[batch, tokens, hidden]``); pooling is shared with
-the MLX engine (``model/pooling.py``). Token types are all 0 for one text, so that row is
+``bench/onnx_graphs.py`` times this graph against a standard-op variant and the torch-exported
+one. The graph takes right-padded ``input_ids`` and ``attention_mask`` (int32
+``[batch, tokens]``) and returns ``last_hidden_state`` (float32 ``[batch, tokens, hidden]``);
+pooling is shared with the MLX engine (``model/pooling.py``). Token types are all 0 for one
+text, so that row is
 folded into the position table. XLM-RoBERTa numbers positions from ``pad_token_id + 1``; with
 right padding every real token's position is its index plus that offset, so the table is
 sliced once at build time (padded positions differ from transformers', but they are masked).
@@ -103,15 +105,19 @@ def _float32(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def build(folder: Path) -> bytes:
+def build(folder: Path, attention: str = "fused") -> bytes:
     """The serialised ONNX model for ``folder``; raises :class:`OnnxUnsupported`."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     shape = EncoderShape.from_config(config)
-    return build_from(shape, read_weights(folder)).SerializeToString()
+    return build_from(shape, read_weights(folder), attention).SerializeToString()
 
 
-def build_from(shape: EncoderShape, w: dict[str, np.ndarray]) -> Any:
-    """The ``onnx.ModelProto`` for ``shape`` with weights ``w`` (checked for completeness)."""
+def build_from(shape: EncoderShape, w: dict[str, np.ndarray], attention: str = "fused") -> Any:
+    """The ``onnx.ModelProto`` for ``shape`` with weights ``w`` (checked for completeness).
+
+    ``attention``: ``fused`` (``com.microsoft.Attention``, the default) or ``standard`` (plain
+    MatMul/Softmax ops, which ORT's CPU optimizer leaves unfused): the benchmark compares them.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -131,8 +137,15 @@ def build_from(shape: EncoderShape, w: dict[str, np.ndarray]) -> Any:
     graph.node("Slice", ["positions", zero, "length", zero], ["pos"])
     graph.node("Add", ["words", "pos"], ["embedded"])
     x = graph.layer_norm("embedded", "embeddings.LayerNorm", shape.eps)
+    if attention == "standard":
+        graph.node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT)
+        graph.node("Sub", [graph.const("f_one", np.array(1.0, np.float32)), "mask_f"], ["unmask"])
+        lowest = np.array(np.finfo(np.float32).min, np.float32)
+        graph.node("Mul", ["unmask", graph.const("lowest", lowest)], ["bias2d"])
+        graph.node("Unsqueeze", ["bias2d", graph.const("axes12", np.array([1, 2], np.int64))],
+                   ["mask_bias"])  # fmt: skip
     for i in range(shape.layers):
-        x = _layer(graph, shape, f"encoder.layer.{i}", x)
+        x = _layer(graph, shape, f"encoder.layer.{i}", x, attention)
     graph.node("Identity", [x], ["last_hidden_state"])
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", "tokens"])
               for n in ("input_ids", "attention_mask")]  # fmt: skip
@@ -149,16 +162,13 @@ def build_from(shape: EncoderShape, w: dict[str, np.ndarray]) -> Any:
     return model
 
 
-def _layer(graph: _Graph, shape: EncoderShape, p: str, x: str) -> str:
+def _layer(graph: _Graph, shape: EncoderShape, p: str, x: str, attention: str) -> str:
     """One post-norm encoder layer: attention, add & norm, feed-forward, add & norm."""
     att = f"{p}.attention"
-    parts = ("query", "key", "value")
-    qkv_w = np.concatenate([graph.take(f"{att}.self.{n}.weight").T for n in parts], axis=1)
-    qkv_b = np.concatenate([graph.take(f"{att}.self.{n}.bias") for n in parts])
-    graph.init(f"{p}.qkv_w", qkv_w)
-    graph.init(f"{p}.qkv_b", qkv_b)
-    graph.node("Attention", [x, f"{p}.qkv_w", f"{p}.qkv_b", "attention_mask"], [f"{p}.att"],
-               domain=MS_DOMAIN, num_heads=shape.heads)  # fmt: skip
+    if attention == "standard":
+        _standard_attention(graph, shape, p, x)
+    else:
+        _fused_attention(graph, shape, p, x)
     attended = graph.dense_skip_norm(f"{p}.att", x, f"{att}.output.dense",
                                      f"{att}.output.LayerNorm", shape.eps)  # fmt: skip
     graph.node("MatMul", [attended, graph.transposed(f"{p}.intermediate.dense.weight")],
@@ -167,6 +177,44 @@ def _layer(graph: _Graph, shape: EncoderShape, p: str, x: str) -> str:
                [f"{p}.gelu"], domain=MS_DOMAIN)  # fmt: skip
     return graph.dense_skip_norm(f"{p}.gelu", attended, f"{p}.output.dense",
                                  f"{p}.output.LayerNorm", shape.eps)  # fmt: skip
+
+
+def _standard_attention(graph: _Graph, shape: EncoderShape, p: str, x: str) -> None:
+    """Scaled dot-product attention in plain ONNX ops; the scale folded into the query."""
+    att = f"{p}.attention.self"
+    head = shape.hidden // shape.heads
+    split = graph.const("split_heads", np.array([0, 0, shape.heads, head], np.int64))
+    merge = graph.const("merge_heads", np.array([0, 0, shape.hidden], np.int64))
+    scale = np.float32(1.0 / np.sqrt(head))
+    names = {}
+    for part, perm in (("query", [0, 2, 1, 3]), ("key", [0, 2, 3, 1]), ("value", [0, 2, 1, 3])):
+        weight, bias = graph.take(f"{att}.{part}.weight").T, graph.take(f"{att}.{part}.bias")
+        if part == "query":
+            weight, bias = weight * scale, bias * scale
+        graph.node("MatMul", [x, graph.init(f"{att}.{part}.wT", weight)], [f"{att}.{part}.mm"])
+        graph.node("Add", [f"{att}.{part}.mm", graph.init(f"{att}.{part}.b", bias)],
+                   [f"{att}.{part}.biased"])  # fmt: skip
+        graph.node("Reshape", [f"{att}.{part}.biased", split], [f"{att}.{part}.heads"])
+        graph.node("Transpose", [f"{att}.{part}.heads"], [f"{att}.{part}.t"], perm=perm)
+        names[part] = f"{att}.{part}.t"
+    graph.node("MatMul", [names["query"], names["key"]], [f"{att}.scores"])
+    graph.node("Add", [f"{att}.scores", "mask_bias"], [f"{att}.masked"])
+    graph.node("Softmax", [f"{att}.masked"], [f"{att}.probs"], axis=-1)
+    graph.node("MatMul", [f"{att}.probs", names["value"]], [f"{att}.context"])
+    graph.node("Transpose", [f"{att}.context"], [f"{att}.context_t"], perm=[0, 2, 1, 3])
+    graph.node("Reshape", [f"{att}.context_t", merge], [f"{p}.att"])
+
+
+def _fused_attention(graph: _Graph, shape: EncoderShape, p: str, x: str) -> None:
+    """ONNX Runtime's ``com.microsoft.Attention``: one node for QKV, scores, softmax, context."""
+    att = f"{p}.attention"
+    parts = ("query", "key", "value")
+    qkv_w = np.concatenate([graph.take(f"{att}.self.{n}.weight").T for n in parts], axis=1)
+    qkv_b = np.concatenate([graph.take(f"{att}.self.{n}.bias") for n in parts])
+    graph.init(f"{p}.qkv_w", qkv_w)
+    graph.init(f"{p}.qkv_b", qkv_b)
+    graph.node("Attention", [x, f"{p}.qkv_w", f"{p}.qkv_b", "attention_mask"], [f"{p}.att"],
+               domain=MS_DOMAIN, num_heads=shape.heads)  # fmt: skip
 
 
 class _Graph:
