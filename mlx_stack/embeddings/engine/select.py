@@ -18,7 +18,18 @@ from typing import Any
 
 from ..cpu import blas
 from ..model.settings import ModelSettings
-from .choice import ChoiceCache, EngineChoice, EngineMode, Machine, Timing, choice_key, decide, plan
+from .choice import (
+    ENGINES,
+    ChoiceCache,
+    Engine,
+    EngineChoice,
+    EngineMode,
+    Machine,
+    Timing,
+    choice_key,
+    decide,
+    plan,
+)
 
 log = logging.getLogger("mlx_stack.embeddings")
 
@@ -49,25 +60,38 @@ def load_encoder(settings: ModelSettings, content_sha256: str, mode: EngineMode,
     from .onnxencoder import onnx_problem
 
     machine = Machine.from_host(versions())
-    problem = onnx_problem(settings)
-    fixed = plan(mode, machine, problem)
+    return choose_and_load(
+        mode, machine, onnx_problem(settings), content_sha256,
+        ChoiceCache(private_cache_dir("engine")[0]),
+        lambda engine: _load(engine, settings, content_sha256, fast_kernels),
+        lambda encoder: measure(encoder.forward, encoder.tokenizer),
+    )  # fmt: skip
+
+
+def choose_and_load(mode: EngineMode, machine: Machine, onnx_problem: str | None,
+                    content_sha256: str, cache: ChoiceCache, load: Callable[[Engine], Any],
+                    timing: Callable[[Any], Timing]) -> Any:  # fmt: skip
+    """The rules in order: forced/Metal/unsupported (no measurement), the cache, a measurement.
+
+    ``load`` loads one engine's encoder; ``timing`` measures a loaded one. On a measurement
+    both are loaded, the loser is dropped and the choice is cached.
+    """
+    fixed = plan(mode, machine, onnx_problem)
     if fixed is not None:
-        encoder = _load(fixed.engine, settings, content_sha256, fast_kernels)
+        encoder = load(fixed.engine)
         encoder.engine_choice = fixed
         return encoder
-    cache = ChoiceCache(private_cache_dir("engine")[0])
     key = choice_key(content_sha256, machine)
     cached = cache.read(key)
     if cached is not None:
-        encoder = _load(cached.engine, settings, content_sha256, fast_kernels)
+        encoder = load(cached.engine)
         encoder.engine_choice = cached
         return encoder
     started = time.monotonic()
-    encoders = {name: _load(name, settings, content_sha256, fast_kernels)
-                for name in ("onnx", "mlx")}  # fmt: skip
-    measured = {name: measure(enc.forward, enc.tokenizer) for name, enc in encoders.items()}
-    choice = decide(measured)
-    choice = EngineChoice(choice.engine, choice.reason, choice.measured, key=key)
+    encoders = {engine: load(engine) for engine in ENGINES}
+    measured = {engine: timing(encoder) for engine, encoder in encoders.items()}
+    decided = decide(measured)
+    choice = EngineChoice(decided.engine, decided.reason, decided.measured, key=key)
     log.info("engine: %s (%s; measured in %.1f s on %s)", choice.engine, choice.reason,
              time.monotonic() - started, machine.describe())  # fmt: skip
     cache.write(choice, machine)
