@@ -80,7 +80,7 @@ def server(request: pytest.FixtureRequest) -> Server:
 def exact_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """MLX's own kernels: what runs where the fast CPU path does not (macOS, no compiler)."""
     log = tmp_path_factory.mktemp("parity-exact") / "server.log"
-    with running_server(log, "--exact-kernels") as running:
+    with running_server(log, "--exact-kernels", "--engine", "mlx") as running:
         yield running
 
 

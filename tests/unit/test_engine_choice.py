@@ -163,8 +163,12 @@ class Bench:
     loaded: list[str] = field(default_factory=list)
     measured: list[str] = field(default_factory=list)
 
+    broken: tuple[str, ...] = ()
+
     def load(self, engine: str) -> FakeEncoder:
         self.loaded.append(engine)
+        if engine in self.broken:
+            raise RuntimeError(f"{engine} cannot load this")
         return FakeEncoder(engine)
 
     def time(self, encoder: FakeEncoder) -> Timing:
@@ -225,6 +229,30 @@ def test_a_forced_engine_ignores_a_cached_choice(tmp_path: Path) -> None:
     assert bench.run(cache, mode="mlx").engine == "mlx" and bench.loaded == ["mlx"]
 
 
+def test_an_onnx_engine_that_fails_to_load_leaves_auto_on_mlx(tmp_path: Path) -> None:
+    bench = Bench(FAST_ONNX, broken=("onnx",))
+    encoder = bench.run(ChoiceCache(tmp_path))
+    assert encoder.engine == "mlx" and bench.measured == []
+    assert encoder.engine_choice is not None
+    assert encoder.engine_choice.reason == ("the ONNX engine failed to load: RuntimeError: onnx "
+                                            "cannot load this")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []  # not cached: the next start tries again
+
+
+def test_a_cached_onnx_choice_that_fails_to_load_falls_back_to_mlx(tmp_path: Path) -> None:
+    cache = ChoiceCache(tmp_path)
+    Bench(FAST_ONNX).run(cache)
+    bench = Bench({}, broken=("onnx",))
+    encoder = bench.run(cache)
+    assert bench.loaded == ["onnx", "mlx"] and encoder.engine == "mlx"
+    assert encoder.engine_choice is not None and "failed to load" in encoder.engine_choice.reason
+
+
+def test_a_forced_onnx_engine_that_fails_to_load_fails_the_load(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="onnx cannot load this"):
+        Bench({}, broken=("onnx",)).run(ChoiceCache(tmp_path), mode="onnx")
+
+
 # --- pooling: one definition for both engines ----------------------------------------------
 
 
@@ -272,3 +300,26 @@ def test_xlm_roberta_positions_start_after_the_padding_id() -> None:
     assert EncoderShape.from_config(BERT).position_offset == 0
     roberta = EncoderShape.from_config({**BERT, "model_type": "xlm-roberta", "pad_token_id": 1})
     assert roberta.model_type == "xlm_roberta" and roberta.position_offset == 2
+
+
+# --- what doctor says ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "machine", "onnxruntime", "entries", "ok", "says"),
+    [
+        ("auto", MAC, "1.32", [], True, "Metal"),
+        ("mlx", CPU, "1.32", [], True, "mlx, forced by MLX_STACK_ENGINE"),
+        ("auto", CPU, "absent", [], False, "onnxruntime is not installed"),
+        ("auto", CPU, "1.32", [], True, "nothing measured yet"),
+        ("auto", CPU, "1.32", [{"engine": "onnx", "cpu": "AMD EPYC", "content_sha256": SHA,
+                                "measured": {"onnx": {"short_ms": 4.4, "batch_ms": 170}}}],
+         True, "last measured onnx for model abababababab on AMD EPYC (short query: onnx 4.4 ms)"),
+    ],
+)  # fmt: skip
+def test_the_doctor_line(mode: Any, machine: Machine, onnxruntime: str,
+                         entries: list[dict[str, Any]], ok: bool, says: str) -> None:  # fmt: skip
+    from mlx_stack.embeddings.engine.choice import summary
+
+    well, detail, fix = summary(mode, machine, onnxruntime, entries)
+    assert well is ok and says in detail and (fix == "") is ok

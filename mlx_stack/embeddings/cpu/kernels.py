@@ -347,6 +347,11 @@ def _cache_base(name: str = "kernels") -> Path:
     return Path(base) / "mlx-stack" / name
 
 
+def cache_folder(name: str) -> Path:
+    """Where the cache folder ``name`` is (not made, not checked: for reports)."""
+    return _cache_base(name)
+
+
 def private_cache_dir(name: str) -> tuple[Path | None, str]:
     """The private cache folder ``name`` (``kernels``, ``onnx``, ``engine``), as below."""
     return _cache_dir(name)

@@ -168,11 +168,12 @@ class ChoiceCache:
             log.warning("ignoring the engine choice cached in %s (%s): measuring again", path, exc)
             return None
 
-    def write(self, choice: EngineChoice, machine: Machine) -> None:
+    def write(self, choice: EngineChoice, machine: Machine, model: str = "") -> None:
         """Store atomically; a failure costs only a measurement at the next start."""
         if self.folder is None or choice.key is None:
             return
-        data = {**choice.card(), "cpu": machine.describe(), "versions": dict(machine.versions)}
+        data = {**choice.card(), "cpu": machine.describe(), "versions": dict(machine.versions),
+                "content_sha256": model}  # fmt: skip
         data["measured"] = data.pop("measured_ms")
         try:
             write_atomic(self.folder / f"{choice.key}.json", json.dumps(data, indent=1) + "\n")
@@ -191,6 +192,29 @@ class ChoiceCache:
             except (OSError, ValueError):
                 continue
         return found
+
+
+def summary(mode: EngineMode, machine: Machine, onnxruntime: str,
+            entries: list[dict[str, Any]]) -> tuple[bool, str, str]:  # fmt: skip
+    """For ``mlx-stack doctor``: (all well, what the embeddings server will run, a fix)."""
+    if machine.metal and mode != "onnx":
+        return True, "MLX (Apple Silicon: Metal)", ""
+    if mode != "auto":
+        return True, f"{mode}, forced by {ENGINE_ENV}", ""
+    if onnxruntime == "absent":
+        return (False, "MLX only: onnxruntime is not installed, so no ONNX Runtime engine to "
+                "measure against (on this CPU it answered a short query ~3x faster)",
+                "pip install onnxruntime onnx")  # fmt: skip
+    if not entries:
+        return True, ("auto: both engines are timed at the first start of each bert/xlm_roberta "
+                      "model and the winner cached; nothing measured yet"), ""  # fmt: skip
+    last = entries[0]
+    times = ", ".join(f"{name} {t.get('short_ms', 0):.1f} ms"
+                      for name, t in last.get("measured", {}).items())  # fmt: skip
+    model = str(last.get("content_sha256", ""))[:12] or "?"
+    return True, (f"auto: last measured {last.get('engine')} for model {model} on "
+                  f"{last.get('cpu', '?')} (short query: {times}); "
+                  f"{len(entries)} measurement(s) cached"), ""  # fmt: skip
 
 
 def mode_from(value: str | None, env: Mapping[str, str] | None = None) -> EngineMode:

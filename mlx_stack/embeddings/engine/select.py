@@ -19,7 +19,6 @@ from typing import Any
 from ..cpu import blas
 from ..model.settings import ModelSettings
 from .choice import (
-    ENGINES,
     ChoiceCache,
     Engine,
     EngineChoice,
@@ -74,7 +73,9 @@ def choose_and_load(mode: EngineMode, machine: Machine, onnx_problem: str | None
     """The rules in order: forced/Metal/unsupported (no measurement), the cache, a measurement.
 
     ``load`` loads one engine's encoder; ``timing`` measures a loaded one. On a measurement
-    both are loaded, the loser is dropped and the choice is cached.
+    both are loaded, the loser is dropped and the choice is cached. Under ``auto``, an ONNX
+    engine that fails to load (a checkpoint the builder cannot read, an ONNX Runtime error)
+    leaves the model on MLX, saying why; a forced one fails the load.
     """
     fixed = plan(mode, machine, onnx_problem)
     if fixed is not None:
@@ -84,22 +85,44 @@ def choose_and_load(mode: EngineMode, machine: Machine, onnx_problem: str | None
     key = choice_key(content_sha256, machine)
     cached = cache.read(key)
     if cached is not None:
-        encoder = load(cached.engine)
-        encoder.engine_choice = cached
+        encoder = _load_or_mlx(load, cached.engine)
+        encoder.engine_choice = encoder.engine_choice or cached
         return encoder
     started = time.monotonic()
-    encoders = {engine: load(engine) for engine in ENGINES}
+    encoders = {"mlx": load("mlx")}
+    onnx = _load_or_mlx(load, "onnx", mlx=encoders["mlx"])
+    if onnx is encoders["mlx"]:
+        return onnx
+    encoders["onnx"] = onnx
     measured = {engine: timing(encoder) for engine, encoder in encoders.items()}
     decided = decide(measured)
     choice = EngineChoice(decided.engine, decided.reason, decided.measured, key=key)
     log.info("engine: %s (%s; measured in %.1f s on %s)", choice.engine, choice.reason,
              time.monotonic() - started, machine.describe())  # fmt: skip
-    cache.write(choice, machine)
+    cache.write(choice, machine, content_sha256)
     chosen = encoders.pop(choice.engine)
     encoders.clear()
     gc.collect()
     chosen.engine_choice = choice
     return chosen
+
+
+def _load_or_mlx(load: Callable[[Engine], Any], engine: Engine, mlx: Any = None) -> Any:
+    """``engine``'s encoder; if ONNX fails to load, the MLX one with the reason as its choice
+    (``engine_choice`` stays ``None`` on success, for the caller to set)."""
+    try:
+        encoder = load(engine)
+    except Exception as exc:
+        if engine != "onnx":
+            raise
+        log.warning("the ONNX engine failed to load (%s: %s): serving with MLX",
+                    type(exc).__name__, exc)  # fmt: skip
+        encoder = mlx if mlx is not None else load("mlx")
+        encoder.engine_choice = EngineChoice(
+            "mlx", f"the ONNX engine failed to load: {type(exc).__name__}: {exc}")
+        return encoder
+    encoder.engine_choice = None
+    return encoder
 
 
 def measure(forward: Callable[[Sequence[Sequence[int]]], Any], tokenizer: Any) -> Timing:

@@ -47,8 +47,11 @@ class TextEncoder:
     Not the catalog's ``mlx_stack.catalog.EmbeddingModel`` (an entry describing a model).
     """
 
+    engine = "mlx"
+
     def __init__(self, settings: ModelSettings, network: Any, tokenizer: TextTokenizer) -> None:
         self.settings = settings
+        self.engine_choice: Any = None  # set by engine/select.py: why MLX runs this model
         self.tokenizer = tokenizer
         self._network = network
         self.load_seconds = 0.0
