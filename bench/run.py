@@ -15,8 +15,8 @@ this machine; the report's notes say which and the milliseconds behind the choic
 The open-loop workload sends short queries at a fixed rate whatever the answers do, and times
 each from its *scheduled* send time, so a server that falls behind pays for the queue it builds
 (closed-loop clients slow down with the server and hide it). The ONNX Runtime peer
-(``ort_server.py``) runs from ``--onnx-site``, a ``pip install --target`` folder holding
-onnxruntime and onnx, so the project's environment stays as it is.
+(``ort_server.py``) runs the model exported by torch, with onnxruntime from the project's
+environment (a dependency on Linux) or from ``--onnx-site``.
 
 Every server runs on this machine at the same time (idle ones use no CPU) and each is driven,
 in turn, by the same workloads over the same fixed corpus (``corpus.py``); rounds interleave
