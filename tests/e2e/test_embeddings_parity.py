@@ -154,6 +154,9 @@ def test_the_two_engines_agree(mlx_server: Server, onnx_server: Server) -> None:
     """Same texts, same batches: MLX's and ONNX Runtime's vectors, element by element."""
     texts = sixty_four_texts()
     with mlx_server.client() as a, onnx_server.client() as b:
+        cards = [http.get("/v1/models").json()["data"][0] for http in (a, b)]
+        assert cards[0]["content_sha256"] == cards[1]["content_sha256"]  # one vector space
+        assert [c["engine"] for c in cards] == ["mlx", "onnx"]
         for chunk in (texts[:1], texts[:16], texts):
             got_mlx, got_onnx = embed(a, chunk), embed(b, chunk)
             low = float(cosines(got_mlx, got_onnx).min())
