@@ -73,11 +73,10 @@ def embeddinggemma_300m(folder: Path) -> None:
                   intermediate_size=1152, query_pre_attn_scalar=256, sliding_window=512,
                   sliding_window_pattern=6, layer_types=layers)  # fmt: skip
     tinyembed.write_random_model(folder, config)
-    for old in folder.glob("*_Dense"):
+    for old in [*folder.glob("*_Dense"), folder / "1_Pooling"]:
         shutil.rmtree(old)
     tinyembed.write_sentence_transformers(folder, "mean_tokens", dense=[(768, 3072), (3072, 768)],
                                           width=768, prompts=tinyembed.GEMMA_PROMPTS)  # fmt: skip
-    _matryoshka(folder, 768)
 
 
 def _matryoshka(folder: Path, width: int) -> None:
@@ -132,7 +131,7 @@ def measure(server: run.Server, loads: dict[str, Any]) -> dict[str, Any]:
         load_s = time.monotonic() - started
         engine = ""
         if server.name == "mlx-stack":
-            engine = run.describe_mlx_stack(server).split(";")[0]
+            engine = run.describe_mlx_stack(server).split(" (")[0]  # "engine onnx"
         out: dict[str, Any] = {"load_s": load_s, "engine": engine}
         for key, workload in loads.items():
             print(f"  {server.name}: {key}", flush=True)
