@@ -56,7 +56,7 @@ def test_first_start_measures_and_caches_the_next_reads_it(tmp_path: Path) -> No
     assert chosen["blas"] == ("ONNX Runtime's own kernels (MLAS)" if choice["engine"] == "onnx"
                               else chosen["blas"])  # fmt: skip
     log = first.log.read_text()
-    assert f"engine: {choice['engine']} (" in log and "measured in" in log
+    assert f"engine: {choice['engine']} (" in log and "timed in" in log
     stored = tmp_path / "cache" / "mlx-stack" / "engine" / f"{choice['key']}.json"
     assert json.loads(stored.read_text())["engine"] == choice["engine"]
     assert stored.stat().st_mode & 0o077 == 0
@@ -67,7 +67,7 @@ def test_first_start_measures_and_caches_the_next_reads_it(tmp_path: Path) -> No
         again = card(second)
         vectors_again = embed(second.client(), MIXED_TEXTS)
     assert again["engine_choice"] == {**choice, "from_cache": True}
-    assert "measured in" not in second.log.read_text()
+    assert "timed in" not in second.log.read_text()
     assert float(cosines(vectors, vectors_again).min()) >= 0.99999
 
 
