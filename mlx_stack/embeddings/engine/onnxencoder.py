@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,9 @@ from ..model.pooling import pool
 from ..model.settings import ModelSettings
 from ..model.tokenizer import Encoded, TextTokenizer, pad_batch
 from . import onnxgraph
+
+SPIN_ENV = "MLX_STACK_ONNX_SPIN"
+"""``1``: ONNX Runtime's idle threads spin (its default); unset: they sleep (ours)."""
 
 GRAPH_VERSION = 1
 """Bumped when ``onnxgraph`` builds a different graph: older cached files are not reused."""
@@ -149,8 +153,10 @@ def _session(model: bytes | str) -> Any:
     options.log_severity_level = 3  # its warnings about unused initialisers are noise here
     # idle intra-op threads sleep instead of spinning: on a 2-core machine spinning threads took
     # the cores from the event loop and the clients (a short query 7 ms without, 18 with, under
-    # load; the same lesson as MKL's KMP_BLOCKTIME, cpu/blas.py)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # load; the same lesson as MKL's KMP_BLOCKTIME, cpu/blas.py). Alone, spinning saves ~0.4 ms
+    # of a 4.4 ms pass (bench/onnx_graphs.py); SPIN_ENV=1 turns it on to compare under load.
+    spin = "1" if os.environ.get(SPIN_ENV) == "1" else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
