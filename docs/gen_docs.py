@@ -49,6 +49,8 @@ ENV_VARS = {
     "xlm_roberta); the server's `--engine` wins",
     "MLX_STACK_ONNX_SPIN": "`1` lets ONNX Runtime's idle threads spin (its default) instead of "
     "sleeping (ours: on 2 cores spinning took the cores from the event loop); for comparisons",
+    "MLX_STACK_ONNX_THREADS": "ONNX Runtime's intra-op threads in the embeddings server "
+    "(default: one per physical core; 1 measured no better on 2 cores)",
     "MLX_STACK_PROXY_KEY": "set by mlx-stack in the proxy's own environment to pass it the "
     "key; not read from yours",
     "MLX_STACK_ROUTES": "set by mlx-stack in the proxy's environment: each model name's service "

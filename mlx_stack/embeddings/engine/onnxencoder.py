@@ -32,6 +32,9 @@ from . import onnxgraph
 SPIN_ENV = "MLX_STACK_ONNX_SPIN"
 """``1``: ONNX Runtime's idle threads spin (its default); unset: they sleep (ours)."""
 
+THREADS_ENV = "MLX_STACK_ONNX_THREADS"
+"""ONNX Runtime's intra-op threads (default: its own, one per physical core)."""
+
 GRAPH_VERSION = 1
 """Bumped when ``onnxgraph`` builds a different graph: older cached files are not reused."""
 
@@ -157,6 +160,9 @@ def _session(model: bytes | str) -> Any:
     # of a 4.4 ms pass (bench/onnx_graphs.py); SPIN_ENV=1 turns it on to compare under load.
     spin = "1" if os.environ.get(SPIN_ENV) == "1" else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    threads = os.environ.get(THREADS_ENV, "")
+    if threads.isdigit() and int(threads) > 0:
+        options.intra_op_num_threads = int(threads)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
