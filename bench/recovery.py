@@ -1,10 +1,12 @@
 """How the stack rides out a crash or a hang of a tier, under load through the proxy.
 
-    python bench/recovery.py [--faults kill,stop] [--targets embeddings,standard]
-                             [--retries 1] [--clients 4] [--seconds 20]
+    python bench/recovery.py [--faults kill,stop,restart] [--targets embeddings,standard]
+                             [--retries 1] [--clients 4] [--seconds 20] [--replicas 1,2]
 
-For each fault (``kill``: kill -9; ``stop``: SIGSTOP, alive but never answering), target tier
-and proxy retry setting, in one run on this machine: bring up a stack in a temporary state
+For each fault (``kill``: kill -9; ``stop``: SIGSTOP, alive but never answering; ``restart``:
+``mlx-stack restart TIER``, with replicas a rolling replacement), target tier, number of
+embeddings replicas (``--replicas``; the fault hits the first replica) and proxy retry
+setting, in one run on this machine: bring up a stack in a temporary state
 folder (free ports; the bundled MiniLM for embeddings; for a chat target two chat tiers,
 ``standard`` and ``fast``, on a tiny random model built here), drive the target through the
 proxy with N client threads, inject the fault, and report the requests that failed (and how
@@ -53,14 +55,16 @@ def request_for(target: str) -> tuple[str, dict]:
                                     "messages": [{"role": "user", "content": "hi"}]}
 
 
-def run_scenario(fault: str, target: str, retries: int, clients: int, seconds: float) -> dict:
+def run_scenario(fault: str, target: str, retries: int, clients: int, seconds: float,
+                 replicas: int = 1) -> dict:
     home = Path(tempfile.mkdtemp(prefix="mlx-stack-recovery-"))
     model = None
     if target != "embeddings":
         from tinymodel import build_tiny_chat_model
 
         model = build_tiny_chat_model(home / "models" / "tiny-chat")
-    env = write_stack(home / "state", model, embeddings=target == "embeddings")
+    env = write_stack(home / "state", model, embeddings=target == "embeddings",
+                      replicas=replicas if target == "embeddings" else 1)
     home = env.home
     stack = home / "stack.yaml"
     text = stack.read_text()
@@ -92,8 +96,11 @@ def run_scenario(fault: str, target: str, retries: int, clients: int, seconds: f
         _, pid, _ = tier_state(home, target)
         assert pid is not None
         fault_wall, fault_at = time.time(), time.monotonic()
-        os.kill(pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
         started_wall = None
+        if fault == "restart":  # returns once every replica runs a new, ready process
+            env.cli("restart", target, check=True, timeout=600)
+        else:
+            os.kill(pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
         while time.monotonic() - fault_at < 300:
             state, p, started = tier_state(home, target)
             if p not in (None, pid) and started_wall is None:
@@ -142,6 +149,7 @@ def main() -> None:
     ap.add_argument("--retries", default="1")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--replicas", default="1", help="embeddings replicas, e.g. 1,2")
     a = ap.parse_args()
     load = os.getloadavg()
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {platform.platform()}, python "
@@ -149,21 +157,24 @@ def main() -> None:
     print(f"workload: {a.clients} clients through the proxy (one-text embeddings, or 4-token "
           f"chat completions to `standard` with `fast` as its fallback), the fault after 5 s, "
           f"{a.seconds:.0f} s from the fault; the watchdog's default settings\n")
-    print("| fault | tier | proxy num_retries | requests | failed (HTTP status: count; "
-          "0 = no answer) | fault → new process (s) | fault → ready (s) | p50 (ms) | "
-          "worst (ms) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| fault | tier | replicas | proxy num_retries | requests | failed (HTTP status: "
+          "count; 0 = no answer) | fault → new process (s) | fault → ready (s) | p50 (ms) | "
+          "worst (ms) | load avg (1 min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for fault in a.faults.split(","):
         for target in a.targets.split(","):
-            for r in (int(x) for x in a.retries.split(",")):
-                res = run_scenario(fault, target, r, a.clients, a.seconds)
-                spawn = res["fault_to_new_process_s"]
-                kinds = ", ".join(f"{s}: {n}" for s, n in sorted(res["statuses"].items()))
-                print(f"| {fault} | {target} | {r} | {res['requests']} | {res['failed']}"
-                      f"{f' ({kinds})' if kinds else ''} | "
-                      f"{spawn if spawn is None else f'{spawn:.2f}'} | "
-                      f"{res['fault_to_ready_s']:.2f} | {res['p50_ms']:.1f} | "
-                      f"{res['max_ms']:.0f} |", flush=True)
+            for n in (int(x) for x in a.replicas.split(",")):
+                if n > 1 and target != "embeddings":
+                    continue  # replicas are an embeddings (and rerank) tier setting
+                for r in (int(x) for x in a.retries.split(",")):
+                    res = run_scenario(fault, target, r, a.clients, a.seconds, n)
+                    spawn = res["fault_to_new_process_s"]
+                    kinds = ", ".join(f"{s}: {c}" for s, c in sorted(res["statuses"].items()))
+                    print(f"| {fault} | {target} | {n} | {r} | {res['requests']} | "
+                          f"{res['failed']}{f' ({kinds})' if kinds else ''} | "
+                          f"{spawn if spawn is None else f'{spawn:.2f}'} | "
+                          f"{res['fault_to_ready_s']:.2f} | {res['p50_ms']:.1f} | "
+                          f"{res['max_ms']:.0f} | {os.getloadavg()[0]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -177,3 +177,21 @@ def all_log_files(path: Path, backups: int = 99) -> list[Path]:
     """The backups, oldest first, then the live file: the order to read them in."""
     olds = [backup_path(path, i) for i in range(backups, 0, -1)]
     return [p for p in [*olds, path] if is_log(p)]
+
+
+def follow_many(paths: dict[str, Path], poll_s: float = 0.25) -> Iterator[tuple[str, str]]:
+    """(name, line) for lines appended to any of ``paths`` from now on (the replicas of a
+    tier: `mlx-stack logs embeddings -f`), each file followed by its own thread."""
+    import queue
+    import threading
+
+    lines: queue.Queue[tuple[str, str]] = queue.Queue()
+
+    def pump(name: str, path: Path) -> None:
+        for line in follow(path, poll_s):
+            lines.put((name, line))
+
+    for name, path in paths.items():
+        threading.Thread(target=pump, args=(name, path), daemon=True).start()
+    while True:
+        yield lines.get()

@@ -76,6 +76,20 @@ def free_port() -> int:
     return port
 
 
+def free_port_run(n: int) -> int:
+    """The first of ``n`` consecutive free ports (a tier's replicas take consecutive ports),
+    chosen and handed out as :func:`free_port` does."""
+    low = _ephemeral_low()
+    candidates = list(range(max(1024, low - 12000), low - n)) if low > 2048 + n else []
+    random.shuffle(candidates)
+    for base in candidates[:500]:
+        run = range(base, base + n)
+        if not any(p in _handed_out for p in run) and all(is_free(p) for p in run):
+            _handed_out.update(run)
+            return base
+    raise OSError(f"no {n} consecutive free ports below {low}")
+
+
 def _ephemeral_low() -> int:
     """The first port of the OS's ephemeral range (Linux: ip_local_port_range)."""
     try:

@@ -162,7 +162,8 @@ def check_ports(stack: Stack, running: bool) -> list[Check]:
     if running:
         return [Check("ports", Level.OK, "the stack is running and holds its ports")]
     out = []
-    services = [(t.name, t.port) for t in stack.model_servers]
+    services = [pair for t in stack.model_servers  # each replica of a tier on its own port
+                for pair in zip(t.replica_names, t.ports, strict=True)]
     services.append(("proxy", stack.proxy.port))
     for name, port in services:
         if ports.is_free(port):

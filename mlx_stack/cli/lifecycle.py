@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from mlx_stack.config.plan import Plan, ServiceSpec
 from mlx_stack.config.stackfile import Stack
+from mlx_stack.contract.addressing import resolve
 from mlx_stack.contract.commands import Action, Answer, Command, Mailbox, known_names_message
 from mlx_stack.contract.snapshot import (
     ServiceSnapshot,
@@ -89,6 +90,10 @@ class ServiceStatus:
     last_exit: str | None = None
     last_exit_log: tuple[str, ...] = ()
     detail: str = ""
+    #: The tier a replica serves (``embeddings`` for ``embeddings-2``); "" for the others.
+    tier: str = ""
+    #: False while the supervisor drains this replica before replacing it.
+    in_route: bool = True
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -105,6 +110,8 @@ class ServiceStatus:
             "last_exit": self.last_exit,
             "last_exit_log": list(self.last_exit_log),
             "detail": self.detail,
+            "tier": self.tier or None,
+            "in_route": self.in_route,
         }
 
 
@@ -156,13 +163,24 @@ def check_service_name(name: str, known: Sequence[str]) -> None:
 def known_services(paths: StatePaths, plan: Plan | None) -> list[str]:
     """The services a command may name: the running supervisor's, and the stack file's."""
     snap, _ = _snapshot_or_problem(paths)
-    names = [s.name for s in snap.services] if snap and supervisor_alive(snap) else []
+    names = list(snap.addressable) if snap and supervisor_alive(snap) else []
     return names + [n for n in (plan.names if plan else ()) if n not in names]
 
 
-def _spawn_supervisor(paths: StatePaths, only: str | None, report: Report) -> int | None:
+def addressed(paths: StatePaths, plan: Plan | None, name: str) -> tuple[str, ...]:
+    """The services ``name`` addresses: every replica for a tier with replicas (from the
+    running supervisor, else the stack file), the first alone for ``<tier>-1``."""
+    snap, _ = _snapshot_or_problem(paths)
+    groups = snap.groups if snap and supervisor_alive(snap) else {}
+    return resolve(name, groups or (plan.groups if plan else {}))
+
+
+def _spawn_supervisor(paths: StatePaths, only: Sequence[str] | None,
+                      report: Report) -> int | None:
     """Start the supervisor; its pid, or None if another one won the race for the lock."""
-    argv = processes.python_module("mlx_stack.supervisor") + (["--only", only] if only else [])
+    argv = processes.python_module("mlx_stack.supervisor")
+    for name in only or ():
+        argv += ["--only", name]
     env = {**os.environ, **processes.SAFE_PATH_ENV, "MLX_STACK_HOME": str(paths.home)}
     log, warning = open_append(paths.log_file("supervisor"))
     if warning:
@@ -301,17 +319,18 @@ def up(
 ) -> UpResult:
     """Start the stack (or one model server) under the supervisor; return once ready."""
     plan.require_complete()
-    names = [s.name for s in plan.model_servers]
+    names = [*(s.name for s in plan.model_servers), *plan.aliases]
     if tier is not None and tier not in names:
         raise ConfigError(stack.path or "stack", [known_names_message(tier, names)])
+    members = list(resolve(tier, plan.groups)) if tier else []
     since = time.time()
     make_dirs(paths.run)
     snap = _live_snapshot(paths)
     if snap is None:
         # Leftovers of a dead supervisor are ended by the new one, under the lock.
-        wanted = [s for s in plan.all if tier is None or s.name == tier]
+        wanted = [s for s in plan.all if tier is None or s.name in members]
         _check_ports(wanted)
-        pid = _spawn_supervisor(paths, tier, report)
+        pid = _spawn_supervisor(paths, members, report)
         if pid is None:
             snap = _wait_for_supervisor(paths)
         else:
@@ -322,7 +341,7 @@ def up(
         except StateError as exc:
             raise ServiceStartError(f"the supervisor refused the stack file: {exc}") from None
         send(paths, Action.START, tier)
-    targets = [tier] if tier else [s.name for s in plan.all]
+    targets = members or [s.name for s in plan.all]
     limit = stack.watchdog.start_timeout_max_s + 60
     wait_ready(paths, targets, report, since, limit,
                fingerprints={s.name: s.fingerprint for s in plan.all},
@@ -349,10 +368,12 @@ def restart(
     if snap is None:
         raise StateError("no supervisor is running this stack; `mlx-stack up` starts it")
     if service is not None:
-        check_service_name(service, [s.name for s in snap.services])
+        check_service_name(service, snap.addressable)
     since = time.time()
     send(paths, Action.RESTART, service)
-    names = [service] if service else [s.name for s in snap.services if s.wanted]
+    # A tier with replicas is replaced one at a time: wait for every replica's new process.
+    names = (list(snap.members(service)) if service
+             else [s.name for s in snap.services if s.wanted])
     sizes = {s.name: s.weights_bytes for s in plan.all} if plan else None
     wait_ready(paths, names, report, since, timeout_s, fresh=True, watch=watch, sizes=sizes)
     return names
@@ -370,17 +391,20 @@ def down(
     snap = _live_snapshot(paths)
     if tier is not None:
         check_service_name(tier, known_services(paths, plan))
-        if snap is None or snap.service(tier) is None:
+        if snap is None or not any(snap.service(n) for n in snap.members(tier)):
             report(tier, "not running")
             return []
+        members = [n for n in snap.members(tier) if snap.service(n) is not None]
         send(paths, Action.STOP, tier)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             now = _live_snapshot(paths)
-            s = now.service(tier) if now else None
-            if s is None or s.state == ServiceState.STOPPED.value:
-                report(tier, "stopped")
-                return [tier]
+            left = [n for n in members if now is not None and (s := now.service(n)) is not None
+                    and s.state != ServiceState.STOPPED.value]
+            if not left:
+                for n in members:
+                    report(n, "stopped")
+                return members
             time.sleep(POLL_S)
         raise StateError(f"{tier} did not stop within {timeout_s:.0f} s")
     stopped: list[str] = []
@@ -412,6 +436,7 @@ def status(paths: StatePaths, plan: Plan | None) -> list[ServiceStatus]:
     names = [s.name for s in plan.all] if plan else []
     names += [n for n in known if n not in names]
     specs = {s.name: s for s in plan.all} if plan else {}
+    groups = plan.groups if plan else (snap.groups if snap else {})
     now = time.time()
     for name in names:
         s = known.get(name)
@@ -424,6 +449,7 @@ def status(paths: StatePaths, plan: Plan | None) -> list[ServiceStatus]:
             "restarts": s.restarts if s else 0,
             "last_exit": s.last_exit.describe() if s and s.last_exit else None,
             "last_exit_log": s.last_exit.log_tail if s and s.last_exit else (),
+            "tier": spec.group if spec and spec.group in groups else "",
         }
         if s is None or not alive:
             leftover = s is not None and s.process is not None and processes.is_running(s.process)
@@ -441,6 +467,8 @@ def status(paths: StatePaths, plan: Plan | None) -> list[ServiceStatus]:
             details.append("stack file changed: being applied")
         if s.fault:
             details.append(f"{s.fault} (see `mlx-stack logs supervisor`)")
+        if not s.in_route:
+            details.append("out of the route: finishing its requests before its replacement")
         rows.append(ServiceStatus(
             state=s.state,
             pid=pid,
@@ -448,6 +476,7 @@ def status(paths: StatePaths, plan: Plan | None) -> list[ServiceStatus]:
             rss_bytes=processes.rss_bytes(s.process) if s.process else None,
             probe_ms=s.last_probe_ms,
             detail="; ".join(details),
+            in_route=s.in_route,
             **common,
         ))
     return rows
@@ -478,4 +507,5 @@ def run_foreground(plan: Plan, paths: StatePaths, tier: str | None = None) -> in
     plan.require_complete()
     if _live_snapshot(paths) is not None:
         raise StateError("a supervisor already runs this stack; `mlx-stack down` first")
-    return main(["--only", tier] if tier else [])
+    return main([arg for name in (resolve(tier, plan.groups) if tier else ())
+                 for arg in ("--only", name)])

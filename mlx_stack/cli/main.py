@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -105,7 +105,7 @@ def _service_names(include_logs: bool = False) -> list[str]:
     with contextlib.suppress(Exception):  # completion must never print a traceback
         paths, catalog = _context()
         stack = _load(paths, catalog)
-        names = [t.name for t in stack.model_servers]
+        names = [n for t in stack.model_servers for n in t.replica_names]
         names.append("proxy")
         if include_logs:
             names.append("supervisor")
@@ -414,8 +414,14 @@ def logs_cmd(service: str, lines: int, follow: bool, all_files: bool) -> None:
     """
     paths, catalog = _context(secure=True)
     logged = sorted(p.stem for p in paths.logs.glob("*.log")) if paths.logs.exists() else []
-    names = [*lifecycle.known_services(paths, _plan_or_none(paths, catalog)), "supervisor"]
+    plan = _plan_or_none(paths, catalog)
+    names = [*lifecycle.known_services(paths, plan), "supervisor"]
     lifecycle.check_service_name(service, [*names, *(n for n in logged if n not in names)])
+    members = lifecycle.addressed(paths, plan, service)
+    if len(members) > 1:  # a tier with replicas: each replica's log, under its name
+        _tier_logs(paths, members, lines, follow, all_files)
+        return
+    service = members[0]
     path = paths.log_file(service)
     if path.is_symlink() or (path.exists() and not logfiles.is_log(path)):
         raise MlxStackError(
@@ -438,6 +444,26 @@ def logs_cmd(service: str, lines: int, follow: bool, all_files: bool) -> None:
     if follow:
         for line in logfiles.follow(path):
             click.echo(show(line))
+
+
+def _tier_logs(paths: StatePaths, members: Sequence[str], lines: int, follow: bool,
+               all_files: bool) -> None:
+    """`logs embeddings` with replicas: each replica's lines under a header; with ``-f``, new
+    lines of every replica as they come, each prefixed with its replica's name."""
+    show = logfiles.printable
+    for name in members:
+        path = paths.log_file(name)
+        if path.is_symlink() or (path.exists() and not logfiles.is_log(path)):
+            continue  # never read through a link; `logs NAME` says why
+        click.echo(f"==> {name} <==")
+        files = logfiles.all_log_files(path) if all_files else [path]
+        for f in files:
+            for line in (logfiles.read_lines(f) if all_files else logfiles.tail(f, lines)):
+                click.echo(show(line))
+    if follow:
+        width = max(len(n) for n in members)
+        for name, line in logfiles.follow_many({n: paths.log_file(n) for n in members}):
+            click.echo(f"{name:<{width}} | {show(line)}")
 
 
 @main.command()

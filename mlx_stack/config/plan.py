@@ -32,6 +32,7 @@ from mlx_stack.config.stackfile import (
     Stack,
     load_stack,
 )
+from mlx_stack.contract.addressing import aliases_of, groups_of
 from mlx_stack.errors import ConfigError, ServiceStartError
 from mlx_stack.litellm.config import (
     MLX_LM_DEFAULT_MODEL,
@@ -95,6 +96,13 @@ class ServiceSpec:
     unset_env: frozenset[str] = frozenset()
     #: Size of the weight files it loads: what `up` measures loading progress against.
     weights_bytes: int | None = None
+    #: The tier this service serves ("embeddings" for every embeddings replica; "" for a
+    #: service that is its own tier): what `restart embeddings` replaces one at a time.
+    group: str = ""
+
+    @property
+    def tier(self) -> str:
+        return self.group or self.name
 
     @property
     def fingerprint(self) -> str:
@@ -133,8 +141,21 @@ class Plan:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Every service name, the missing ones included (what commands may target)."""
-        return (*(s.name for s in self.model_servers), *self.missing, self.proxy.name)
+        """Every service name, the missing ones included, and each replica alias (what
+        commands may target)."""
+        return (*(s.name for s in self.model_servers), *self.missing, self.proxy.name,
+                *self.aliases)
+
+    @property
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """Each tier with replicas: its services, in order (``embeddings``, ``embeddings-2``)."""
+        return groups_of((s.name, s.group) for s in self.model_servers)
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """``embeddings-1`` -> ``embeddings``: the first replica alone, where the tier's own
+        name means every replica (``contract/addressing.py``)."""
+        return aliases_of(self.groups)
 
     def require_complete(self) -> Plan:
         """Raise, before anything starts, if any service lacks its weights."""
@@ -219,9 +240,11 @@ def chat_service(tier: ChatTier, model_path: Path, backend_key: str | None = Non
 
 
 def embeddings_service(
-    emb: EmbeddingsTier, model_path: Path, backend_key: str | None = None
+    emb: EmbeddingsTier, model_path: Path, backend_key: str | None = None, replica: int = 1
 ) -> ServiceSpec:
+    """Replica ``replica`` (1-based) of the embeddings tier: its own name and port."""
     m = emb.model
+    name, port = emb.replica_names[replica - 1], emb.ports[replica - 1]
     argv = [
         sys.executable, "-m", "mlx_stack.embeddings",
         "--model-path", str(model_path),
@@ -229,7 +252,7 @@ def embeddings_service(
         # The proxy's name too: a client that moves between :4000 and this port keeps its name.
         "--alias", EMBEDDINGS_MODEL_NAME,
         "--host", "127.0.0.1",
-        "--port", str(emb.port),
+        "--port", str(port),
         "--pooling", m.pooling,
         "--normalize" if m.normalize else "--no-normalize",
         "--max-seq-len", str(m.max_sequence_length),
@@ -241,25 +264,27 @@ def embeddings_service(
     if m.document_prefix:
         argv += ["--document-prefix", m.document_prefix]
     return ServiceSpec(
-        name=emb.name,
+        name=name,
         kind=ServiceKind.EMBEDDINGS,
         argv=tuple(argv),
         env=_mlx_child_env(),
-        port=emb.port,
+        port=port,
         host="127.0.0.1",
         model=m.name,
-        probe=Probe(ProbeKind.EMBEDDING, f"http://127.0.0.1:{emb.port}", m.name, backend_key),
+        probe=Probe(ProbeKind.EMBEDDING, f"http://127.0.0.1:{port}", m.name, backend_key),
         session_env=_session(backend_key),
         weights_bytes=weights_size(model_path),
+        group=emb.name,
     )
 
 
 def rerank_service(
-    rerank: RerankTier, model_path: Path, backend_key: str | None = None
+    rerank: RerankTier, model_path: Path, backend_key: str | None = None, replica: int = 1
 ) -> ServiceSpec:
     """The embeddings server's program in rerank mode: same child environment, backend key and
     weights accounting as the embeddings tier, none of its pooling or prefix flags."""
     m = rerank.model
+    name, port = rerank.replica_names[replica - 1], rerank.ports[replica - 1]
     argv = (
         sys.executable, "-m", "mlx_stack.embeddings",
         "--task", "rerank",
@@ -267,20 +292,21 @@ def rerank_service(
         "--served-name", m.name,
         "--alias", RERANK_MODEL_NAME,
         "--host", "127.0.0.1",
-        "--port", str(rerank.port),
+        "--port", str(port),
         "--max-seq-len", str(m.max_sequence_length),
     )  # fmt: skip
     return ServiceSpec(
-        name=rerank.name,
+        name=name,
         kind=ServiceKind.RERANK,
         argv=argv,
         env=_mlx_child_env(),
-        port=rerank.port,
+        port=port,
         host="127.0.0.1",
         model=m.name,
-        probe=Probe(ProbeKind.RERANK, f"http://127.0.0.1:{rerank.port}", m.name, backend_key),
+        probe=Probe(ProbeKind.RERANK, f"http://127.0.0.1:{port}", m.name, backend_key),
         session_env=_session(backend_key),
         weights_bytes=weights_size(model_path),
+        group=rerank.name,
     )
 
 
@@ -346,17 +372,19 @@ def build_plan(
     if stack.embeddings is not None:
         e = stack.embeddings
         path = weights_path(e.model, e.quant)
-        if path is None:
-            missing[e.name] = missing_weights_message(e.name, e.model, e.quant)
-        else:
-            servers.append(embeddings_service(e, path, backend_key))
+        for i, name in enumerate(e.replica_names, start=1):
+            if path is None:
+                missing[name] = missing_weights_message(name, e.model, e.quant)
+            else:
+                servers.append(embeddings_service(e, path, backend_key, replica=i))
     if stack.rerank is not None:
         r = stack.rerank
         path = weights_path(r.model, r.quant)
-        if path is None:
-            missing[r.name] = missing_weights_message(r.name, r.model, r.quant)
-        else:
-            servers.append(rerank_service(r, path, backend_key))
+        for i, name in enumerate(r.replica_names, start=1):
+            if path is None:
+                missing[name] = missing_weights_message(name, r.model, r.quant)
+            else:
+                servers.append(rerank_service(r, path, backend_key, replica=i))
     proxy = proxy_service(stack, paths, key, served_paths, backend_key)
     return Plan(tuple(servers), proxy, missing)
 

@@ -27,6 +27,12 @@ EMBEDDINGS_MODEL_NAME = "local-embed"
 RERANK_MODEL_NAME = "local-rerank"
 RERANK_PORT = 8004
 _TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+#: Service names of replicas (``embeddings-2``, ``rerank-3``...): no chat tier may take one.
+_REPLICA_NAME = re.compile(r"^(embeddings|rerank)-[0-9]+$")
+MAX_REPLICAS = 16
+REPLICAS_FIELD = Field(
+    "replicas", (int,), f"identical servers on consecutive ports from `port` (1-{MAX_REPLICAS}), "
+    "one model name at the proxy, balanced, replaced one at a time", 1)
 
 TIER_FIELDS = [
     Field("model", (str,), "catalog name of a chat model (`mlx-stack models --type chat`)"),
@@ -41,11 +47,13 @@ EMBEDDINGS_FIELDS = [
     Field("quant", (str, type(None)), "quantisation id; default: the model's first", None),
     Field("port", (int,), "port on 127.0.0.1 the embeddings server listens on", 8003),
     Field("backend", (str,), "mlx-embed (the project's own embeddings server)", "mlx-embed"),
+    REPLICAS_FIELD,
 ]
 RERANK_FIELDS = [
     Field("model", (str,), "catalog name of a reranker (`mlx-stack models --type rerank`)"),
     Field("quant", (str, type(None)), "quantisation id; default: the model's first", None),
     Field("port", (int,), "port on 127.0.0.1 the rerank server listens on", RERANK_PORT),
+    REPLICAS_FIELD,
 ]
 AUTH_FIELDS = fields_of(ProxySettings, ["key_file"])
 PROXY_FIELDS = [
@@ -72,6 +80,14 @@ class ChatTier:
     port: int
     backend: str
 
+    @property
+    def replica_names(self) -> tuple[str, ...]:
+        return (self.name,)
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.port,)
+
 
 @dataclass(frozen=True)
 class EmbeddingsTier:
@@ -80,6 +96,15 @@ class EmbeddingsTier:
     port: int
     backend: str
     name: str = "embeddings"
+    replicas: int = 1
+
+    @property
+    def replica_names(self) -> tuple[str, ...]:
+        return replica_names(self.name, self.replicas)
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return tuple(range(self.port, self.port + self.replicas))
 
 
 @dataclass(frozen=True)
@@ -90,6 +115,15 @@ class RerankTier:
     quant: str
     port: int
     name: str = "rerank"
+    replicas: int = 1
+
+    @property
+    def replica_names(self) -> tuple[str, ...]:
+        return replica_names(self.name, self.replicas)
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return tuple(range(self.port, self.port + self.replicas))
 
 
 @dataclass(frozen=True)
@@ -127,6 +161,25 @@ class Stack:
         return replace(self, rerank=rerank)
 
 
+def replica_names(tier: str, replicas: int) -> tuple[str, ...]:
+    """The supervised services of a tier with replicas: the first keeps the tier's own name (so
+    commands, logs and scripts written for one server still work), then ``tier-2``, ..."""
+    return (tier, *(f"{tier}-{i}" for i in range(2, replicas + 1)))
+
+
+def _read_replicas(d: dict, path: str, problems: Problems) -> int:
+    """``replicas``: 1-16, and the last replica's port still a port."""
+    n = d["replicas"]
+    if not 1 <= n <= MAX_REPLICAS:
+        problems.add(f"{path}.replicas", f"must be between 1 and {MAX_REPLICAS}, got {n}")
+        return 1
+    if d["port"] + n - 1 > 65535:
+        problems.add(f"{path}.replicas", f"{n} replicas from port {d['port']} need ports up to "
+                     f"{d['port'] + n - 1}, beyond 65535: lower the port")
+        return 1
+    return int(n)
+
+
 def _check_port(value: int, path: str, problems: Problems) -> None:
     if not 1024 <= value <= 65535:
         problems.add(path, f"port {value} is out of range: use 1024-65535")
@@ -149,7 +202,7 @@ def _read_tiers(raw: dict, catalog: Catalog, system: str, problems: Problems) ->
         if not isinstance(name, str) or not _TIER_NAME.match(name):
             problems.add(path, f"tier name {name!r} must be lower case letters, digits, - or _")
             continue
-        if name in RESERVED_NAMES:
+        if name in RESERVED_NAMES or _REPLICA_NAME.match(name):
             problems.add(path, f"{name!r} is reserved; choose another tier name")
             continue
         d = read_mapping(body, path, TIER_FIELDS, problems)
@@ -193,7 +246,8 @@ def _read_embeddings(raw: dict, catalog: Catalog, problems: Problems) -> Embeddi
     quant = _resolve_quant(model.name, d["quant"], catalog, "embeddings.quant", problems)
     if quant is None:
         return None
-    return EmbeddingsTier(model, quant, d["port"], d["backend"])
+    replicas = _read_replicas(d, "embeddings", problems)
+    return EmbeddingsTier(model, quant, d["port"], d["backend"], replicas=replicas)
 
 
 def _read_rerank(raw: dict, catalog: Catalog, problems: Problems) -> RerankTier | None:
@@ -201,13 +255,14 @@ def _read_rerank(raw: dict, catalog: Catalog, problems: Problems) -> RerankTier 
     if d is None:
         return None
     _check_port(d["port"], "rerank.port", problems)
+    replicas = _read_replicas(d, "rerank", problems)
     try:
         model = catalog.rerank(d["model"])
     except CatalogError as exc:
         problems.add("rerank.model", str(exc))
         return None
     quant = _resolve_quant(model.name, d["quant"], catalog, "rerank.quant", problems)
-    return None if quant is None else RerankTier(model, quant, d["port"])
+    return None if quant is None else RerankTier(model, quant, d["port"], replicas=replicas)
 
 
 def _read_proxy(raw: dict, problems: Problems) -> ProxySettings:
@@ -293,16 +348,27 @@ def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
     ports: dict[int, str] = {}
     for name, port, path in [
         *((t.name, t.port, f"tiers.{t.name}.port") for t in tiers),
-        *((("embeddings", emb.port, "embeddings.port"),) if emb else ()),
-        *((("rerank", rerank.port, "rerank.port"),) if rerank else ()),
+        *_replica_ports(emb, "embeddings"),
+        *_replica_ports(rerank, "rerank"),
         ("proxy", proxy.port, "proxy.port"),
     ]:
         if port in ports:
-            problems.add(path, f"port {port} is used by both {ports[port]!r} and {name!r}")
+            note = (" (replicas take consecutive ports from their section's port)"
+                    if any(_REPLICA_NAME.match(n) for n in (name, ports[port])) else "")
+            problems.add(path, f"port {port} is used by both {ports[port]!r} and {name!r}{note}")
         ports.setdefault(port, name)
     if problems:
         raise ConfigError(doc.path, problems.items)
     return Stack(tuple(tiers), emb, proxy, doc.path, watchdog, rerank)
+
+
+def _replica_ports(tier: EmbeddingsTier | RerankTier | None,
+                   section: str) -> list[tuple[str, int, str]]:
+    """(service, port, field) of each replica, for the port overlap check."""
+    if tier is None:
+        return []
+    where = f"{section}.port" if tier.replicas == 1 else f"{section}.replicas"
+    return [(name, port, where) for name, port in zip(tier.replica_names, tier.ports, strict=True)]
 
 
 def load_stack(path: Path, catalog: Catalog, system: str) -> Stack:
@@ -334,6 +400,7 @@ def render_embeddings(emb: EmbeddingsTier) -> str:
         f"  quant: {_q(emb.quant)}\n"
         f"  port: {emb.port}\n"
         f"  backend: {emb.backend}\n"
+        + (f"  replicas: {emb.replicas}\n" if emb.replicas != 1 else "")
     )
 
 
@@ -345,6 +412,7 @@ def render_rerank(rerank: RerankTier) -> str:
         f"  model: {_q(rerank.model.name)}  # up to {rerank.model.max_sequence_length} tokens\n"
         f"  quant: {_q(rerank.quant)}\n"
         f"  port: {rerank.port}\n"
+        + (f"  replicas: {rerank.replicas}\n" if rerank.replicas != 1 else "")
     )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlx_stack.contract.addressing import aliases_of, groups_of, resolve
 from mlx_stack.errors import StateError
 from mlx_stack.supervisor.processes import ProcessRecord, is_running
 
@@ -81,6 +82,11 @@ class ServiceSnapshot:
     last_probe_ms: float | None = None
     #: A supervisor error while handling this service (a bug, contained): shown in `status`.
     fault: str = ""
+    #: The tier a replica belongs to (``embeddings`` for ``embeddings-2``); "" for the others.
+    group: str = ""
+    #: False while the supervisor drains this replica before replacing it: the proxy sends it
+    #: no new request (``litellm/gate.py`` reads it), its requests in flight finish.
+    in_route: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -97,6 +103,8 @@ class ServiceSnapshot:
             "last_exit": self.last_exit.to_json() if self.last_exit else None,
             "last_probe_ms": self.last_probe_ms,
             "fault": self.fault,
+            "group": self.group,
+            "in_route": self.in_route,
         }
 
     @classmethod
@@ -116,6 +124,8 @@ class ServiceSnapshot:
             last_exit=ExitInfo.from_json(d["last_exit"]) if d.get("last_exit") else None,
             last_probe_ms=d.get("last_probe_ms"),
             fault=str(d.get("fault", "")),
+            group=str(d.get("group", "")),
+            in_route=bool(d.get("in_route", True)),
         )
 
 
@@ -139,6 +149,20 @@ class SupervisorSnapshot:
 
     def service(self, name: str) -> ServiceSnapshot | None:
         return next((s for s in self.services if s.name == name), None)
+
+    @property
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """Each tier with replicas: its services (see ``addressing.py``)."""
+        return groups_of((s.name, s.group) for s in self.services)
+
+    def members(self, name: str) -> tuple[str, ...]:
+        """The services a command naming ``name`` addresses."""
+        return resolve(name, self.groups)
+
+    @property
+    def addressable(self) -> tuple[str, ...]:
+        """Every name a command may target: each service, and ``<tier>-1`` for replicas."""
+        return (*(s.name for s in self.services), *aliases_of(self.groups))
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -1,5 +1,5 @@
 """The LiteLLM proxy's generated config: one route per chat tier, ``local-embed`` for embeddings,
-``local-rerank`` for the reranker.
+``local-rerank`` for the reranker (one deployment per replica, under one name).
 
 Generated from the stack file on every `up` (never edited by hand). Facts it relies on, measured
 on litellm 1.106 (see ../shared/NOTES.md): embedding deployments need ``model_info.mode:
@@ -58,37 +58,42 @@ def routes(stack: Stack) -> dict[str, Route]:
     The same table feeds LiteLLM's ``fallbacks`` and the gate that routes around a tier the
     supervisor sees down (``gate.py``). The embeddings tier has no fallback: vectors from
     another model live in another space; nor has the rerank tier: scores of another model are
-    on another scale.
+    on another scale. Their routes list every replica with its port: the gate holds a request
+    only when none is ready, and the fast lane knows which servers are the stack's own.
     """
     names = [t.name for t in stack.tiers]
     out = {n: Route(n, tuple(m for m in names if m != n)) for n in names}
-    if stack.embeddings is not None:
-        out[EMBEDDINGS_MODEL_NAME] = Route(stack.embeddings.name)
-    if stack.rerank is not None:
-        out[RERANK_MODEL_NAME] = Route(stack.rerank.name)
+    for model_name, tier in ((EMBEDDINGS_MODEL_NAME, stack.embeddings),
+                             (RERANK_MODEL_NAME, stack.rerank)):
+        if tier is not None:
+            out[model_name] = Route(
+                tier.name, replicas=tuple(zip(tier.replica_names, tier.ports, strict=True)))
     return out
 
 
-def rerank_deployment(stack: Stack) -> dict[str, Any] | None:
-    """``local-rerank``: Cohere's provider at the server's root (it appends ``/v2/rerank``).
+def rerank_deployments(stack: Stack) -> list[dict[str, Any]]:
+    """``local-rerank``, one deployment per replica: Cohere's provider at the server's root
+    (it appends ``/v2/rerank``).
 
     Not ``/v1`` in ``api_base``: the provider would call ``/v1/v2/rerank``. Not ``infinity/``
     (fails on ``document`` objects in answers, drops ``max_tokens_per_doc``), ``jina_ai/``
     (drops ``max_tokens_per_doc``) or ``hosted_vllm/`` (replaces ``meta.billed_units``).
+    The upstream model is the server's alias, so a model change leaves this config, and the
+    proxy, as they are (the replicas are then replaced one at a time behind it).
     """
     r = stack.rerank
     if r is None:
-        return None
-    return {
+        return []
+    return [{
         "model_name": RERANK_MODEL_NAME,
         "litellm_params": {
-            "model": f"cohere/{r.model.name}",
-            "api_base": f"http://127.0.0.1:{r.port}",
+            "model": f"cohere/{RERANK_MODEL_NAME}",
+            "api_base": f"http://127.0.0.1:{port}",
             "api_key": LITELLM_API_KEY,
             "timeout": min(stack.proxy.timeout_s, 120.0),
         },
         "model_info": {"mode": "rerank"},
-    }
+    } for port in r.ports]
 
 
 def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
@@ -111,25 +116,26 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
             }
         )
     if stack.embeddings is not None:
-        e = stack.embeddings
-        model_list.append(
-            {
-                "model_name": EMBEDDINGS_MODEL_NAME,
-                "litellm_params": {
-                    "model": f"openai/{e.model.name}",
-                    "api_base": f"http://127.0.0.1:{e.port}/v1",
-                    "api_key": LITELLM_API_KEY,
-                    "timeout": min(p.timeout_s, 120.0),
-                    # drop_params would silently remove `dimensions`; our server honours it
-                    # (Matryoshka models) or refuses it with a 400 that says why.
-                    "allowed_openai_params": ["dimensions"],
-                },
-                "model_info": {"mode": "embedding"},
-            }
-        )
-    rerank = rerank_deployment(stack)
-    if rerank is not None:
-        model_list.append(rerank)
+        # One deployment per replica under one name: LiteLLM's router balances them (the fast
+        # lane, which answers keyed requests first, balances by the supervisor's view). The
+        # upstream model is the server's alias: a model change does not touch this config.
+        for port in stack.embeddings.ports:
+            model_list.append(
+                {
+                    "model_name": EMBEDDINGS_MODEL_NAME,
+                    "litellm_params": {
+                        "model": f"openai/{EMBEDDINGS_MODEL_NAME}",
+                        "api_base": f"http://127.0.0.1:{port}/v1",
+                        "api_key": LITELLM_API_KEY,
+                        "timeout": min(p.timeout_s, 120.0),
+                        # drop_params would silently remove `dimensions`; our server honours
+                        # it (Matryoshka models) or refuses it with a 400 that says why.
+                        "allowed_openai_params": ["dimensions"],
+                    },
+                    "model_info": {"mode": "embedding"},
+                }
+            )
+    model_list += rerank_deployments(stack)
     fallbacks = [{n: list(r.fallbacks)} for n, r in routes(stack).items() if r.fallbacks]
     router: dict[str, Any] = {
         "num_retries": p.num_retries,

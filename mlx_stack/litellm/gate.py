@@ -15,6 +15,9 @@ that snapshot (re-read when it changes) and, while a tier is not ``ready``:
   supervisor kills the hung process) is sent again when its tier, or a fallback, is ready,
   for up to ``HOLD_S``; else its error becomes a 503 with ``Retry-After``.
 
+A tier with replicas is available while any replica is ready (and not being drained before a
+rolling replacement: ``in_route`` in the snapshot); the fast lane picks among them.
+
 When every tier is ready, requests pass unchanged and unparsed (their bodies are kept, to be
 sent again). Only requests that carry the
 proxy's key are answered here; others go on to LiteLLM, which refuses them (401).
@@ -53,20 +56,37 @@ Message = dict[str, Any]
 
 @dataclass(frozen=True)
 class Route:
-    """A model name of the proxy: the supervisor's service behind it, and where to fall back."""
+    """A model name of the proxy: the supervisor's service behind it, and where to fall back.
+
+    ``replicas``: (service, loopback port) of every server of a tier with replicas, the first
+    being ``service``; empty for a tier of one server. A name is available while any of them
+    is ready; the fast lane (``fastlane.py``) balances over the ready ones."""
 
     service: str
     fallbacks: tuple[str, ...] = ()
+    replicas: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.replicas) or (self.service,)
 
 
 def routes_from_env(env: Mapping[str, str]) -> dict[str, Route]:
     raw = json.loads(env.get(ROUTES_ENV) or "{}")
-    return {name: Route(r["service"], tuple(r.get("fallbacks", ()))) for name, r in raw.items()}
+    return {name: Route(r["service"], tuple(r.get("fallbacks", ())),
+                        tuple((str(s), int(p)) for s, p in r.get("replicas", ())))
+            for name, r in raw.items()}
 
 
 def routes_to_env(routes: Mapping[str, Route]) -> str:
-    return json.dumps({n: {"service": r.service, "fallbacks": list(r.fallbacks)}
+    return json.dumps({n: {"service": r.service, "fallbacks": list(r.fallbacks),
+                           **({"replicas": [list(x) for x in r.replicas]} if r.replicas else {})}
                        for n, r in sorted(routes.items())})
+
+
+#: The state a replica taken out of the route shows to the proxy (``in_route: false`` in the
+#: snapshot while the supervisor drains it before a rolling replacement).
+DRAINING = "draining"
 
 
 @dataclass(frozen=True)
@@ -80,15 +100,15 @@ class Decision:
 def decide(model: str, routes: Mapping[str, Route], states: Mapping[str, str]) -> Decision:
     """Where a request for ``model`` goes, given each service's state (pure, table-tested)."""
     route = routes.get(model)
-    if route is None or states.get(route.service, "ready") == "ready":
+    if route is None or any(states.get(s, "ready") == "ready" for s in route.services):
         return Decision()
     for other in route.fallbacks:
         alt = routes.get(other)
-        if alt is not None and states.get(alt.service) == "ready":
+        if alt is not None and any(states.get(s) == "ready" for s in alt.services):
             return Decision(model=other)
-    state = states.get(route.service, "unknown")
-    return Decision(refuse=f"model {model!r} is not available right now ({route.service} is "
-                    f"{state}; the supervisor is on it); retry in {RETRY_AFTER_S} s")
+    seen = ", ".join(f"{s} is {states.get(s, 'unknown')}" for s in route.services)
+    return Decision(refuse=f"model {model!r} is not available right now ({seen}; the "
+                    f"supervisor is on it); retry in {RETRY_AFTER_S} s")
 
 
 class StateView:
@@ -99,6 +119,8 @@ class StateView:
         self._states: dict[str, str] = {}
         #: When each service's current process started (wall clock): a restart shows here.
         self.started: dict[str, float] = {}
+        #: The model each service runs (replicas of a tier differ during a model change).
+        self.models: dict[str, str] = {}
         self._mtime = 0
         self._checked = 0.0
 
@@ -111,13 +133,22 @@ class StateView:
             mtime = self.path.stat().st_mtime_ns
             if mtime != self._mtime:
                 raw = json.loads(self.path.read_text(encoding="utf-8"))
-                self._states = {n: str(s.get("state")) for n, s in raw["services"].items()}
-                self.started = {n: float(s["started_at"]) for n, s in raw["services"].items()
+                services = raw["services"]
+                self._states = {n: _effective_state(s) for n, s in services.items()}
+                self.started = {n: float(s["started_at"]) for n, s in services.items()
                                 if isinstance(s.get("started_at"), (int, float))}
+                self.models = {n: str(s["model"]) for n, s in services.items()
+                               if isinstance(s.get("model"), str)}
                 self._mtime = mtime
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self._states = {}  # no view: let LiteLLM decide, as without the gate
         return self._states
+
+
+def _effective_state(service: Mapping[str, Any]) -> str:
+    """A service's state as the proxy routes by it: a ready replica being drained is not."""
+    state = str(service.get("state"))
+    return DRAINING if state == "ready" and service.get("in_route") is False else state
 
 
 class TierGate:
@@ -177,8 +208,8 @@ class TierGate:
         deadline = time.monotonic() + WENT_DOWN_WAIT_S
         while True:
             if self._degraded(fresh=True) or any(
-                    self.view.started.get(r.service, 0.0) >= since
-                    for r in self.routes.values()):
+                    self.view.started.get(s, 0.0) >= since
+                    for r in self.routes.values() for s in r.services):
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -196,7 +227,8 @@ class TierGate:
 
     def _degraded(self, fresh: bool = False) -> bool:
         states = self.view.states(fresh)
-        return any(states.get(r.service, "ready") != "ready" for r in self.routes.values())
+        return any(states.get(s, "ready") != "ready"
+                   for r in self.routes.values() for s in r.services)
 
     def _decide(self, body: bytes) -> Decision:
         try:

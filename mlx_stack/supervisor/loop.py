@@ -24,6 +24,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from mlx_stack.config.plan import LoadedPlan, Plan, ServiceKind, ServiceSpec
 from mlx_stack.config.settings import WatchSettings
+from mlx_stack.contract.addressing import aliases_of, groups_of, resolve
 from mlx_stack.contract.commands import (
     Action,
     Answer,
@@ -41,6 +42,7 @@ from mlx_stack.supervisor.driver import ServiceDriver
 from mlx_stack.supervisor.lock import StackLock
 from mlx_stack.supervisor.managed import Managed
 from mlx_stack.supervisor.reporter import Reporter
+from mlx_stack.supervisor.rolling import Rolls
 from mlx_stack.supervisor.runtime import Runtime
 from mlx_stack.supervisor.states import ServiceState
 
@@ -93,6 +95,7 @@ class Supervisor:
         self.report = Reporter(runtime, say)
         self.driver = ServiceDriver(paths, runtime, lifeline=lifeline, on_change=self._changed)
         self.services: dict[str, Managed] = {}
+        self.rolls = Rolls(self.driver, self.report.say)
         self.stack_error: str | None = None
         self.shutting_down = False
         self.reload_requested = threading.Event()
@@ -113,6 +116,10 @@ class Supervisor:
     def settings(self) -> WatchSettings:
         return self.driver.settings
 
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """Each tier with replicas: its services (``contract/addressing.py``)."""
+        return groups_of((m.name, m.spec.group) for m in self.services.values() if m.spec)
+
     # ----- plan and reload -------------------------------------------------------------
 
     def apply_plan(self, plan: Plan, settings: WatchSettings) -> None:
@@ -125,18 +132,34 @@ class Supervisor:
             if name not in specs:
                 m = self.services[name]
                 m.wanted = False
+                self.rolls.forget(name)
                 self.driver.stop(m, S.STOPPED, "removed from the stack file")
+        new_groups = plan.groups
+        to_roll: dict[str, list[str]] = {}
         for name, spec in specs.items():
             m = self.services.get(name)
             if m is None:
                 wanted = (self.only is None or name in self.only
+                          or (spec is not None and spec.group in self.only)
                           or (spec is not None and spec.kind is ServiceKind.PROXY
                               and self.only is None))
                 self.services[name] = Managed(name, spec, plan.missing.get(name, ""),
                                               wanted=wanted)
                 continue
             m.unavailable = plan.missing.get(name, "")
+            if spec is not None and m.spec is not None and spec.fingerprint == m.spec.fingerprint:
+                if m.pending_spec is not None:  # the edit was undone before its turn came
+                    m.pending_spec = None
+                    self.rolls.forget(name)
+                continue
+            if (spec is not None and m.spec is not None and m.state.running
+                    and len(new_groups.get(spec.group, ())) > 1):
+                m.pending_spec = spec  # replaced in its turn, while the others serve
+                to_roll.setdefault(spec.group, []).append(name)
+                continue
             if spec is None or m.spec is None or spec.fingerprint != m.spec.fingerprint:
+                m.pending_spec = None
+                self.rolls.forget(name)
                 m.spec = spec
                 if m.state.running:
                     self.driver.stop(m, S.BACKOFF, "definition changed")
@@ -146,6 +169,8 @@ class Supervisor:
                     m.consecutive_failures = 0
                     m.restart_times.clear()
                     m.next_start_at = 0.0
+        for group, names in to_roll.items():
+            self.rolls.add(group, names, "definition changed")
         self.dirty = True
 
     def load_initial(self) -> None:
@@ -235,22 +260,30 @@ class Supervisor:
 
     def handle(self, cmd: Command) -> Answer | None:
         """Apply one command; None when the answer comes later (a reload)."""
-        names = tuple(self.services)
+        groups = self.groups()
+        names = (*self.services, *aliases_of(groups))
         if cmd.action is Action.RELOAD:
             self.request_reload(waiter=cmd.id)
             return None
-        if cmd.target is not None and cmd.target not in self.services:
+        if cmd.target is not None and cmd.target not in names:
             return Answer(cmd.id, error=CommandError(
                 ErrorCode.UNKNOWN_SERVICE, known_names_message(cmd.target, names)),
                 services=names)
         if self.shutting_down:
             return Answer(cmd.id, error=CommandError(
                 ErrorCode.INTERNAL, "the supervisor is shutting down"), services=names)
-        targets = [self.services[cmd.target]] if cmd.target else list(self.services.values())
+        targets = ([self.services[n] for n in resolve(cmd.target, groups)] if cmd.target
+                   else list(self.services.values()))
+        rolling: dict[str, list[str]] = {}
         for m in targets:
             if cmd.action is Action.STOP:
                 m.wanted = False
+                self.rolls.forget(m.name)
                 self.driver.stop(m, S.STOPPED, "stopped by `mlx-stack down`")
+                continue
+            group = m.spec.group if m.spec else ""
+            if cmd.action is Action.RESTART and m.state.running and len(groups.get(group, ())) > 1:
+                rolling.setdefault(group, []).append(m.name)  # drained and replaced in turn
                 continue
             m.wanted = True
             m.consecutive_failures = 0
@@ -260,6 +293,8 @@ class Supervisor:
                 self.driver.stop(m, S.BACKOFF, "restart requested")
             elif m.state in (S.FATAL, S.BACKOFF):
                 self.driver.set_state(m, S.STOPPED, "")
+        for group, members in rolling.items():
+            self.rolls.add(group, members, "restart requested")
         self.dirty = True
         return Answer(cmd.id, result=f"{cmd.action.value} {cmd.target or 'every service'}",
                       services=names)
@@ -327,6 +362,9 @@ class Supervisor:
             self.dirty = True
         for m in list(self.services.values()):
             self._step_contained(m, now)
+        if not self.shutting_down:  # after the steps: a replica ready in this tick is put
+            # back, and the next one drained, in the same snapshot
+            self._contained("rolls", lambda: self.rolls.tick(self.services, self.groups(), now))
         done = False
         if self.shutting_down:
             try:

@@ -62,6 +62,10 @@ class Managed:
     after_stop: ServiceState = S.STOPPED
     after_stop_reason: str = ""
     stop_is_failure: bool = False  # the stop under way is a failure (hang, failed start)
+    #: A new definition waiting for this replica's turn in a rolling replacement.
+    pending_spec: ServiceSpec | None = None
+    #: False while drained before a rolling replacement (the proxy sends it nothing new).
+    in_route: bool = True
 
     @property
     def kind(self) -> ServiceKind:
@@ -87,4 +91,6 @@ class Managed:
             last_exit=self.last_exit,
             last_probe_ms=self.last_probe_ms,
             fault=self.fault,
+            group=self.spec.group if self.spec else "",
+            in_route=self.in_route,
         )

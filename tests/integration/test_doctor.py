@@ -59,3 +59,18 @@ def test_a_proxy_bound_beyond_loopback_is_a_warning_in_doctor_and_status(tmp_pat
     stack.write_text(stack.read_text().replace("  host: 0.0.0.0\n", ""))
     checks = {c["name"]: c for c in json.loads(env.cli("doctor", "--json").stdout)}
     assert checks["exposure"]["level"] == "ok"
+
+
+def test_doctor_checks_the_port_of_each_replica(tmp_path):
+    env = write_stack(tmp_path / "home", None, replicas=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", env.ports["embeddings-3"]))
+        s.listen()
+        res = env.cli("doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(res.stdout)}
+    assert res.returncode == 1
+    held = checks[f"port {env.ports['embeddings-3']}"]
+    assert held["level"] == "fail" and held["detail"].startswith("embeddings-3's port is held")
+    for name in ("embeddings", "embeddings-2"):
+        check = checks[f"port {env.ports[name]}"]
+        assert check["level"] == "ok" and check["detail"] == f"free for {name}"

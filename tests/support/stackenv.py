@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_stack.contract.snapshot import load_snapshot
-from mlx_stack.ports import free_port
+from mlx_stack.ports import free_port, free_port_run
 from mlx_stack.supervisor import processes
 
 MLX_STACK = [sys.executable, "-m", "mlx_stack.cli"]
@@ -138,8 +138,12 @@ def write_stack(
     *,
     tiers: tuple[str, ...] = ("standard", "fast"),
     embeddings: bool = True,
+    replicas: int = 1,
 ) -> StackEnv:
-    """Write a user catalog entry for the tiny model, a stack file on free ports, and a key."""
+    """Write a user catalog entry for the tiny model, a stack file on free ports, and a key.
+
+    ``replicas``: the embeddings tier's, on consecutive free ports (``ports["embeddings-2"]``...).
+    """
     home.mkdir(parents=True, exist_ok=True)
     ports: dict[str, int] = {}
     lines = ["version: 1", "tiers:" if tiers and tiny_model else "tiers: {}"]
@@ -150,8 +154,12 @@ def write_stack(
             ports[t] = free_port()
             lines += [f"  {t}:", "    model: tiny-chat", f"    port: {ports[t]}"]
     if embeddings:
-        ports["embeddings"] = free_port()
-        lines += ["embeddings:", "  model: all-minilm-l6-v2", f"  port: {ports['embeddings']}"]
+        base = free_port_run(replicas)
+        for i in range(replicas):
+            ports["embeddings" if i == 0 else f"embeddings-{i + 1}"] = base + i
+        lines += ["embeddings:", "  model: all-minilm-l6-v2", f"  port: {base}"]
+        if replicas != 1:
+            lines.append(f"  replicas: {replicas}")
     ports["proxy"] = free_port()
     lines += ["proxy:", f"  port: {ports['proxy']}", "  timeout_s: 60"]
     (home / "stack.yaml").write_text("\n".join(lines) + "\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 
-from mlx_stack.litellm.fastlane import FastLane, upstreams_from_config
+from mlx_stack.litellm.fastlane import FastLane, Upstream, upstreams_from_config
 from mlx_stack.ports import free_port
 
 KEY = "sk-test-key"
@@ -30,7 +30,7 @@ def test_upstreams_from_config_takes_loopback_embedding_deployments(tmp_path: Pa
     path = tmp_path / "litellm.yaml"
     path.write_text(yaml.safe_dump(config))
     assert upstreams_from_config(path) == {
-        "local-embed": ("http://127.0.0.1:8200/v1/embeddings", 30.0)}
+        "local-embed": (Upstream("http://127.0.0.1:8200/v1/embeddings", 30.0),)}
 
 
 async def _call(app, path: str, body: bytes, headers: list[tuple[bytes, bytes]]):
@@ -69,8 +69,8 @@ def test_takes_only_keyed_embedding_requests_for_its_models() -> None:
         await runner.setup()
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
-        lane = FastLane(_litellm, {"local-embed": (f"http://127.0.0.1:{port}/v1/embeddings",
-                                                   10.0)}, KEY, "bk-backend")
+        lane = FastLane(_litellm, {"local-embed": (
+            Upstream(f"http://127.0.0.1:{port}/v1/embeddings", 10.0),)}, KEY, "bk-backend")
         body = json.dumps({"model": "local-embed", "input": "hi"}).encode()
         try:
             status, headers, payload = await _call(lane, "/v1/embeddings", body, [AUTH])

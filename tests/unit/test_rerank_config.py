@@ -219,7 +219,8 @@ def test_litellm_serves_local_rerank_through_cohere_at_the_server_root():
     dep = models["local-rerank"]
     assert dep["model_info"] == {"mode": "rerank"}
     params = dep["litellm_params"]
-    assert params["model"] == "cohere/ms-marco-minilm-l6-v2"
+    assert params["model"] == "cohere/local-rerank"  # the server's alias: a model change
+    # leaves the proxy's config (and the proxy) as they are
     assert params["api_base"] == "http://127.0.0.1:8004"  # no /v1: cohere appends /v2/rerank
     assert params["api_key"] == "os.environ/MLX_STACK_BACKEND_KEY"
 
@@ -227,7 +228,7 @@ def test_litellm_serves_local_rerank_through_cohere_at_the_server_root():
 def test_the_gate_routes_local_rerank_to_its_service_with_no_fallback():
     stack = stack_of("tiers:\n  fast:\n    model: qwen3-1.7b\n    port: 8001\n" + RERANK_STACK)
     table = routes(stack)
-    assert table["local-rerank"] == Route("rerank")
+    assert table["local-rerank"] == Route("rerank", replicas=(("rerank", 8004),))
     cfg = build_config(stack, {})
     assert all("local-rerank" not in f for f in cfg["router_settings"].get("fallbacks", []))
     assert {"/rerank", "/v1/rerank", "/v2/rerank"} <= GATED_PATHS
