@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -151,6 +152,8 @@ def main() -> int:
     parser.add_argument("--write", type=Path, help="append the table to this file")
     parser.add_argument("--log-dir", type=Path, default=BENCH / ".logs")
     args = parser.parse_args()
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers started are stopped
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     args.log_dir.mkdir(parents=True, exist_ok=True)
     texts = corpus.build()
     minilm = run.minilm_folder()
@@ -176,6 +179,8 @@ def main() -> int:
                 result = measure(server, loads)
                 rows.append(row(model, server.name, result))
                 print(rows[-1], flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: the rows so far", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     table = render(rows, args)
