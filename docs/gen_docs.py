@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
-from mlx_stack.config import catalog, stackfile
+from mlx_stack.config import catalog, external, stackfile
 from mlx_stack.config.schema import Field
 from mlx_stack.embeddings import SUPPORTED_ARCHITECTURES
 from mlx_stack.embeddings.model.architectures import (
@@ -60,8 +60,18 @@ ENV_VARS = {
     "`mlx-stack key --backend`); not read from yours",
     "MLX_STACK_WEB_ACCESS": "set by mlx-stack in the proxy's environment: the hosts and web "
     "origins it serves (from proxy.host and proxy.cors_origins); not read from yours",
+    "MLX_STACK_TIER_KEY_": "followed by a tier's name in upper case (`MLX_STACK_TIER_KEY_"
+    "BIG`): set by mlx-stack in the proxy's environment to pass it an external tier's "
+    "`key_file` key; not read from yours",
     "MLX_STACK_STATE_FILE": "set by mlx-stack in the proxy's environment: where the supervisor's "
     "snapshot is, for the same gate; not read from yours",
+    "MLX_STACK_IDENTITY_SOURCES": "set by mlx-stack in the proxy's environment: the local names "
+    "and vector servers its identity route (`GET /mlx-stack/v1/identity`) reports; not read "
+    "from yours",
+    "MLX_STACK_REMOTES_FILE": "set by mlx-stack in the proxy's environment: run/remotes.json, "
+    "the remote vector models the supervisor accepted; not read from yours",
+    "MLX_STACK_REMOTE_KEY_<N>": "set by mlx-stack in the proxy's environment: the key of the "
+    "Nth remote (from its key_file); not read from yours",
 }
 
 #: Rules the Field lists cannot express, by section. Constants come from the code.
@@ -91,11 +101,41 @@ STACK_NOTES: dict[str, Callable[[], str]] = {
         "`host` must be an IP address; `timeout_s` > 0; `num_retries` 0-10. Keep 127.0.0.1 "
         "unless other machines must reach the proxy, and then protect the key."
     ),
+    "proxy.tls": lambda: (
+        "Both files are PEM; relative paths are under the state folder. LiteLLM serves HTTPS "
+        "with them (its `--ssl_certfile_path` / `--ssl_keyfile_path`); see docs/security.md."
+    ),
+    "remotes.<name>": lambda: (
+        "A remote name is lower case letters, digits, `-` and `_`. `url` is the remote proxy's "
+        "root (`http://` or `https://`, host, port). Each entry of `models` is a model name at "
+        "the remote, or `{name: NAME, as: LOCAL_NAME}` to join under another name. A chat model "
+        "joins the local tier of its name (balanced, failed over) or is a new name; "
+        "`local-embed` and `local-rerank` join the local ones only with an equal identity "
+        "(weights hash, pooling, normalisation, prefixes, dimensions), else they are refused "
+        "and `status` says what differs. See docs/scale-out.md."
+    ),
     "proxy.auth": lambda: (
         "A relative `key_file` is under the state folder. `mlx-stack init` creates the key; "
         "`mlx-stack key` prints it."
     ),
 }
+
+
+def external_note() -> str:
+    return (
+        "A tier (or the embeddings tier) with `command:` or `url:` instead of `model:` is an "
+        "OpenAI-compatible server the stack does not build (exactly one of `model`, `command`, "
+        "`url`). `command:` + `port:`: the supervisor runs it, probes it through its API (a "
+        "one-token chat completion, or a one-text embedding), restarts it and stops it with the "
+        "stack. `url:`: the stack only probes it (`status` shows it reachable or unreachable). "
+        f"`backend`: {_or(external.EXTERNAL_BACKENDS)}; with `{external.OLLAMA}`, `model` is the "
+        f"Ollama model name, `url` defaults to {external.OLLAMA_URL} and a `command` listens on "
+        f"port {external.OLLAMA_PORT} unless `port` says otherwise. Embeddings from an external "
+        "server reach clients in the encoding they ask for, cut to `dimensions` "
+        "([scale-out.md](scale-out.md#external-servers))."
+    )
+
+
 CATALOG_NOTES: dict[str, Callable[[], str]] = {
     "models[] (chat)": lambda: f"`tier_hint`: {_or(catalog.TIER_HINTS)}.",
     "models[] (embedding)": lambda: (
@@ -215,6 +255,9 @@ def configuration_md() -> str:
         if path in STACK_NOTES:
             out.append("\n" + STACK_NOTES[path]() + "\n")
         out.append("\n")
+    out.append("### `tiers.<name>` or `embeddings`: an external server\n\n")
+    out.append(_table(stackfile.EXTERNAL_TIER_FIELDS))
+    out.append("\n" + external_note() + "\n\n")
     out += [
         "## Catalog files\n\n",
         "The shipped catalog is [`catalog/chat.yaml`](../catalog/chat.yaml) and "

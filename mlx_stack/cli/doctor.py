@@ -139,7 +139,10 @@ def check_stack(paths: StatePaths, catalog: Catalog) -> tuple[Check, Stack | Non
         return Check("stack file", Level.FAIL, first[-1].strip(" -"),
                      "mlx-stack init, or fix the file (docs/troubleshooting.md)"), None
     n = len(stack.model_servers)
-    return Check("stack file", Level.OK, f"{paths.stack_file}: {n} model server(s)"), stack
+    ext = len(stack.external)
+    more = f", {ext} external server(s) (command:/url: tiers)" if ext else ""
+    return Check("stack file", Level.OK,
+                 f"{paths.stack_file}: {n} model server(s){more}"), stack
 
 
 def check_models(stack: Stack) -> list[Check]:
@@ -158,12 +161,65 @@ def check_models(stack: Stack) -> list[Check]:
     return out
 
 
+def check_remotes(paths: StatePaths, stack: Stack) -> list[Check]:
+    """Each remote stack: its key file, and one keyed call (reachable, authorised, latency,
+    the models it lists); identity verdicts are the running supervisor's (`status`)."""
+    from mlx_stack.cli.lifecycle import remote_statuses
+    from mlx_stack.config.plan import RemoteTarget
+    from mlx_stack.config.remotes import read_remote_key
+    from mlx_stack.supervisor.remotes import check_remote
+
+    verdicts = {st.name: st.models for st in remote_statuses(paths)}  # the running supervisor's
+    out = []
+    for r in stack.remotes:
+        name = f"remote {r.name}"
+        try:
+            key = read_remote_key(paths.key_file(r.key_file), r.name)
+        except MlxStackError as exc:
+            out.append(Check(name, Level.FAIL, str(exc), "copy the remote's `mlx-stack key` "
+                             f"into {paths.key_file(r.key_file)} (chmod 600)"))
+            continue
+        res = check_remote(RemoteTarget(r, key))
+        if not res.reachable:
+            out.append(Check(name, Level.WARN, f"{r.url}: {res.problem}",
+                             "start that stack, or open its port in its firewall for this "
+                             "machine (docs/scale-out.md)"))
+        elif res.authorised is False or res.identities is None:
+            out.append(Check(name, Level.FAIL, f"{r.url}: {res.problem}",
+                             "put that machine's `mlx-stack key` in key_file"))
+        else:
+            wanted = [m.name for m in r.models]
+            absent = [n for n in wanted if n not in res.identities]
+            refused = [f"{m.name} refused: {m.reason}" for m in verdicts.get(r.name, ())
+                       if m.verdict == "refused"]
+            level = Level.WARN if absent or refused else Level.OK
+            out.append(Check(
+                name, level, f"{r.url}: authorised, {res.latency_ms:.0f} ms, serves "
+                f"{', '.join(sorted(res.identities)) or 'nothing'}"
+                + (f"; not {', '.join(absent)}" if absent else "")
+                + "".join(f"; {_identity_line(n, res.identities[n])}" for n in wanted
+                          if n in res.identities and res.identities[n].get("mode") != "chat")
+                + "".join(f"; {x}" for x in refused),
+                f"fix remotes.{r.name}.models" if absent else
+                "use the same model and prefixes on both machines, or `as:` another name"
+                if refused else ""))
+    return out
+
+
+def _identity_line(name: str, ident: dict) -> str:
+    sha = ident.get("content_sha256")
+    return (f"{name}: weights {sha[:12] if isinstance(sha, str) else 'unknown'}, "
+            f"{ident.get('pooling')} pooling, {ident.get('dimensions')} dimensions, prefixes "
+            f"{ident.get('query_prefix')!r}/{ident.get('document_prefix')!r}")
+
+
 def check_ports(stack: Stack, running: bool) -> list[Check]:
     if running:
         return [Check("ports", Level.OK, "the stack is running and holds its ports")]
     out = []
     services = [pair for t in stack.model_servers  # each replica of a tier on its own port
                 for pair in zip(t.replica_names, t.ports, strict=True)]
+    services += [(t.name, t.port) for t in stack.external if t.port is not None]
     services.append(("proxy", stack.proxy.port))
     for name, port in services:
         if ports.is_free(port):
@@ -197,6 +253,7 @@ def run_checks(paths: StatePaths, catalog: Catalog, running: bool,
     checks.append(check_key(paths, stack))
     if stack is not None:
         checks.append(check_exposure(stack))
+        checks += check_remotes(paths, stack)
         checks += check_models(stack)
         checks += check_ports(stack, running)
     checks += check_disk(paths)

@@ -21,6 +21,7 @@ from mlx_stack.config.stackfile import Stack
 from mlx_stack.contract.addressing import resolve
 from mlx_stack.contract.commands import Action, Answer, Command, Mailbox, known_names_message
 from mlx_stack.contract.snapshot import (
+    RemoteStatus,
     ServiceSnapshot,
     SupervisorSnapshot,
     load_snapshot,
@@ -479,7 +480,16 @@ def status(paths: StatePaths, plan: Plan | None) -> list[ServiceStatus]:
             in_route=s.in_route,
             **common,
         ))
-    return rows
+    return rows + _endpoint_rows(plan)
+
+
+def _endpoint_rows(plan: Plan | None) -> list[ServiceStatus]:
+    """``url:`` tiers, asked now (``endpoints.py``): no supervisor runs them."""
+    from mlx_stack.cli.endpoints import probe_endpoints
+
+    return [ServiceStatus(name=e.name, kind=e.kind, state=e.state, model=e.model, port=e.port,
+                          probe_ms=e.latency_ms, detail=e.detail)
+            for e in probe_endpoints(plan.endpoints if plan else ())]
 
 
 def supervisor_warnings(paths: StatePaths) -> list[str]:
@@ -488,6 +498,12 @@ def supervisor_warnings(paths: StatePaths) -> list[str]:
     if problem:
         return [problem]
     return list(snap.warnings) if snap and supervisor_alive(snap) else []
+
+
+def remote_statuses(paths: StatePaths) -> tuple[RemoteStatus, ...]:
+    """The remote stacks as the running supervisor last probed them (none if it is down)."""
+    snap, _ = _snapshot_or_problem(paths)
+    return snap.remotes if snap and supervisor_alive(snap) else ()
 
 
 def stack_running(paths: StatePaths) -> bool:

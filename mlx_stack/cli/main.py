@@ -106,6 +106,7 @@ def _service_names(include_logs: bool = False) -> list[str]:
         paths, catalog = _context()
         stack = _load(paths, catalog)
         names = [n for t in stack.model_servers for n in t.replica_names]
+        names += [t.name for t in stack.external if t.supervised]  # command: tiers
         names.append("proxy")
         if include_logs:
             names.append("supervisor")
@@ -291,7 +292,8 @@ def up(tier: str | None, foreground: bool, as_json: bool) -> None:
         embedding_record.record(paths, ident)
     p = stack.proxy
     host = connect_host(p.host)
-    names = [*(t.name for t in stack.tiers), *([EMBEDDINGS_MODEL_NAME] if stack.embeddings else []),
+    has_embeddings = stack.embeddings is not None or stack.external_embeddings is not None
+    names = [*stack.chat_names, *([EMBEDDINGS_MODEL_NAME] if has_embeddings else []),
              *([RERANK_MODEL_NAME] if stack.rerank else [])]
     if as_json:
         _emit({
@@ -303,6 +305,10 @@ def up(tier: str | None, foreground: bool, as_json: bool) -> None:
         })
         return
     if tier is None:
+        from mlx_stack.cli.endpoints import unreachable_warnings
+
+        for w in unreachable_warnings(result.plan.endpoints):
+            click.secho(f"warning: {w}", fg="yellow", err=True)
         click.echo(f"stack is up: http://{host}:{p.port}/v1 serves {', '.join(names)}")
         click.echo("  the key: `mlx-stack key`; state: `mlx-stack status`")
     else:
@@ -379,12 +385,15 @@ def status(as_json: bool) -> None:
     problem = lifecycle.stack_problem(paths) or problem
     warnings += lifecycle.supervisor_warnings(paths)
     rows = lifecycle.status(paths, plan)
+    remotes = lifecycle.remote_statuses(paths)
     if as_json:
         body = {
             "stack_file": str(paths.stack_file),
             "problem": problem or None,
             "warnings": warnings,
             "services": [r.to_json() for r in rows],
+            "remotes": [{"name": r.name, "state": render.remote_state(r), **r.to_json()}
+                        for r in remotes],
         }
         _emit(body)
         return
@@ -394,6 +403,9 @@ def status(as_json: bool) -> None:
         click.secho(f"warning: {w}", fg="yellow", err=True)
     con = render.console()
     con.print(render.status_table(rows))
+    if remotes:
+        con.print()
+        con.print(render.remotes_table(remotes))
     for line in render.fatal_logs(rows):
         con.print(line, markup=False)
 

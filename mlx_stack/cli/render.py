@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mlx_stack.cli.lifecycle import LoadProgress, ServiceStatus
+from mlx_stack.contract.snapshot import RemoteStatus
 from mlx_stack.logfiles import printable
 
 #: Wide enough for a status row with a long detail when the output is not a terminal.
@@ -30,6 +31,9 @@ STATE_STYLES = {
     "backoff": "red",
     "fatal": "bold red",
     "stopped": "dim",
+    "reachable": "green",  # url: tiers (cli/endpoints.py)
+    "failing": "red",
+    "unreachable": "red",
 }
 
 
@@ -86,6 +90,41 @@ def status_table(rows: Sequence[ServiceStatus]) -> Table:
             str(r.restarts),
             detail,
         )
+    return table
+
+
+def remote_state(r: RemoteStatus) -> str:
+    """One word for a remote: unchecked, unreachable, unauthorised, reachable."""
+    if r.checked_at is None:
+        return "unchecked"
+    if not r.reachable:
+        return "unreachable"
+    if r.authorised is False:
+        return "unauthorised"
+    return "reachable" if r.authorised else "unknown"
+
+
+REMOTE_STYLES = {"reachable": "green", "unchecked": "yellow", "unknown": "yellow",
+                 "unreachable": "red", "unauthorised": "red"}
+
+
+def remotes_table(remotes: Sequence[RemoteStatus]) -> Table:
+    """Each remote stack: its state, latency, and each model's verdict (refused: why)."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name, justify in [("REMOTE", "left"), ("STATE", "left"), ("URL", "left"),
+                          ("LATENCY", "right"), ("MODELS", "left")]:
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    table.add_column("DETAIL", overflow="fold")
+    for r in remotes:
+        state = remote_state(r)
+        models = ", ".join(
+            (m.name if m.joined == m.name else f"{m.name} as {m.joined}") + f" {m.verdict}"
+            for m in r.models)
+        details = [r.problem] if r.problem else []
+        details += [f"{m.name}: {m.reason}" for m in r.models if m.verdict == "refused"]
+        table.add_row(r.name, Text(state, style=REMOTE_STYLES.get(state, "")), r.url,
+                      "-" if r.latency_ms is None else f"{r.latency_ms:.0f} ms", models,
+                      "; ".join(details))
     return table
 
 

@@ -13,14 +13,17 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_stack.backendkey import KEY_ENV as BACKEND_KEY_ENV
 from mlx_stack.config.catalog import CatalogEntry, load_catalog
+from mlx_stack.config.external import ExternalTier
 from mlx_stack.config.modelfolder import weights_size
 from mlx_stack.config.proxykey import ENV_VAR, read_key
+from mlx_stack.config.remotes import Remote, read_remote_key
 from mlx_stack.config.settings import WatchSettings
 from mlx_stack.config.sources import describe_missing, locate_first
 from mlx_stack.config.stackfile import (
@@ -41,8 +44,11 @@ from mlx_stack.litellm.config import (
     build_config,
     render_config,
     routes,
+    shared_names,
 )
 from mlx_stack.litellm.gate import ROUTES_ENV, STATE_ENV, routes_to_env
+from mlx_stack.litellm.identity import SOURCES_ENV, sources_to_env
+from mlx_stack.litellm.remotes import REMOTES_FILE_ENV
 from mlx_stack.litellm.webguard import ACCESS_ENV, WebAccess
 from mlx_stack.paths import StatePaths
 from mlx_stack.ports import connect_host
@@ -71,6 +77,8 @@ class Probe:
     model: str = MLX_LM_DEFAULT_MODEL
     #: The backend key to send (``Authorization: Bearer``); never shown, never compared.
     key: str | None = field(default=None, compare=False, repr=False)
+    #: The liveness route, when not the kind's own (an external server's ``health:``).
+    health: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,9 @@ class ServiceSpec:
     unset_env: frozenset[str] = frozenset()
     #: Size of the weight files it loads: what `up` measures loading progress against.
     weights_bytes: int | None = None
+    #: Seconds it may take to become ready, instead of the watchdog's start timeouts (an
+    #: external server's ``ready_timeout_s``).
+    ready_timeout_s: float | None = None
     #: The tier this service serves ("embeddings" for every embeddings replica; "" for a
     #: service that is its own tier): what `restart embeddings` replaces one at a time.
     group: str = ""
@@ -115,12 +126,33 @@ class ServiceSpec:
         h.update(json.dumps([argv, sorted(self.env.items()), self.port, self.host]).encode())
         if self.config_file is not None:
             h.update(self.config_file[1].encode())
+        if self.probe.health:  # an external server: its served name, health route and
+            # deadline are not in its command line, and a new probe needs a new start
+            h.update(json.dumps([self.probe.model, self.probe.health,
+                                 self.ready_timeout_s]).encode())
         h.update(hashlib.sha256("".join(sorted(self.secret_env.values())).encode()).digest())
         return h.hexdigest()[:16]
 
     def full_env(self) -> dict[str, str]:
         inherited = {k: v for k, v in os.environ.items() if k not in self.unset_env}
         return {**inherited, **self.env, **self.secret_env, **self.session_env}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A ``url:`` tier: a server the stack only probes (no process); ``status`` asks it."""
+
+    name: str
+    kind: ServiceKind
+    probe: Probe
+
+
+@dataclass(frozen=True)
+class RemoteTarget:
+    """A remote proxy to probe (``supervisor/remotes.py``), with its key (never shown)."""
+
+    remote: Remote
+    key: str = field(compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -134,6 +166,10 @@ class Plan:
     model_servers: tuple[ServiceSpec, ...]
     proxy: ServiceSpec
     missing: dict[str, str] = field(default_factory=dict)
+    #: ``url:`` tiers: routed by the proxy, probed by ``status``, run by nobody here.
+    endpoints: tuple[Endpoint, ...] = ()
+    #: Other machines' proxies whose models join this one (``config/remotes.py``).
+    remotes: tuple[RemoteTarget, ...] = ()
 
     @property
     def all(self) -> tuple[ServiceSpec, ...]:
@@ -310,9 +346,65 @@ def rerank_service(
     )
 
 
+def external_probe(t: ExternalTier, key: str | None) -> Probe:
+    """The real request for an external server: a one-token chat completion or a one-text
+    embedding through its OpenAI API, as for the stack's own tiers, with its own key."""
+    kind = ProbeKind.EMBEDDING if t.kind == "embeddings" else ProbeKind.CHAT
+    return Probe(kind, t.url, t.served_model, key, health=t.health)
+
+
+def external_service(t: ExternalTier, key: str | None = None,
+                     default_ready_s: float = WatchSettings().start_timeout_s) -> ServiceSpec:
+    """A ``command:`` tier: the user's program, its environment, its port; no backend key (a
+    program the stack does not build never sees the stack's own secrets).
+
+    Its start has a fixed deadline (``ready_timeout_s``, else ``default_ready_s``): the
+    watchdog's progress-based one reads a growing log as loading, and a server that logs each
+    request (Ollama, llama.cpp) would then log the failing probes of an unpulled model or a
+    wrong ``served_model`` as "progress" for ``start_timeout_max_s`` (30 minutes)."""
+    assert t.port is not None
+    return ServiceSpec(
+        name=t.name,
+        kind=ServiceKind.EMBEDDINGS if t.kind == "embeddings" else ServiceKind.CHAT,
+        argv=t.command,
+        env=dict(t.env),
+        port=t.port,
+        host="127.0.0.1",
+        model=t.served_model,
+        probe=external_probe(t, key),
+        ready_timeout_s=t.ready_timeout_s or default_ready_s,
+    )
+
+
+def read_tier_key(stack: Stack, paths: StatePaths, t: ExternalTier) -> str | None:
+    """An external tier's bearer key from its ``key_file`` (None without one)."""
+    if t.key_file is None:
+        return None
+    where = f"tiers.{t.name}" if t.kind == "chat" else "embeddings"
+    path = paths.key_file(t.key_file)
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(stack.path or "stack",
+                          [f"{where}.key_file: cannot read {path}: {why}"]) from None
+    if not key or not key.isprintable():
+        raise ConfigError(stack.path or "stack", [
+            f"{where}.key_file: {path} must hold the key on one line"])
+    return key
+
+
+def _missing_program(t: ExternalTier) -> str | None:
+    if shutil.which(t.command[0]) is not None:
+        return None
+    where = f"tiers.{t.name}" if t.kind == "chat" else "embeddings"
+    return (f"{t.name}: the program {t.command[0]!r} is not installed here (not on PATH); "
+            f"install it, or give its full path in {where}.command")
+
+
 def proxy_service(
     stack: Stack, paths: StatePaths, key: str, served_paths: dict[str, str],
-    backend_key: str | None = None,
+    backend_key: str | None = None, tier_keys: dict[str, str] | None = None,
 ) -> ServiceSpec:
     p = stack.proxy
     cfg = paths.litellm_config
@@ -323,9 +415,20 @@ def proxy_service(
         "--port", str(p.port),
         "--num_workers", "1",
     )  # fmt: skip
-    env = {**PROXY_ENV, ROUTES_ENV: routes_to_env(routes(stack)),
+    if p.tls_cert_file:  # LiteLLM's own options (uvicorn's ssl_certfile / ssl_keyfile)
+        argv += ("--ssl_certfile_path", str(paths.key_file(p.tls_cert_file)),
+                 "--ssl_keyfile_path", str(paths.key_file(p.tls_key_file)))
+    # A name shared with a remote is balanced by LiteLLM's router, not held by the gate (which
+    # sees only this machine's services).
+    shared = shared_names(stack)
+    gated = {n: r for n, r in routes(stack).items() if n not in shared}
+    env = {**PROXY_ENV, ROUTES_ENV: routes_to_env(gated),
            STATE_ENV: str(paths.state_file),
-           ACCESS_ENV: WebAccess.for_bind(p.host, p.cors_origins).to_env()}
+           ACCESS_ENV: WebAccess.for_bind(p.host, p.cors_origins).to_env(),
+           SOURCES_ENV: sources_to_env(identity_sources(stack))}
+    if stack.remotes:
+        env[REMOTES_FILE_ENV] = str(paths.run / "remotes.json")
+    remote_keys = {t.remote.key_env: t.key for t in remote_targets(stack, paths)}
     return ServiceSpec(
         name="proxy",
         kind=ServiceKind.PROXY,
@@ -333,12 +436,35 @@ def proxy_service(
         env=env,
         port=p.port,
         host=p.host,
-        probe=Probe(ProbeKind.PROXY, f"http://{connect_host(p.host)}:{p.port}"),
+        probe=Probe(ProbeKind.PROXY, f"{p.scheme}://{connect_host(p.host)}:{p.port}"),
         config_file=(cfg, render_config(build_config(stack, served_paths))),
-        secret_env={ENV_VAR: key},
+        secret_env={ENV_VAR: key, **remote_keys, **(tier_keys or {})},
         session_env=_session(backend_key),
         unset_env=PROXY_UNSET_ENV,
     )
+
+
+def remote_targets(stack: Stack, paths: StatePaths) -> tuple[RemoteTarget, ...]:
+    """Each remote with its key, read from its 0600 file (a missing key file stops `up`)."""
+    return tuple(RemoteTarget(r, read_remote_key(paths.key_file(r.key_file), r.name))
+                 for r in stack.remotes)
+
+
+def identity_sources(stack: Stack) -> dict[str, dict[str, str]]:
+    """What the proxy's identity route (``litellm/identity.py``) lists: every local name,
+    and where the vector servers' model cards are (the first replica's). No model name: the
+    cards say it, and a model change must not change the proxy's definition (it would restart
+    the proxy, which a rolling model change of replicas avoids)."""
+    out = {name: {"mode": "chat"} for name in stack.chat_names}
+    if stack.external_embeddings is not None:  # an external server reports no identity:
+        out[EMBEDDINGS_MODEL_NAME] = {"mode": "embedding"}  # never mixed with another
+    if stack.embeddings is not None:
+        out[EMBEDDINGS_MODEL_NAME] = {"mode": "embedding",
+                                      "url": f"http://127.0.0.1:{stack.embeddings.port}"}
+    if stack.rerank is not None:
+        out[RERANK_MODEL_NAME] = {"mode": "rerank",
+                                  "url": f"http://127.0.0.1:{stack.rerank.port}"}
+    return out
 
 
 def build_plan(
@@ -351,7 +477,8 @@ def build_plan(
     stack's key file. ``backend_key``: the supervisor's (see ``backendkey.py``); the
     CLI plans without it, with the same fingerprints.
     """
-    if not stack.tiers and stack.embeddings is None and stack.rerank is None:
+    if (not stack.tiers and stack.embeddings is None and stack.rerank is None
+            and not stack.external):
         raise ConfigError(
             stack.path or "stack",
             ["the stack has no chat tier, no embeddings tier and no rerank tier: nothing to run; "
@@ -385,8 +512,22 @@ def build_plan(
                 missing[name] = missing_weights_message(name, r.model, r.quant)
             else:
                 servers.append(rerank_service(r, path, backend_key, replica=i))
-    proxy = proxy_service(stack, paths, key, served_paths, backend_key)
-    return Plan(tuple(servers), proxy, missing)
+    endpoints: list[Endpoint] = []
+    tier_keys: dict[str, str] = {}
+    for x in stack.external:
+        tier_key = read_tier_key(stack, paths, x)
+        if tier_key is not None:
+            tier_keys[x.key_env] = tier_key
+        if not x.supervised:
+            endpoints.append(Endpoint(x.name, ServiceKind.EMBEDDINGS if x.kind == "embeddings"
+                                      else ServiceKind.CHAT, external_probe(x, tier_key)))
+        elif (gone := _missing_program(x)) is not None:
+            missing[x.name] = gone
+        else:
+            servers.append(external_service(x, tier_key, stack.watchdog.start_timeout_s))
+    proxy = proxy_service(stack, paths, key, served_paths, backend_key, tier_keys)
+    return Plan(tuple(servers), proxy, missing, endpoints=tuple(endpoints),
+                remotes=remote_targets(stack, paths))
 
 
 def load_stack_file(paths: StatePaths) -> Stack:

@@ -66,6 +66,13 @@ class ProxySettings:
     cors_origins: tuple[str, ...] = _doc(
         (), "web origins (scheme://host[:port]) whose pages may call the proxy from a browser; "
         "empty: every web page is refused (403, no CORS headers)")
+    #: ``proxy.tls`` (read by ``stackfile._read_proxy``): serve HTTPS with these PEM files.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert_file else "http"
 
     def exposure(self) -> str | None:
         """What a bind beyond loopback exposes (shown by up, status and doctor), or ``None``."""
@@ -73,7 +80,11 @@ class ProxySettings:
             return None
         where = ("every network this machine is on" if self.host in ("0.0.0.0", "::")
                  else f"the network of {self.host}")
+        wire = ("over HTTPS (proxy.tls)" if self.tls_cert_file else
+                "over plain HTTP the key and every prompt cross the network unencrypted "
+                "(proxy.tls serves HTTPS)")
         return (f"proxy.host is {self.host}: the proxy is reachable from other machines "
-                f"({where}); anyone with the key can use every model, and over plain HTTP the "
-                "key and every prompt cross the network unencrypted; bind 127.0.0.1 unless you "
-                "mean it (the chat and embeddings ports stay on loopback)")
+                f"({where}); anyone with the key can use every model, and {wire}; bind "
+                "127.0.0.1 unless you mean it, and let only the machines that need it through "
+                "the firewall (the chat and embeddings ports stay on loopback; "
+                "docs/security.md)")

@@ -12,7 +12,20 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mlx_stack.config import external as _external
 from mlx_stack.config.catalog import Catalog, ChatModel, EmbeddingModel, RerankModel
+from mlx_stack.config.external import (
+    EXTERNAL_BACKENDS,
+    ExternalTier,
+    forms_problem,
+    is_external,
+    read_external,
+    render_external,
+)
+
+# REMOTE_FIELDS is re-exported: the reference (gen_docs.py) documents each section from here.
+from mlx_stack.config.remotes import REMOTE_FIELDS as REMOTE_FIELDS
+from mlx_stack.config.remotes import Remote, read_remotes, self_reference_problem
 from mlx_stack.config.schema import Field, Problems, close_matches, fields_of, read_mapping
 from mlx_stack.config.settings import ProxySettings, WatchSettings
 from mlx_stack.config.yamlfile import YamlDoc, load_yaml, parse_yaml
@@ -55,11 +68,25 @@ RERANK_FIELDS = [
     Field("port", (int,), "port on 127.0.0.1 the rerank server listens on", RERANK_PORT),
     REPLICAS_FIELD,
 ]
+#: A chat tier or the embeddings tier served by an external server (``config/external.py``).
+EXTERNAL_TIER_FIELDS = [
+    Field("model", (str, type(None)), "with backend: ollama, the Ollama model name", None),
+    Field("quant", (str, type(None)), "not for external servers", None),
+    Field("port", (int, type(None)), "port on 127.0.0.1 a command: server listens on", None),
+    Field("backend", (str,), f"{' or '.join(EXTERNAL_BACKENDS)}", "openai"),
+    *_external.EXTERNAL_FIELDS,
+]
 AUTH_FIELDS = fields_of(ProxySettings, ["key_file"])
 PROXY_FIELDS = [
     *fields_of(ProxySettings, ["host", "port"]),
     Field("auth", (dict,), "how clients authenticate: a master key in key_file", {}),
     *fields_of(ProxySettings, ["timeout_s", "num_retries", "cors_origins"]),
+    Field("tls", (dict, type(None)), "serve HTTPS: {cert_file, key_file} (PEM; relative to the "
+          "state folder); see docs/security.md", None),
+]
+TLS_FIELDS = [
+    Field("cert_file", (str,), "the certificate (PEM), chain included"),
+    Field("key_file", (str,), "its private key (PEM, mode 0600)"),
 ]
 WATCHDOG_FIELDS = fields_of(WatchSettings)
 STACK_FIELDS = [
@@ -69,6 +96,8 @@ STACK_FIELDS = [
     Field("rerank", (dict, type(None)), "the optional rerank tier (a cross-encoder)", None),
     Field("proxy", (dict, type(None)), "the LiteLLM proxy in front of all tiers", {}),
     Field("watchdog", (dict, type(None)), "health probes, restarts and log rotation", {}),
+    Field("remotes", (dict, type(None)), "other machines' mlx-stack proxies whose models join "
+          "this proxy (docs/scale-out.md)", None),
 ]
 
 
@@ -89,8 +118,24 @@ class ChatTier:
         return (self.port,)
 
 
+class _Replicated:
+    """A tier of N identical servers on consecutive ports (``replicas``)."""
+
+    name: str
+    port: int
+    replicas: int
+
+    @property
+    def replica_names(self) -> tuple[str, ...]:
+        return replica_names(self.name, self.replicas)
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return tuple(range(self.port, self.port + self.replicas))
+
+
 @dataclass(frozen=True)
-class EmbeddingsTier:
+class EmbeddingsTier(_Replicated):
     model: EmbeddingModel
     quant: str
     port: int
@@ -98,17 +143,9 @@ class EmbeddingsTier:
     name: str = "embeddings"
     replicas: int = 1
 
-    @property
-    def replica_names(self) -> tuple[str, ...]:
-        return replica_names(self.name, self.replicas)
-
-    @property
-    def ports(self) -> tuple[int, ...]:
-        return tuple(range(self.port, self.port + self.replicas))
-
 
 @dataclass(frozen=True)
-class RerankTier:
+class RerankTier(_Replicated):
     """The rerank server: the embeddings server's program in rerank mode, on its own port."""
 
     model: RerankModel
@@ -116,14 +153,6 @@ class RerankTier:
     port: int
     name: str = "rerank"
     replicas: int = 1
-
-    @property
-    def replica_names(self) -> tuple[str, ...]:
-        return replica_names(self.name, self.replicas)
-
-    @property
-    def ports(self) -> tuple[int, ...]:
-        return tuple(range(self.port, self.port + self.replicas))
 
 
 @dataclass(frozen=True)
@@ -134,6 +163,19 @@ class Stack:
     path: Path | None = None
     watchdog: WatchSettings = field(default_factory=WatchSettings)
     rerank: RerankTier | None = None
+    remotes: tuple[Remote, ...] = ()
+    #: Chat tiers and the embeddings tier served by external servers (``external.py``).
+    external: tuple[ExternalTier, ...] = ()
+
+    @property
+    def chat_names(self) -> tuple[str, ...]:
+        """Every chat tier's name: the model tiers, then the external ones."""
+        return (*(t.name for t in self.tiers),
+                *(t.name for t in self.external if t.kind == "chat"))
+
+    @property
+    def external_embeddings(self) -> ExternalTier | None:
+        return next((t for t in self.external if t.kind == "embeddings"), None)
 
     def tier(self, name: str) -> ChatTier:
         for t in self.tiers:
@@ -195,7 +237,23 @@ def _resolve_quant(
         return None
 
 
-def _read_tiers(raw: dict, catalog: Catalog, system: str, problems: Problems) -> list[ChatTier]:
+def _read_external(body: dict, name: str, kind: str, path: str,
+                   problems: Problems) -> ExternalTier | None:
+    """A ``command:``/``url:`` (or ``backend: ollama``) tier, checked against its own fields."""
+    d = read_mapping(body, path, EXTERNAL_TIER_FIELDS, problems)
+    if d is None:
+        return None
+    if d["port"] is not None:
+        _check_port(d["port"], f"{path}.port", problems)
+    problem = forms_problem(body)
+    if problem:
+        problems.add(path, problem)
+        return None
+    return read_external(d, body, name, kind, path, problems)
+
+
+def _read_tiers(raw: dict, catalog: Catalog, system: str, problems: Problems,
+                external: list[ExternalTier] | None = None) -> list[ChatTier]:
     tiers: list[ChatTier] = []
     for name, body in raw.items():
         path = f"tiers.{name}"
@@ -204,6 +262,11 @@ def _read_tiers(raw: dict, catalog: Catalog, system: str, problems: Problems) ->
             continue
         if name in RESERVED_NAMES or _REPLICA_NAME.match(name):
             problems.add(path, f"{name!r} is reserved; choose another tier name")
+            continue
+        if is_external(body):
+            ext = _read_external(body, name, "chat", path, problems)
+            if ext is not None and external is not None:
+                external.append(ext)
             continue
         d = read_mapping(body, path, TIER_FIELDS, problems)
         if d is None:
@@ -230,7 +293,13 @@ def _read_tiers(raw: dict, catalog: Catalog, system: str, problems: Problems) ->
     return tiers
 
 
-def _read_embeddings(raw: dict, catalog: Catalog, problems: Problems) -> EmbeddingsTier | None:
+def _read_embeddings(raw: dict, catalog: Catalog, problems: Problems,
+                     external: list[ExternalTier] | None = None) -> EmbeddingsTier | None:
+    if is_external(raw):
+        ext = _read_external(raw, "embeddings", "embeddings", "embeddings", problems)
+        if ext is not None and external is not None:
+            external.append(ext)
+        return None
     d = read_mapping(raw, "embeddings", EMBEDDINGS_FIELDS, problems)
     if d is None:
         return None
@@ -284,9 +353,16 @@ def _read_proxy(raw: dict, problems: Problems) -> ProxySettings:
     if not 0 <= d["num_retries"] <= 10:
         problems.add("proxy.num_retries", "must be between 0 and 10")
     origins = _read_origins(d["cors_origins"], problems)
+    tls = read_mapping(d["tls"], "proxy.tls", TLS_FIELDS, problems) if d["tls"] else None
+    for key in ("cert_file", "key_file") if tls else ():
+        problem = _key_file_problem(tls[key])  # type: ignore[index]
+        if problem:
+            problems.add(f"proxy.tls.{key}", problem)
     return ProxySettings(host=d["host"], port=d["port"], key_file=auth["key_file"],
                          timeout_s=float(d["timeout_s"]), num_retries=d["num_retries"],
-                         cors_origins=origins)
+                         cors_origins=origins,
+                         tls_cert_file=tls["cert_file"] if tls else "",
+                         tls_key_file=tls["key_file"] if tls else "")
 
 
 def _key_file_problem(name: str) -> str | None:
@@ -340,16 +416,30 @@ def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
         raise ConfigError(doc.path, problems.items)
     if top["version"] != 1:
         problems.add("version", f"unsupported version {top['version']}; this mlx-stack reads 1")
-    tiers = _read_tiers(top["tiers"] or {}, catalog, system, problems)
-    emb = _read_embeddings(top["embeddings"], catalog, problems) if top["embeddings"] else None
+    external: list[ExternalTier] = []
+    tiers = _read_tiers(top["tiers"] or {}, catalog, system, problems, external)
+    emb = (_read_embeddings(top["embeddings"], catalog, problems, external)
+           if top["embeddings"] else None)
     rerank = _read_rerank(top["rerank"], catalog, problems) if top["rerank"] else None
     proxy = _read_proxy(top["proxy"] or {}, problems)
     watchdog = _read_watchdog(top["watchdog"] or {}, problems)
+    local_kinds = {**{t.name: "chat" for t in tiers},
+                   **{t.name: "chat" for t in external if t.kind == "chat"},
+                   **({EMBEDDINGS_MODEL_NAME: "embedding"}
+                      if emb or any(t.kind == "embeddings" for t in external) else {}),
+                   **({RERANK_MODEL_NAME: "rerank"} if rerank else {})}
+    remotes = read_remotes(top["remotes"], problems, local_kinds)
+    for r in remotes:
+        loop = self_reference_problem(r, proxy.host, proxy.port)
+        if loop:
+            problems.add(f"remotes.{r.name}.url", loop)
     ports: dict[int, str] = {}
     for name, port, path in [
         *((t.name, t.port, f"tiers.{t.name}.port") for t in tiers),
         *_replica_ports(emb, "embeddings"),
         *_replica_ports(rerank, "rerank"),
+        *((t.name, t.port, f"tiers.{t.name}.port" if t.kind == "chat" else "embeddings.port")
+          for t in external if t.port is not None),
         ("proxy", proxy.port, "proxy.port"),
     ]:
         if port in ports:
@@ -359,7 +449,8 @@ def parse_stack(doc: YamlDoc, catalog: Catalog, system: str) -> Stack:
         ports.setdefault(port, name)
     if problems:
         raise ConfigError(doc.path, problems.items)
-    return Stack(tuple(tiers), emb, proxy, doc.path, watchdog, rerank)
+    return Stack(tuple(tiers), emb, proxy, doc.path, watchdog, rerank, remotes=remotes,
+                 external=tuple(external))
 
 
 def _replica_ports(tier: EmbeddingsTier | RerankTier | None,
@@ -442,13 +533,22 @@ def render_stack(stack: Stack, header: str = "", hints: list[str] | None = None)
                 f"  {t.name}:\n    model: {_q(t.model.name)}\n    quant: {_q(t.quant)}\n"
                 f"    port: {t.port}\n    backend: {t.backend}\n"
             )
-    else:
+    external_chat = [t for t in stack.external if t.kind == "chat"]
+    if external_chat and not stack.tiers:
+        out.append("tiers:\n")
+    for x in external_chat:
+        out.append(f"  {x.name}:\n" + render_external(x, "    "))
+    if not stack.tiers and not external_chat:
         out.append("tiers: {}\n")
     for hint in hints or []:
         out.append(f"# {hint}\n")
     out.append("\n")
     if stack.embeddings is not None:
         out.append(render_embeddings(stack.embeddings) + "\n")
+    elif stack.external_embeddings is not None:
+        out.append("# The embeddings tier: an external server, served through the proxy as "
+                   "'local-embed'.\nembeddings:\n"
+                   + render_external(stack.external_embeddings, "  ") + "\n")
     if stack.rerank is not None:
         out.append(render_rerank(stack.rerank) + "\n")
     p = stack.proxy

@@ -8,7 +8,7 @@ or fetched first when the caller asks (``pull=True``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mlx_stack.atomic import write_atomic
@@ -139,11 +139,16 @@ def add_embeddings(
         )
     tier = EmbeddingsTier(entry, entry.default_quant.id, recommend.EMBEDDINGS_PORT, "mlx-embed")
     existing = stack.embeddings
-    refusal = None if existing is None else (
-        f"already has an embeddings tier ({existing.model.name}); edit it, or use --force to "
+    other = stack.external_embeddings  # an external server (Ollama...) as the embeddings tier
+    what = (existing.model.name if existing is not None
+            else f"{other.backend}: {other.served_model}" if other is not None else None)
+    refusal = None if what is None else (
+        f"already has an embeddings tier ({what}); edit it, or use --force to "
         "replace it (vectors from two models must never be mixed: re-index stored vectors "
         "after switching)")
-    return _add_section(paths, catalog, hw, stack.with_embeddings(tier), render_embeddings(tier),
+    new = replace(stack.with_embeddings(tier),
+                  external=tuple(t for t in stack.external if t.kind != "embeddings"))
+    return _add_section(paths, catalog, hw, new, render_embeddings(tier),
                         f"--add-embeddings {model}", refusal, force, ("embeddings", entry))
 
 

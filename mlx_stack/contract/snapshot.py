@@ -130,6 +130,51 @@ class ServiceSnapshot:
 
 
 @dataclass(frozen=True)
+class RemoteModelStatus:
+    """One model of a remote proxy: the name it joins under, and whether it is in the proxy."""
+
+    name: str
+    joined: str
+    verdict: str  # config.remotes.Verdict: accepted, pending, refused
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "as": self.joined, "verdict": self.verdict,
+                "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RemoteModelStatus:
+        return cls(str(d["name"]), str(d.get("as", d["name"])), str(d["verdict"]),
+                   str(d.get("reason", "")))
+
+
+@dataclass(frozen=True)
+class RemoteStatus:
+    """A remote mlx-stack proxy as the supervisor's prober last saw it."""
+
+    name: str
+    url: str
+    #: Never checked yet, or the last check: reachable (it answered), authorised (the key).
+    checked_at: float | None = None  # wall clock
+    reachable: bool = False
+    authorised: bool | None = None
+    latency_ms: float | None = None
+    problem: str = ""
+    models: tuple[RemoteModelStatus, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"url": self.url, "checked_at": self.checked_at, "reachable": self.reachable,
+                "authorised": self.authorised, "latency_ms": self.latency_ms,
+                "problem": self.problem, "models": [m.to_json() for m in self.models]}
+
+    @classmethod
+    def from_json(cls, name: str, d: dict[str, Any]) -> RemoteStatus:
+        return cls(name, str(d["url"]), d.get("checked_at"), bool(d.get("reachable")),
+                   d.get("authorised"), d.get("latency_ms"), str(d.get("problem", "")),
+                   tuple(RemoteModelStatus.from_json(m) for m in d.get("models", ())))
+
+
+@dataclass(frozen=True)
 class SupervisorSnapshot:
     """The supervisor itself and every service it supervises."""
 
@@ -142,6 +187,8 @@ class SupervisorSnapshot:
     services: tuple[ServiceSnapshot, ...] = ()
     #: Problems the supervisor worked around (a failed log or snapshot write), newest last.
     warnings: tuple[str, ...] = field(default=())
+    #: Other machines' proxies (``remotes:`` in the stack file), as last probed.
+    remotes: tuple[RemoteStatus, ...] = ()
 
     @property
     def record(self) -> ProcessRecord:
@@ -177,6 +224,7 @@ class SupervisorSnapshot:
                 "warnings": list(self.warnings),
             },
             "services": {s.name: s.to_json() for s in self.services},
+            "remotes": {r.name: r.to_json() for r in self.remotes},
         }
 
     @classmethod
@@ -191,6 +239,8 @@ class SupervisorSnapshot:
             shutting_down=bool(sup.get("shutting_down")),
             services=tuple(ServiceSnapshot.from_json(n, s) for n, s in d["services"].items()),
             warnings=tuple(str(w) for w in sup.get("warnings", ())),
+            remotes=tuple(RemoteStatus.from_json(n, r)
+                          for n, r in (d.get("remotes") or {}).items()),
         )
 
 

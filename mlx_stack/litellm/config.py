@@ -18,7 +18,9 @@ from typing import Any
 import yaml
 
 from mlx_stack.backendkey import LITELLM_API_KEY
+from mlx_stack.config.external import ExternalTier
 from mlx_stack.config.proxykey import ENV_VAR
+from mlx_stack.config.remotes import Remote, RemoteModel
 from mlx_stack.config.stackfile import EMBEDDINGS_MODEL_NAME, RERANK_MODEL_NAME, Stack
 from mlx_stack.litellm.gate import Route
 
@@ -61,13 +63,15 @@ def routes(stack: Stack) -> dict[str, Route]:
     on another scale. Their routes list every replica with its port: the gate holds a request
     only when none is ready, and the fast lane knows which servers are the stack's own.
     """
-    names = [t.name for t in stack.tiers]
+    names = list(stack.chat_names)
     out = {n: Route(n, tuple(m for m in names if m != n)) for n in names}
     for model_name, tier in ((EMBEDDINGS_MODEL_NAME, stack.embeddings),
                              (RERANK_MODEL_NAME, stack.rerank)):
         if tier is not None:
             out[model_name] = Route(
                 tier.name, replicas=tuple(zip(tier.replica_names, tier.ports, strict=True)))
+    if stack.external_embeddings is not None:  # an external server: one, no replicas
+        out[EMBEDDINGS_MODEL_NAME] = Route(stack.external_embeddings.name)
     return out
 
 
@@ -94,6 +98,26 @@ def rerank_deployments(stack: Stack) -> list[dict[str, Any]]:
         },
         "model_info": {"mode": "rerank"},
     } for port in r.ports]
+
+
+def external_deployment(stack: Stack, t: ExternalTier) -> dict[str, Any]:
+    """An external server as a deployment: OpenAI's provider at its ``/v1``, its own key by
+    variable name (``os.environ/...``: the key is in the proxy's environment only), never the
+    stack's backend key. Its embeddings go through ``normalize.py`` (not the fast lane, which
+    serves only deployments that take the backend key)."""
+    p = stack.proxy
+    params: dict[str, Any] = {
+        "model": f"openai/{t.served_model}",
+        "api_base": t.api_base,
+        "api_key": t.litellm_api_key,
+    }
+    if t.kind == "embeddings":
+        params["timeout"] = min(p.timeout_s, 120.0)
+        name, mode = EMBEDDINGS_MODEL_NAME, "embedding"
+    else:
+        params["timeout"] = params["stream_timeout"] = p.timeout_s
+        name, mode = t.name, "chat"
+    return {"model_name": name, "litellm_params": params, "model_info": {"mode": mode}}
 
 
 def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
@@ -135,7 +159,9 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
                     "model_info": {"mode": "embedding"},
                 }
             )
+    model_list += [external_deployment(stack, t) for t in stack.external]
     model_list += rerank_deployments(stack)
+    model_list += [remote_deployment(r, m, p.timeout_s) for r in stack.remotes for m in r.models]
     fallbacks = [{n: list(r.fallbacks)} for n, r in routes(stack).items() if r.fallbacks]
     router: dict[str, Any] = {
         "num_retries": p.num_retries,
@@ -144,6 +170,16 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
     }
     if fallbacks:
         router["fallbacks"] = fallbacks
+    general: dict[str, Any] = {"master_key": f"os.environ/{ENV_VAR}"}
+    shared = shared_names(stack)
+    if shared:
+        _share(model_list, shared)
+        general.update({
+            "background_health_checks": True,
+            "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+            "enable_health_check_routing": True,
+            "background_health_check_model_groups": sorted(shared),
+        })
     return {
         "model_list": model_list,
         "router_settings": router,
@@ -152,7 +188,54 @@ def build_config(stack: Stack, served_paths: dict[str, str]) -> dict[str, Any]:
             "telemetry": False,
             "request_timeout": p.timeout_s,
         },
-        "general_settings": {"master_key": f"os.environ/{ENV_VAR}"},
+        "general_settings": general,
+    }
+
+
+#: LiteLLM's background health check of every deployment of a name served by several hosts:
+#: a dead host is marked unhealthy and routed around before clients hit it (health-check
+#: routing); one failed request also cools it down (``COOLDOWN_S``), and it comes back after.
+HEALTH_CHECK_INTERVAL_S = 10
+COOLDOWN_S = 5
+
+
+def shared_names(stack: Stack) -> frozenset[str]:
+    """Proxy names with a remote deployment: LiteLLM's router balances them, not the gate."""
+    return frozenset(m.joined for r in stack.remotes for m in r.models)
+
+
+def _share(model_list: list[dict[str, Any]], shared: frozenset[str]) -> None:
+    """Deployments of a shared name cool down on their first failure (the retry then goes to
+    another deployment), for ``COOLDOWN_S``; a chat one's health check generates one token
+    (LiteLLM's default is 16, every ``HEALTH_CHECK_INTERVAL_S``, on each host)."""
+    for d in model_list:
+        if d["model_name"] in shared:
+            d["model_info"].update({"allowed_fails": 0, "cooldown_time": COOLDOWN_S})
+            if d["model_info"].get("mode") == "chat":
+                d["model_info"]["health_check_max_tokens"] = 1
+
+
+def remote_deployment(remote: Remote, model: RemoteModel, timeout_s: float) -> dict[str, Any]:
+    """One model of a remote mlx-stack proxy, with its key from the proxy's environment.
+
+    ``mlx_stack_remote`` / ``mlx_stack_identity`` mark it for the launcher
+    (``litellm/remotes.py``), which leaves out vector models whose identity is not accepted."""
+    if model.mode == "rerank":
+        params: dict[str, Any] = {"model": f"cohere/{model.name}", "api_base": remote.url}
+    else:
+        params = {"model": f"openai/{model.name}", "api_base": f"{remote.url}/v1"}
+    params.update({"api_key": f"os.environ/{remote.key_env}",
+                   "timeout": min(timeout_s, 120.0) if model.mode != "chat" else timeout_s})
+    if model.mode == "chat":
+        params["stream_timeout"] = timeout_s
+    if model.mode == "embedding":
+        params["allowed_openai_params"] = ["dimensions"]
+    return {
+        "model_name": model.joined,
+        "litellm_params": params,
+        "model_info": {"mode": model.mode, "mlx_stack_remote": remote.name,
+                       "mlx_stack_model": model.name,
+                       "mlx_stack_identity": model.needs_identity},
     }
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from mlx_stack.backendkey import KEY_ENV
+from mlx_stack.backendkey import KEY_ENV, LITELLM_API_KEY
 from mlx_stack.litellm.gate import (
     RETRY_AFTER_S,
     STATE_ENV,
@@ -85,7 +85,10 @@ def upstreams_from_config(path: Path, routes: Mapping[str, Route] | None = None,
             continue
         name = str(entry["model_name"])
         base = str(params.get("api_base", "")).rstrip("/")
-        own = _own_service(name, base, routes)
+        # An external server (``normalize.py``) never gets the stack's backend key: with the
+        # routes, its port is no replica's; without, its key is not the backend key.
+        foreign = routes is None and params.get("api_key") != LITELLM_API_KEY
+        own = None if foreign else _own_service(name, base, routes)
         found.setdefault(name, []).append(None if own is None else Upstream(
             base + "/embeddings", float(params.get("timeout", 120)), own))
     return {name: tuple(u for u in ups if u is not None) for name, ups in found.items()

@@ -1,7 +1,8 @@
 """Run the LiteLLM proxy, with one compatibility shim: JSON bodies sent as form data.
 
 (And the stack's middlewares in front of LiteLLM: ``webguard.py``, ``bodycheck.py``, ``gate.py``,
-then ``fastlane.py``, which answers embedding requests without LiteLLM.)
+``normalize.py`` (vectors of external embeddings servers), then ``fastlane.py``, which answers
+embedding requests without LiteLLM.)
 
 ``curl -d '{"model": ...}'`` without ``-H 'Content-Type: application/json'`` sends a JSON body
 labelled ``application/x-www-form-urlencoded``; LiteLLM then parses it as a form and answers
@@ -68,25 +69,58 @@ def _config_path(argv: list[str]) -> Path | None:
     return None
 
 
+def _use_effective_config(argv: list[str], remotes_file: str | None) -> None:
+    """With remotes, LiteLLM loads the config without the vector models not accepted
+    (``remotes.py``): ``--config`` in ``argv`` is pointed at that file."""
+    from mlx_stack.litellm import remotes
+
+    config = _config_path(argv[1:])
+    if not remotes_file or config is None or not config.is_file():
+        return
+    effective = str(remotes.effective_config(config, Path(remotes_file)))
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            argv[i + 1] = effective
+        elif arg.startswith("--config="):
+            argv[i] = f"--config={effective}"
+
+
 def main() -> None:
     from litellm.proxy import proxy_server
     from litellm.proxy.proxy_cli import run_server
 
     from mlx_stack.config.proxykey import ENV_VAR
-    from mlx_stack.litellm import bodycheck, fastlane, gate, webguard
+    from mlx_stack.litellm import (
+        bodycheck,
+        fastlane,
+        gate,
+        identity,
+        normalize,
+        remotes,
+        webguard,
+    )
+
+    _use_effective_config(sys.argv, os.environ.get(remotes.REMOTES_FILE_ENV))
 
     # The CLI serves "litellm.proxy.proxy_server:app" by import path; with one worker that is
     # this very module object, so the middleware added here is the one that serves. The last
     # one added runs first: the web guard (Host, Origin, CORS), the body check, the gate,
-    # then the content-type shim, the embeddings fast lane, then LiteLLM.
+    # then the content-type shim, the vector normaliser of external embeddings servers, the
+    # embeddings fast lane, then LiteLLM.
     lane = fastlane.options_from_env(_config_path(sys.argv[1:]), os.environ)
     if lane is not None:
         proxy_server.app.add_middleware(fastlane.FastLane, **lane)
+    norm = normalize.options_from_env(_config_path(sys.argv[1:]), os.environ)
+    if norm is not None:
+        proxy_server.app.add_middleware(normalize.Normalize, **norm)
     proxy_server.app.add_middleware(JsonBodyShim)
     options = gate.options_from_env()
     if options is not None:
         proxy_server.app.add_middleware(gate.TierGate, **options)
     proxy_server.app.add_middleware(bodycheck.BodyCheck, key=os.environ.get(ENV_VAR, ""))
+    ident = identity.options_from_env()
+    if ident is not None:
+        proxy_server.app.add_middleware(identity.IdentityRoute, **ident)
     proxy_server.app.add_middleware(webguard.WebGuard, access=webguard.WebAccess.from_env())
     run_server(prog_name="litellm")
 

@@ -103,6 +103,7 @@ class ServiceDriver:
         m.next_progress_check = now
         m.ready_since = None
         m.probe_failures = 0
+        m.last_probe_detail = ""
         m.probe = None
         m.next_probe_at = now + 0.2
         m.liveness = None
@@ -264,8 +265,12 @@ class ServiceDriver:
                 m.ready_since = now
                 m.probe_failures = 0
                 self.set_state(m, S.READY)
-            elif now >= start_deadline(m.started_at, m.last_progress_at, self.settings):
-                detail = f" ({res.detail})" if res is not None and res.detail else ""
+                return
+            if res is not None and res.detail:
+                m.last_probe_detail = res.detail  # the reason a failed start gives
+            if now >= self._start_deadline(m):
+                last = res.detail if res is not None and res.detail else m.last_probe_detail
+                detail = f" ({last})" if last else ""
                 self._fail_by_killing(m, now, f"not ready after {now - m.started_at:.0f} s"
                                       + detail)
             return
@@ -280,6 +285,14 @@ class ServiceDriver:
                 m.probe_failures += 1
                 m.last_probe_detail = res.detail
         self._settle(m, now)
+
+    def _start_deadline(self, m: Managed) -> float:
+        """The watchdog's, or a fixed one when the service says how long it may take (an
+        external server: its log and memory say nothing this supervisor can read as progress)."""
+        limit = m.spec.ready_timeout_s if m.spec is not None else None
+        if limit is not None:
+            return m.started_at + limit
+        return start_deadline(m.started_at, m.last_progress_at, self.settings)
 
     def _settle(self, m: Managed, now: float) -> None:
         """READY, UNHEALTHY or killed, from the real requests and the hang judgement."""

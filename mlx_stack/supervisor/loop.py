@@ -41,6 +41,7 @@ from mlx_stack.paths import StatePaths
 from mlx_stack.supervisor.driver import ServiceDriver
 from mlx_stack.supervisor.lock import StackLock
 from mlx_stack.supervisor.managed import Managed
+from mlx_stack.supervisor.remotes import RemoteProber
 from mlx_stack.supervisor.reporter import Reporter
 from mlx_stack.supervisor.rolling import Rolls
 from mlx_stack.supervisor.runtime import Runtime
@@ -83,6 +84,7 @@ class Supervisor:
         lifeline: int | None = None,
         lock: StackLock | None = None,
         say: Callable[[str], None] | None = None,
+        remote_prober: RemoteProber | None = None,
     ) -> None:
         self.paths = paths
         self.load_plan = load_plan
@@ -95,6 +97,9 @@ class Supervisor:
         self.report = Reporter(runtime, say)
         self.driver = ServiceDriver(paths, runtime, lifeline=lifeline, on_change=self._changed)
         self.services: dict[str, Managed] = {}
+        self.remote_prober = remote_prober or RemoteProber()
+        #: The accepted remote vector models last written to run/remotes.json (None: not yet).
+        self._remotes_written: frozenset[str] | None = None
         self.rolls = Rolls(self.driver, self.report.say)
         self.stack_error: str | None = None
         self.shutting_down = False
@@ -125,6 +130,7 @@ class Supervisor:
     def apply_plan(self, plan: Plan, settings: WatchSettings) -> None:
         """Make the supervised set match ``plan``: add, restart changed, stop removed."""
         self.driver.settings = settings
+        self.remote_prober.configure(plan, self.rt.monotonic())
         specs: dict[str, ServiceSpec | None] = {s.name: s for s in plan.all}
         for name in plan.missing:
             specs[name] = None
@@ -319,12 +325,43 @@ class Supervisor:
             if err:
                 self.report.warn(f"log:{m.name}", err)
 
+    def _step_remotes(self, now: float) -> None:
+        """Probe the remote stacks; when the accepted vector models change, write
+        run/remotes.json (the proxy's launcher reads it) and restart the proxy."""
+        prober = self.remote_prober
+        if prober.step(now, self.rt.wall()):
+            self.dirty = True
+        if not prober.targets or prober.accepted == self._remotes_written:
+            return
+        try:
+            self.rt.write_file(self.paths.run / "remotes.json", prober.file_text(), 0o600)
+        except OSError as exc:
+            self.report.warn("remotes", f"cannot write run/remotes.json: {exc.strerror or exc}")
+            return
+        self.report.recovered("remotes", "run/remotes.json is written again")
+        first = self._remotes_written is None
+        self._remotes_written = prober.accepted
+        self.dirty = True
+        joined = ", ".join(sorted(prober.accepted)) or "none"
+        self.report.say(f"remote vector models in the proxy: {joined}")
+        for m in self.services.values():
+            if m.kind is ServiceKind.PROXY and m.state.running and not first:
+                self.driver.stop(m, S.BACKOFF, f"remote vector models changed (now: {joined})")
+                m.next_start_at = 0.0
+
     def _may_start(self, m: Managed) -> bool:
-        """The proxy waits until at least one model server is ready."""
+        """The proxy waits until at least one model server it runs is ready, and for a first
+        verdict on the remotes (so it starts with the remote models it will keep)."""
         if m.spec is None or m.spec.kind is not ServiceKind.PROXY:
             return True
-        return any(o.state is S.READY for o in self.services.values()
-                   if o.spec is not None and o.spec.kind is not ServiceKind.PROXY)
+        prober = self.remote_prober
+        if prober.targets and (not prober.settled(self.rt.monotonic())
+                               or self._remotes_written != prober.accepted):
+            return False
+        servers = [o for o in self.services.values()
+                   if o.spec is not None and o.spec.kind is not ServiceKind.PROXY]
+        # A stack of url: tiers only has no model server to wait for.
+        return not servers or any(o.state is S.READY for o in servers)
 
     def _shutdown_step(self) -> bool:
         """Stop the proxy first, then the rest; True once everything has stopped."""
@@ -356,6 +393,7 @@ class Supervisor:
         now = self.rt.monotonic()
         self._contained("reload", self._poll_reload)
         self._contained("commands", self._serve_commands)
+        self._contained("remotes", lambda: self._step_remotes(now))
         if self.stop_requested.is_set() and not self.shutting_down:
             self.shutting_down = True
             self.report.say("stopping: the proxy first, then the model servers")
@@ -402,6 +440,7 @@ class Supervisor:
             shutting_down=self.shutting_down,
             services=tuple(m.snapshot() for m in self.services.values()),
             warnings=self.report.recent(),
+            remotes=self.remote_prober.statuses(),
         )
 
     def write_snapshot(self) -> None:
@@ -454,6 +493,7 @@ class Supervisor:
             self.emergency_stop()
             raise
         finally:
+            self.remote_prober.executor.shutdown(wait=False, cancel_futures=True)
             for m in self.services.values():
                 if m.log is not None:
                     m.log.close()

@@ -16,13 +16,17 @@ A result says whether the service *answered* (an HTTP response, maybe a bad one)
 
 from __future__ import annotations
 
+import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 
 from mlx_stack.config.plan import Probe, ProbeKind
+from mlx_stack.loopback import is_loopback
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,9 @@ def run_liveness(
     """Ask the service's cheap health route; 200 is alive, any other answer is broken."""
 
     def check(c: httpx.Client) -> str:
-        r = c.get(f"{probe.url}{LIVENESS_PATHS[probe.kind]}")
+        # An external server's own route (``health:``), which may want its key.
+        r = c.get(f"{probe.url}{probe.health or LIVENESS_PATHS[probe.kind]}",
+                  headers=_auth(probe) if probe.health else {})
         return "" if r.status_code == 200 else f"HTTP {r.status_code}: {r.text[:200]}"
 
     return _run(probe, check, timeout_s, client)
@@ -125,7 +131,23 @@ def new_client(url: str, timeout_s: float) -> httpx.Client:
     TLS settings only for an ``https`` URL: httpx's default context loads the CA bundle, ~40 ms
     of CPU per client, which at one liveness probe per service per second was most of an idle
     supervisor's CPU (12% of a core with two services, measured with py-spy)."""
-    return httpx.Client(timeout=timeout_s, trust_env=False, verify=url.startswith("https:"))
+    return httpx.Client(timeout=timeout_s, trust_env=False, verify=_verify(url))
+
+
+def _verify(url: str) -> bool | ssl.SSLContext:
+    """Check certificates for https, except on loopback: the stack's own proxy with
+    ``proxy.tls`` (a certificate for the machine's network name, maybe self-signed) probed on
+    127.0.0.1, where no one can sit between the supervisor and its child. ``SSL_CERT_FILE``
+    (the CA bundle LiteLLM also honours) is trusted for a remote stack's certificate."""
+    if not url.startswith("https:"):
+        return False
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or is_loopback(host):
+        return False
+    bundle = os.environ.get("SSL_CERT_FILE")
+    if bundle and os.path.isfile(bundle):
+        return ssl.create_default_context(cafile=bundle)
+    return True
 
 
 def _run(probe: Probe, check: Callable[[httpx.Client], str], timeout_s: float,

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 
+from mlx_stack.backendkey import LITELLM_API_KEY
 from mlx_stack.litellm.fastlane import FastLane, Upstream, upstreams_from_config
 from mlx_stack.ports import free_port
 
@@ -22,9 +23,16 @@ def test_upstreams_from_config_takes_loopback_embedding_deployments(tmp_path: Pa
         {"model_name": "fast", "litellm_params": {"api_base": "http://127.0.0.1:1/v1"},
          "model_info": {"mode": "chat"}},
         {"model_name": "local-embed",
-         "litellm_params": {"api_base": "http://127.0.0.1:8200/v1", "timeout": 30},
+         "litellm_params": {"api_base": "http://127.0.0.1:8200/v1", "timeout": 30,
+                            "api_key": LITELLM_API_KEY},
          "model_info": {"mode": "embedding"}},
-        {"model_name": "remote", "litellm_params": {"api_base": "https://example.com/v1"},
+        {"model_name": "remote", "litellm_params": {"api_base": "https://example.com/v1",
+                                                    "api_key": LITELLM_API_KEY},
+         "model_info": {"mode": "embedding"}},
+        # An external server on loopback (Ollama): not the stack's, never given its backend
+        # key; its vectors go through normalize.py and LiteLLM instead.
+        {"model_name": "ollama-embed", "litellm_params": {
+            "api_base": "http://127.0.0.1:11434/v1", "api_key": "no-key"},
          "model_info": {"mode": "embedding"}},
     ]}
     path = tmp_path / "litellm.yaml"
