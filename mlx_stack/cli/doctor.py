@@ -67,6 +67,14 @@ def check_mlx() -> Check:
     return Check("mlx", Level.OK, f"MLX default device: {res.stdout.strip()}")
 
 
+def check_engine() -> Check:
+    """Which engine the embeddings server will run, and the last measurement behind it."""
+    from mlx_stack.embeddings.engine.report import engine_report
+
+    ok, detail, fix = engine_report()
+    return Check("embeddings engine", Level.OK if ok else Level.WARN, detail, fix)
+
+
 def check_blas() -> Check:
     from mlx_stack.embeddings.cpu.blas import preload
 
@@ -238,7 +246,8 @@ def check_disk(paths: StatePaths) -> list[Check]:
 
 def run_checks(paths: StatePaths, catalog: Catalog, running: bool,
                extra: list[Callable[[], Check]] | None = None) -> list[Check]:
-    checks = [check_platform(), check_mlx(), check_blas(), check_state_folder(paths)]
+    checks = [check_platform(), check_mlx(), check_blas(), check_engine(),
+              check_state_folder(paths)]
     stack_check, stack = check_stack(paths, catalog)
     checks.append(stack_check)
     checks.append(check_key(paths, stack))

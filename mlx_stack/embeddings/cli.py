@@ -25,8 +25,17 @@ from .api.access import AccessPolicy
 from .api.connection import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, ConnectionLimits
 from .api.server import HttpOptions
 from .cpu import blas
+from .engine.choice import (
+    ENGINE_ENV,
+    ENGINE_MODES,
+    EngineError,
+    EngineMode,
+    Machine,
+    mode_from,
+    plan,
+)
 from .model.architectures import POOLINGS
-from .model.settings import TASKS, ModelSettings, Overrides, resolve
+from .model.settings import TASKS, ModelFolderError, ModelSettings, Overrides, resolve
 from .serving.batcher import BatchPolicy
 from .serving.service import MAX_CONCURRENT, ServiceOptions
 
@@ -96,6 +105,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=MAX_CONCURRENT,
         help="requests in progress before new ones get 429; default %(default)s",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINE_MODES,
+        help="what runs the encoder: mlx, onnx (ONNX Runtime; bert and xlm_roberta embedding "
+        f"models), or auto: measured on first start, cached (default: ${ENGINE_ENV} or auto; "
+        "always MLX on Apple Silicon)",
     )
     parser.add_argument(
         "--exact-kernels",
@@ -178,13 +194,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 task=args.task,
             ),
         )
+        engine = _engine_mode(args.engine, settings)
         options = _options(args)
         http = _http_options(args)
         sock = _bind(args.host, args.port)
     except MlxStackError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    return _serve(args, settings, options, http, sock)
+    return _serve(args, settings, options, http, sock, engine)
+
+
+def _engine_mode(flag: str | None, settings: ModelSettings) -> EngineMode:
+    """The engine mode, refused now (exit 2) if a forced engine cannot serve this folder."""
+    try:
+        mode = mode_from(flag)
+        if settings.task != "embed":
+            if flag == "onnx":
+                raise EngineError("--engine onnx: a reranker runs on MLX only; drop --engine")
+            return "mlx"
+        from .engine.onnxencoder import onnx_problem
+
+        if mode == "onnx":
+            plan(mode, Machine("", (), False), onnx_problem(settings))
+    except EngineError as exc:
+        raise ModelFolderError(str(exc)) from None
+    return mode
 
 
 def _options(args: argparse.Namespace) -> ServiceOptions:
@@ -240,6 +274,7 @@ def _serve(
     options: ServiceOptions,
     http: _Http,
     sock: socket.socket,
+    engine: EngineMode = "auto",
 ) -> int:
     import uvicorn
 
@@ -259,7 +294,7 @@ def _serve(
             server.should_exit = True
 
     service = EmbeddingService(
-        settings, default_loader(not args.exact_kernels), options, on_load_failure
+        settings, default_loader(not args.exact_kernels, engine), options, on_load_failure
     )
     served = ServedModel(args.served_name, tuple(args.alias), blas.preload(), int(time.time()))
     config = uvicorn.Config(

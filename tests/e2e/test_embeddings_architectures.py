@@ -9,6 +9,8 @@ loading the same folder with its own modules. nomic_bert has its own test
 (``test_embeddings_nomic.py``). Cases: each text alone, one mixed-length batch (against the
 reference padded on the left and on the right), token ids, ``dimensions`` (Matryoshka cut,
 then unit length), and the query/document prompts. Bar: cosine >= 0.9999 per vector.
+Every architecture runs on the MLX engine (``--engine mlx``); those the ONNX Runtime engine
+builds (bert with mean and CLS pooling, xlm_roberta) run on it too (``--engine onnx``).
 """
 
 from __future__ import annotations
@@ -37,11 +39,17 @@ TEXTS = MIXED_TEXTS  # 1 to 300+ tokens: the longest is cut at MAX_SEQ by both s
 QUERIES = ["what is a tiny model?", "Wie spät ist es?"]
 
 
+ONNX_KINDS = ("bert-mean", "bert-cls", "xlm_roberta")
+"""The kinds the ONNX Runtime engine builds (``engine/onnxgraph.py``)."""
+PARAMS = [(kind, "mlx") for kind in BUILDERS] + [(kind, "onnx") for kind in ONNX_KINDS]
+
+
 @dataclass
 class Case:
     model: TinyModel
     reference: Any  # sentence_transformers.SentenceTransformer
     server: Server
+    engine: str = "mlx"
 
     def expected(self, texts: list[str], **options: Any) -> np.ndarray:
         """The reference, one text per call (no padding at all on its side)."""
@@ -71,27 +79,30 @@ def check(case: Case, label: str, served: np.ndarray, expected: np.ndarray) -> f
     assert served.shape == expected.shape, (served.shape, expected.shape)
     values = cosines(served, expected)
     low = float(values.min())
-    print(f"\nPARITY {case.model.kind:12s} {label:22s} min cosine {low:.7f}")
+    print(f"\nPARITY {case.model.kind:12s} {case.engine:4s} {label:22s} min cosine {low:.7f}")
     assert low >= BAR, f"{case.model.kind} {label}: cosines {np.round(values, 6).tolist()}"
     return low
 
 
-@pytest.fixture(scope="module", params=list(BUILDERS))
+@pytest.fixture(scope="module", params=PARAMS,
+                ids=[kind if engine == "mlx" else f"{kind}-{engine}" for kind, engine in PARAMS])
 def case(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Case]:
     require("torch")
     st = require("sentence_transformers")
-    root = tmp_path_factory.mktemp(request.param)
-    model = build(request.param, root / "model")
+    kind, engine = request.param
+    root = tmp_path_factory.mktemp(f"{kind}-{engine}")
+    model = build(kind, root / "model")
     if model.architecture == "llama_bidirec":  # its hub code is its own: transformers + recipe
         reference: Any = LlamaBidirectionalReference(model.folder)
     else:
         reference = st.SentenceTransformer(str(model.folder), device="cpu")  # type: ignore[attr-defined]
     with running_server(
-        root / "server.log", *model.server_args, model=model.folder, name=NAME
+        root / "server.log", *model.server_args, "--engine", engine, model=model.folder,
+        name=NAME,
     ) as server:
-        yield Case(model, reference, server)
+        yield Case(model, reference, server, engine)
 
 
 def test_model_card(case: Case) -> None:
@@ -101,6 +112,7 @@ def test_model_card(case: Case) -> None:
     assert card["architecture"] == case.model.architecture
     assert card["pooling"] == pooling and card["normalize"] is True
     assert card["max_seq_length"] == MAX_SEQ
+    assert card["engine"] == case.engine
 
 
 def test_each_text_alone(case: Case) -> None:

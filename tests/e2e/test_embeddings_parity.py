@@ -5,7 +5,9 @@ installed (the ``test`` extra): a missing reference fails these tests with the i
 command, it never skips them. Texts of mixed lengths sent one by one and in one request (also
 through MLX's exact kernels, ``--exact-kernels``, what runs where the fast CPU path does not),
 through ``dimensions`` and through token ids; and the batching guarantee: a text's vector
-does not depend on what it is batched with.
+does not depend on what it is batched with. Each test runs once per engine (``--engine mlx``
+and ``--engine onnx``, the ONNX Runtime graph built from the same weights), and the two
+engines' vectors are compared with each other.
 """
 
 from __future__ import annotations
@@ -47,18 +49,38 @@ def expected(reference: Any) -> np.ndarray:
     return reference.encode(MIXED_TEXTS, convert_to_numpy=True, normalize_embeddings=True)
 
 
+ENGINES = ("mlx", "onnx")
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("parity") / "server.log"
-    with running_server(log, "--dimensions", "256,128") as running:  # `dimensions` too
+def mlx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("parity-mlx") / "server.log"
+    with running_server(log, "--dimensions", "256,128", "--engine", "mlx") as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def onnx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("parity-onnx") / "server.log"
+    with running_server(log, "--dimensions", "256,128", "--engine", "onnx") as running:
+        yield running
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def server(request: pytest.FixtureRequest) -> Server:
+    """The server on each engine in turn (``dimensions`` enabled too)."""
+    running: Server = request.getfixturevalue(f"{request.param}_server")
+    with running.client() as http:
+        card = http.get("/v1/models").json()["data"][0]
+    assert card["engine"] == request.param and card["engine_choice"]["reason"].startswith("forced")
+    return running
 
 
 @pytest.fixture(scope="module")
 def exact_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """MLX's own kernels: what runs where the fast CPU path does not (macOS, no compiler)."""
     log = tmp_path_factory.mktemp("parity-exact") / "server.log"
-    with running_server(log, "--exact-kernels") as running:
+    with running_server(log, "--exact-kernels", "--engine", "mlx") as running:
         yield running
 
 
@@ -73,7 +95,7 @@ def sixty_four_texts() -> list[str]:
     return texts
 
 
-@pytest.mark.parametrize("which", ["server", "exact_server"])
+@pytest.mark.parametrize("which", ["mlx_server", "onnx_server", "exact_server"])
 def test_vectors_match_sentence_transformers(
     which: str, expected: np.ndarray, request: pytest.FixtureRequest
 ) -> None:
@@ -126,3 +148,19 @@ def test_batching_does_not_change_vectors(server: Server) -> None:
         for index in (0, 6, 7, 8, 30, 63):  # short, long, truncated, random ones
             alone = embed(http, texts[index])[0]
             assert float(alone @ batched[index]) >= BATCH_INVARIANCE, index
+
+
+def test_the_two_engines_agree(mlx_server: Server, onnx_server: Server) -> None:
+    """Same texts, same batches: MLX's and ONNX Runtime's vectors, element by element."""
+    texts = sixty_four_texts()
+    with mlx_server.client() as a, onnx_server.client() as b:
+        cards = [http.get("/v1/models").json()["data"][0] for http in (a, b)]
+        assert cards[0]["content_sha256"] == cards[1]["content_sha256"]  # one vector space
+        assert [c["engine"] for c in cards] == ["mlx", "onnx"]
+        for chunk in (texts[:1], texts[:16], texts):
+            got_mlx, got_onnx = embed(a, chunk), embed(b, chunk)
+            low = float(cosines(got_mlx, got_onnx).min())
+            print(f"engines agree on {len(chunk)} texts: min cosine {low:.7f}, max abs diff "
+                  f"{float(np.abs(got_mlx - got_onnx).max()):.2e}")
+            assert low >= PARITY
+            assert float(np.abs(got_mlx - got_onnx).max()) < 1e-3

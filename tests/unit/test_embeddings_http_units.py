@@ -292,7 +292,7 @@ def test_connection_limits_refuse_nonsense() -> None:
 @pytest.fixture(scope="module")
 def app_and_document() -> tuple[object, dict]:
     settings = resolve(minilm_path())
-    service = EmbeddingService(settings, loader=lambda _: None)  # type: ignore[arg-type,return-value]
+    service = EmbeddingService(settings, loader=lambda *_: None)  # type: ignore[arg-type,return-value]
     served = ServedModel("minilm", ("alias",), BlasInfo("test", None), 0)
     app = create_app(service, served)
     return app, openapi_document(served.names, 1000, ModelLimits((384, 384), 30522))

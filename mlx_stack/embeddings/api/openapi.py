@@ -97,7 +97,24 @@ _SCHEMAS: dict[str, Schema] = {
                 "description": "SHA-256 over the weights, config.json and tokenizer.json",
             },
             "hashed_files": {"type": "array", "items": {"type": "string"}},
-            "blas": {"type": "string"},
+            "blas": {"type": "string", "description": "the BLAS the engine's products use"},
+            "engine": {
+                "enum": ["mlx", "onnx", None],
+                "description": "what runs the encoder (null while loading)",
+            },
+            "engine_choice": {
+                "type": ["object", "null"],
+                "description": "why this engine: forced, Apple Silicon, unsupported by ONNX "
+                "Runtime, or measured (short-query and batch ms per engine; cached per model, "
+                "CPU and library versions)",
+                "properties": {
+                    "engine": {"enum": ["mlx", "onnx"]},
+                    "reason": {"type": "string"},
+                    "measured_ms": {"type": "object"},
+                    "from_cache": {"type": "boolean"},
+                    "key": {"type": ["string", "null"]},
+                },
+            },
             "max_batch_tokens": {"type": "integer"},
             "batch_timeout_ms": {"type": "number"},
             "max_concurrent": {"type": "integer"},

@@ -309,7 +309,7 @@ def _model_card(served: ServedModel, service: EmbeddingService) -> dict[str, Any
         "revision": identity.revision if identity else None,
         "content_sha256": identity.content_sha256 if identity else None,
         "hashed_files": list(identity.files) if identity else [],
-        "blas": served.blas.describe(),
+        **_engine_fields(served, service),
         "max_batch_tokens": service.options.batch.max_batch_tokens,
         "batch_timeout_ms": service.options.batch.batch_timeout_ms,
         "max_concurrent": service.options.max_concurrent,
@@ -323,6 +323,22 @@ def _model_info(served: ServedModel, service: EmbeddingService) -> dict[str, str
         "architecture": service.settings.architecture.model_type,
         "content_sha256": identity.content_sha256 if identity else "",
         "blas": served.blas.name,
+        "engine": _engine_fields(served, service)["engine"] or "",
+    }
+
+
+ONNX_BLAS = "ONNX Runtime's own kernels (MLAS)"
+
+
+def _engine_fields(served: ServedModel, service: EmbeddingService) -> dict[str, Any]:
+    """``engine`` (mlx or onnx, ``None`` while loading), the BLAS it uses, and why it was chosen."""
+    choice = service.engine_choice
+    loaded = service.status is Status.READY
+    engine = choice.engine if choice is not None else ("mlx" if loaded else None)
+    return {
+        "engine": engine,
+        "blas": ONNX_BLAS if engine == "onnx" else served.blas.describe(),
+        "engine_choice": choice.card() if choice is not None else None,
     }
 
 

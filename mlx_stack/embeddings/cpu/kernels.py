@@ -341,20 +341,30 @@ def read_source() -> str:
     return importlib.resources.files(__package__).joinpath(SOURCE_FILE).read_text(encoding="utf-8")
 
 
-def _cache_base() -> Path:
-    """``$XDG_CACHE_HOME/mlx-stack/kernels``, by default under ``~/.cache``."""
+def _cache_base(name: str = "kernels") -> Path:
+    """``$XDG_CACHE_HOME/mlx-stack/<name>``, by default under ``~/.cache``."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mlx-stack" / "kernels"
+    return Path(base) / "mlx-stack" / name
 
 
-def _cache_dir() -> tuple[Path | None, str]:
+def cache_folder(name: str) -> Path:
+    """Where the cache folder ``name`` is (not made, not checked: for reports)."""
+    return _cache_base(name)
+
+
+def private_cache_dir(name: str) -> tuple[Path | None, str]:
+    """The private cache folder ``name`` (``kernels``, ``onnx``, ``engine``), as below."""
+    return _cache_dir(name)
+
+
+def _cache_dir(name: str = "kernels") -> tuple[Path | None, str]:
     """The user's private kernel cache, or ``None`` and why it cannot be used.
 
     Our own folders that are merely open to others (made by older versions) are made private;
     a folder that belongs to someone else, or under a parent another user can write, is not
     used at all (there is no shared fallback folder).
     """
-    folder = _cache_base()
+    folder = _cache_base(name)
     try:
         make_dirs(folder)
         for level in (folder.parent, folder):

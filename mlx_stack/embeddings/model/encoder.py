@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..cpu import blas
+from .pooling import pool
 from .settings import ModelSettings
 from .tokenizer import Encoded, TextTokenizer, pad_batch
 
@@ -46,8 +47,11 @@ class TextEncoder:
     Not the catalog's ``mlx_stack.catalog.EmbeddingModel`` (an entry describing a model).
     """
 
+    engine = "mlx"
+
     def __init__(self, settings: ModelSettings, network: Any, tokenizer: TextTokenizer) -> None:
         self.settings = settings
+        self.engine_choice: Any = None  # set by engine/select.py: why MLX runs this model
         self.tokenizer = tokenizer
         self._network = network
         self.load_seconds = 0.0
@@ -97,7 +101,7 @@ class TextEncoder:
         ids = mx.array(ids_np)
         mask = mx.array(mask_np)
         hidden = self._network.hidden_states(ids, mask)
-        pooled = _pool(hidden.astype(mx.float32), mask, self.settings.pooling)
+        pooled = pool(hidden.astype(mx.float32), mask, self.settings.pooling, mx)
         pooled = self._network.after_pooling(pooled).astype(mx.float32)
         mx.eval(pooled)
         return np.array(pooled)
@@ -123,19 +127,6 @@ def finish(vectors: np.ndarray, dimensions: int | None, normalize: bool) -> np.n
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors = vectors / np.maximum(norms, 1e-12)
     return np.ascontiguousarray(vectors, dtype=np.float32)
-
-
-def _pool(hidden: Any, mask: Any, pooling: str) -> Any:
-    """Attention-mask-aware pooling over [batch, tokens, hidden] (right padding)."""
-    import mlx.core as mx
-
-    if pooling == "cls":
-        return hidden[:, 0]
-    if pooling == "last":
-        last = mask.sum(axis=1) - 1
-        return hidden[mx.arange(hidden.shape[0]), last]
-    weights = mask.astype(mx.float32)[..., None]
-    return (hidden * weights).sum(axis=1) / mx.maximum(weights.sum(axis=1), 1e-9)
 
 
 def _embedding_rows(module: Any) -> int:

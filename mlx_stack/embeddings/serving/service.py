@@ -24,7 +24,8 @@ from mlx_stack.config.modelfolder import Fingerprint, fingerprint
 
 from ..api.apierror import ApiError, ErrorKind, invalid
 from ..api.metrics import ServerMetrics
-from ..model.encoder import Embeddings, TextEncoder, finish
+from ..engine.choice import EngineChoice, EngineMode
+from ..model.encoder import Embeddings, finish
 from ..model.settings import ModelSettings
 from ..model.tokenizer import Encoded
 from .batcher import Batcher, BatchPolicy, PassReport
@@ -75,11 +76,12 @@ class Embedder(Protocol):
     def forward(self, sequences: Sequence[Sequence[int]]) -> np.ndarray: ...
 
 
-Loader = Callable[[ModelSettings], Embedder]
+Loader = Callable[[ModelSettings, Fingerprint], Embedder]
+"""Loads the folder; the fingerprint (already computed) keys the engine's caches."""
 
 
-def default_loader(fast_kernels: bool = True) -> Loader:
-    def load(settings: ModelSettings) -> Embedder:
+def default_loader(fast_kernels: bool = True, engine: EngineMode = "auto") -> Loader:
+    def load(settings: ModelSettings, identity: Fingerprint) -> Embedder:
         if settings.task == "rerank" and settings.scorer == "yes_no":
             from ..model.yesno import YesNoReranker
 
@@ -88,7 +90,9 @@ def default_loader(fast_kernels: bool = True) -> Loader:
             from ..model.crossencoder import CrossEncoder
 
             return CrossEncoder.load(settings, fast_kernels=fast_kernels)
-        return TextEncoder.load(settings, fast_kernels=fast_kernels)
+        from ..engine.select import load_encoder
+
+        return load_encoder(settings, identity.content_sha256, engine, fast_kernels)  # type: ignore[no-any-return]
 
     return load
 
@@ -143,7 +147,7 @@ class EmbeddingService:
     def _load(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             identity = fingerprint(self.settings.path)
-            model = self._loader(self.settings)
+            model = self._loader(self.settings, identity)
         except BaseException as exc:  # a crash in loading must surface, not hang at 503
             loop.call_soon_threadsafe(self._failed, exc)
             return
@@ -156,10 +160,13 @@ class EmbeddingService:
         self._batcher.start()
         self.status = Status.READY
         kernels = f"; fast kernels: {', '.join(model.fast_kernels)}" if model.fast_kernels else ""
+        choice = getattr(model, "engine_choice", None)
+        engine = f"; engine {choice.engine}: {choice.reason}" if choice is not None else ""
         log.info(
-            "model ready in %.1f s (one warm-up pass done%s); content sha256 %s",
+            "model ready in %.1f s (one warm-up pass done%s%s); content sha256 %s",
             model.load_seconds,
             kernels,
+            engine,
             identity.content_sha256[:16],
         )
 
@@ -181,6 +188,11 @@ class EmbeddingService:
     @property
     def vocab_size(self) -> int:
         return self._require_model().vocab_size
+
+    @property
+    def engine_choice(self) -> EngineChoice | None:
+        """Which engine serves the model and why (``None`` while loading; rerankers: MLX)."""
+        return getattr(self._model, "engine_choice", None)
 
     async def embed_texts(self, texts: Sequence[str], dimensions: int | None) -> Embeddings:
         """Embed for a request already :meth:`admitted`."""

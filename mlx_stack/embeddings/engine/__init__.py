@@ -1,0 +1,10 @@
+"""Which engine runs the encoder: MLX everywhere, or ONNX Runtime on CPUs where it is faster.
+
+- ``choice.py``: the decision (pure, MLX-free): forced, Metal, unsupported, cached, measured.
+- ``onnxgraph.py``: a BERT-family encoder as an ONNX graph, built from the folder's weights.
+- ``onnxencoder.py``: that graph under ONNX Runtime, with the MLX engine's interface.
+- ``select.py``: loads the chosen engine, measuring both on first start (imports MLX lazily).
+- ``report.py``: what ``mlx-stack doctor`` says about it (reads the cache, loads nothing).
+
+Importing this package must not import MLX (the BLAS preload must come first).
+"""

@@ -1,0 +1,275 @@
+"""Build a BERT-family encoder as an ONNX graph straight from a folder's safetensors.
+
+No torch and no export step: the weights are read with ``safetensors`` (numpy) and wired into
+ONNX Runtime's fused CPU operators (``com.microsoft``: ``Attention``, ``SkipLayerNormalization``,
+``BiasGelu``), the same operators its own optimizer turns an exported BERT into. Emitting them
+directly means the graph needs no pattern matching to be fast, and nothing depends on how a
+given torch version happened to trace the model.
+
+Supported: ``bert`` and ``xlm_roberta`` with absolute positions, exact GELU and full-precision
+weights (float32, float16 or bfloat16, computed in float32). Anything else raises
+:class:`OnnxUnsupported` with the reason, and the server keeps that model on MLX.
+
+``bench/onnx_graphs.py`` times this graph against a standard-op variant and the torch-exported
+one. The graph takes right-padded ``input_ids`` and ``attention_mask`` (int32
+``[batch, tokens]``) and returns ``last_hidden_state`` (float32 ``[batch, tokens, hidden]``);
+pooling is shared with the MLX engine (``model/pooling.py``). Token types are all 0 for one
+text, so that row is
+folded into the position table. XLM-RoBERTa numbers positions from ``pad_token_id + 1``; with
+right padding every real token's position is its index plus that offset, so the table is
+sliced once at build time (padded positions differ from transformers', but they are masked).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+SUPPORTED = ("bert", "xlm_roberta")
+_PREFIXES = ("bert.", "roberta.", "model.")
+
+
+class OnnxUnsupported(ValueError):
+    """This folder cannot be built as an ONNX graph here; the MLX engine serves it."""
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """What the graph needs from config.json."""
+
+    model_type: str
+    hidden: int
+    heads: int
+    layers: int
+    eps: float
+    position_offset: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> EncoderShape:
+        model_type = str(config.get("model_type", "")).replace("-", "_")
+        if model_type not in SUPPORTED:
+            raise OnnxUnsupported(f"model_type {model_type!r} (the ONNX engine builds "
+                                  f"{', '.join(SUPPORTED)})")  # fmt: skip
+        if isinstance(config.get("quantization"), dict):
+            raise OnnxUnsupported("an MLX-quantised folder")
+        act = config.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise OnnxUnsupported(f"hidden_act {act!r} (only the exact 'gelu')")
+        kind = config.get("position_embedding_type", "absolute")
+        if kind != "absolute":
+            raise OnnxUnsupported(f"position_embedding_type {kind!r}")
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        if hidden % heads:
+            raise OnnxUnsupported(f"hidden_size {hidden} not divisible by {heads} heads")
+        offset = int(config.get("pad_token_id", 1)) + 1 if model_type == "xlm_roberta" else 0
+        return cls(model_type, hidden, heads, int(config["num_hidden_layers"]),
+                   float(config.get("layer_norm_eps", 1e-12)), offset)  # fmt: skip
+
+
+def read_weights(folder: Path) -> dict[str, np.ndarray]:
+    """The encoder's float32 arrays, keys without a ``bert.``/``roberta.`` prefix."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise OnnxUnsupported(f"no model*.safetensors in {folder}")
+    weights: dict[str, np.ndarray] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="np") as handle:
+                for key in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                    weights[_strip(key)] = _float32(handle.get_tensor(key))
+        except OnnxUnsupported:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for bad files
+            raise OnnxUnsupported(f"{file}: cannot read: {exc}") from None
+    return weights
+
+
+def _strip(key: str) -> str:
+    for prefix in _PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _float32(array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
+        return array  # position_ids buffers and the like: not used
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def build(folder: Path, attention: str = "fused") -> bytes:
+    """The serialised ONNX model for ``folder``; raises :class:`OnnxUnsupported`."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    shape = EncoderShape.from_config(config)
+    model = build_from(shape, read_weights(folder), attention)
+    return bytes(model.SerializeToString())
+
+
+def build_from(shape: EncoderShape, w: dict[str, np.ndarray], attention: str = "fused") -> Any:
+    """The ``onnx.ModelProto`` for ``shape`` with weights ``w`` (checked for completeness).
+
+    ``attention``: ``fused`` (``com.microsoft.Attention``, the default) or ``standard`` (plain
+    MatMul/Softmax ops, which ORT's CPU optimizer leaves unfused): the benchmark compares them.
+    """
+    from onnx import TensorProto, helper
+
+    graph = _Graph(w)
+    word = graph.weight("embeddings.word_embeddings.weight")
+    positions = graph.take("embeddings.position_embeddings.weight")[shape.position_offset:]
+    types = w.pop("embeddings.token_type_embeddings.weight", None)
+    if types is not None:
+        positions = positions + types[0]
+    graph.init("positions", positions)
+    graph.node("Gather", [word, "input_ids"], ["words"], axis=0)
+    graph.node("Shape", ["input_ids"], ["ids_shape"])
+    one = graph.const("one", np.array([1], np.int64))
+    two = graph.const("two", np.array([2], np.int64))
+    graph.node("Slice", ["ids_shape", one, two], ["length"])  # [tokens], 1-D
+    zero = graph.const("zero", np.array([0], np.int64))
+    graph.node("Slice", ["positions", zero, "length", zero], ["pos"])
+    graph.node("Add", ["words", "pos"], ["embedded"])
+    x = graph.layer_norm("embedded", "embeddings.LayerNorm", shape.eps)
+    if attention == "standard":
+        graph.node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT)
+        graph.node("Sub", [graph.const("f_one", np.array(1.0, np.float32)), "mask_f"], ["unmask"])
+        lowest = np.array(np.finfo(np.float32).min, np.float32)
+        graph.node("Mul", ["unmask", graph.const("lowest", lowest)], ["bias2d"])
+        graph.node("Unsqueeze", ["bias2d", graph.const("axes12", np.array([1, 2], np.int64))],
+                   ["mask_bias"])  # fmt: skip
+    for i in range(shape.layers):
+        x = _layer(graph, shape, f"encoder.layer.{i}", x, attention)
+    graph.node("Identity", [x], ["last_hidden_state"])
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", "tokens"])
+              for n in ("input_ids", "attention_mask")]  # fmt: skip
+    output = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
+                                           ["batch", "tokens", shape.hidden])  # fmt: skip
+    proto = helper.make_graph(graph.nodes, f"mlx-stack {shape.model_type} encoder", inputs,
+                              [output], graph.inits)  # fmt: skip
+    model = helper.make_model(proto, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid(MS_DOMAIN, 1)])  # fmt: skip
+    model.ir_version = 8
+    model.producer_name = "mlx-stack"
+    return model  # onnx.checker would copy it whole; the tests run it
+
+
+def _layer(graph: _Graph, shape: EncoderShape, p: str, x: str, attention: str) -> str:
+    """One post-norm encoder layer: attention, add & norm, feed-forward, add & norm."""
+    att = f"{p}.attention"
+    if attention == "standard":
+        _standard_attention(graph, shape, p, x)
+    else:
+        _fused_attention(graph, shape, p, x)
+    attended = graph.dense_skip_norm(f"{p}.att", x, f"{att}.output.dense",
+                                     f"{att}.output.LayerNorm", shape.eps)  # fmt: skip
+    graph.node("MatMul", [attended, graph.transposed(f"{p}.intermediate.dense.weight")],
+               [f"{p}.up"])  # fmt: skip
+    graph.node("BiasGelu", [f"{p}.up", graph.weight(f"{p}.intermediate.dense.bias")],
+               [f"{p}.gelu"], domain=MS_DOMAIN)  # fmt: skip
+    return graph.dense_skip_norm(f"{p}.gelu", attended, f"{p}.output.dense",
+                                 f"{p}.output.LayerNorm", shape.eps)  # fmt: skip
+
+
+def _standard_attention(graph: _Graph, shape: EncoderShape, p: str, x: str) -> None:
+    """Scaled dot-product attention in plain ONNX ops; the scale folded into the query."""
+    att = f"{p}.attention.self"
+    head = shape.hidden // shape.heads
+    split = graph.const("split_heads", np.array([0, 0, shape.heads, head], np.int64))
+    merge = graph.const("merge_heads", np.array([0, 0, shape.hidden], np.int64))
+    scale = np.float32(1.0 / np.sqrt(head))
+    names = {}
+    for part, perm in (("query", [0, 2, 1, 3]), ("key", [0, 2, 3, 1]), ("value", [0, 2, 1, 3])):
+        weight, bias = graph.take(f"{att}.{part}.weight").T, graph.take(f"{att}.{part}.bias")
+        if part == "query":
+            weight, bias = weight * scale, bias * scale
+        graph.node("MatMul", [x, graph.init(f"{att}.{part}.wT", weight)], [f"{att}.{part}.mm"])
+        graph.node("Add", [f"{att}.{part}.mm", graph.init(f"{att}.{part}.b", bias)],
+                   [f"{att}.{part}.biased"])  # fmt: skip
+        graph.node("Reshape", [f"{att}.{part}.biased", split], [f"{att}.{part}.heads"])
+        graph.node("Transpose", [f"{att}.{part}.heads"], [f"{att}.{part}.t"], perm=perm)
+        names[part] = f"{att}.{part}.t"
+    graph.node("MatMul", [names["query"], names["key"]], [f"{att}.scores"])
+    graph.node("Add", [f"{att}.scores", "mask_bias"], [f"{att}.masked"])
+    graph.node("Softmax", [f"{att}.masked"], [f"{att}.probs"], axis=-1)
+    graph.node("MatMul", [f"{att}.probs", names["value"]], [f"{att}.context"])
+    graph.node("Transpose", [f"{att}.context"], [f"{att}.context_t"], perm=[0, 2, 1, 3])
+    graph.node("Reshape", [f"{att}.context_t", merge], [f"{p}.att"])
+
+
+def _fused_attention(graph: _Graph, shape: EncoderShape, p: str, x: str) -> None:
+    """ONNX Runtime's ``com.microsoft.Attention``: one node for QKV, scores, softmax, context."""
+    att = f"{p}.attention"
+    parts = ("query", "key", "value")
+    qkv_w = np.concatenate([graph.take(f"{att}.self.{n}.weight").T for n in parts], axis=1)
+    qkv_b = np.concatenate([graph.take(f"{att}.self.{n}.bias") for n in parts])
+    graph.init(f"{p}.qkv_w", qkv_w)
+    graph.init(f"{p}.qkv_b", qkv_b)
+    graph.node("Attention", [x, f"{p}.qkv_w", f"{p}.qkv_b", "attention_mask"], [f"{p}.att"],
+               domain=MS_DOMAIN, num_heads=shape.heads)  # fmt: skip
+
+
+class _Graph:
+    """Nodes and initialisers being collected; every checkpoint array used exactly by name.
+
+    Each array leaves the checkpoint dict when used and becomes a tensor at once, so the
+    build holds about one copy of the weights (MiniLM: 620 -> ~300 MB peak, measured).
+    """
+
+    def __init__(self, weights: dict[str, np.ndarray]) -> None:
+        self._w = weights
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self._names: set[str] = set()
+
+    def take(self, key: str) -> np.ndarray:
+        try:
+            return self._w.pop(key)
+        except KeyError:
+            raise OnnxUnsupported(f"no array {key!r} in the checkpoint") from None
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self._names.add(name)
+        return name
+
+    def weight(self, key: str) -> str:
+        return self.init(key, self.take(key))
+
+    def transposed(self, key: str) -> str:
+        return self.init(f"{key}.T", self.take(key).T)
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        if name not in self._names:
+            self.init(name, value)
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "",
+             **attrs: Any) -> None:  # fmt: skip
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0], domain=domain,
+                                           **attrs))  # fmt: skip
+
+    def layer_norm(self, x: str, p: str, eps: float) -> str:
+        out = f"{p}.out"
+        self.node("LayerNormalization", [x, self.weight(f"{p}.weight"), self.weight(f"{p}.bias")],
+                  [out], axis=-1, epsilon=eps)  # fmt: skip
+        return out
+
+    def dense_skip_norm(self, x: str, skip: str, dense: str, norm: str, eps: float) -> str:
+        """LayerNorm(x @ W.T + b + skip), as one fused node after the product."""
+        self.node("MatMul", [x, self.transposed(f"{dense}.weight")], [f"{dense}.mm"])
+        out = f"{norm}.out"
+        self.node("SkipLayerNormalization",
+                  [f"{dense}.mm", skip, self.weight(f"{norm}.weight"), self.weight(f"{norm}.bias"),
+                   self.weight(f"{dense}.bias")], [out], domain=MS_DOMAIN, epsilon=eps)  # fmt: skip
+        return out
