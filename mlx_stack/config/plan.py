@@ -22,7 +22,7 @@ from mlx_stack.backendkey import KEY_ENV as BACKEND_KEY_ENV
 from mlx_stack.config.catalog import CatalogEntry, load_catalog
 from mlx_stack.config.external import ExternalTier
 from mlx_stack.config.modelfolder import weights_size
-from mlx_stack.config.proxykey import ENV_VAR, read_key
+from mlx_stack.config.proxykey import ENV_VAR, KeyFileError, read_key, read_key_file
 from mlx_stack.config.remotes import Remote, read_remote_key
 from mlx_stack.config.settings import WatchSettings
 from mlx_stack.config.sources import describe_missing, locate_first
@@ -383,11 +383,10 @@ def read_tier_key(stack: Stack, paths: StatePaths, t: ExternalTier) -> str | Non
     where = f"tiers.{t.name}" if t.kind == "chat" else "embeddings"
     path = paths.key_file(t.key_file)
     try:
-        key = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        key = read_key_file(path)
+    except KeyFileError as exc:
         raise ConfigError(stack.path or "stack",
-                          [f"{where}.key_file: cannot read {path}: {why}"]) from None
+                          [f"{where}.key_file: cannot read {path}: {exc.reason}"]) from None
     if not key or not key.isprintable():
         raise ConfigError(stack.path or "stack", [
             f"{where}.key_file: {path} must hold the key on one line"])

@@ -25,18 +25,44 @@ def ensure_key(path: Path) -> bool:
     return True
 
 
-def read_key(path: Path) -> str:
+class KeyFileError(Exception):
+    """A key file that cannot be read; ``missing`` when there is no file at all."""
+
+    def __init__(self, reason: str, missing: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.missing = missing
+
+
+def read_key_file(path: Path) -> str:
+    """The stripped text of a secret's file, made 0600 first if others could read it.
+
+    One reader for every key the stack holds (its own proxy key, a remote's, an external
+    server's), so each is repaired and refused the same way; callers word the error.
+    """
     try:
         info = path.stat()
         key = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        raise StateError(
-            f"no proxy key at {path}; run `mlx-stack init --exist-ok` to create one"
-        ) from None
+        raise KeyFileError("no such file", missing=True) from None
+    except UnicodeDecodeError:
+        raise KeyFileError("not UTF-8 text") from None
     except OSError as exc:
-        raise StateError(f"cannot read the proxy key {path}: {exc.strerror}") from None
+        raise KeyFileError(exc.strerror or str(exc)) from None
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         os.chmod(path, 0o600)  # a key readable by others is repaired, not trusted as is
+    return key
+
+
+def read_key(path: Path) -> str:
+    try:
+        key = read_key_file(path)
+    except KeyFileError as exc:
+        if exc.missing:
+            raise StateError(
+                f"no proxy key at {path}; run `mlx-stack init --exist-ok` to create one"
+            ) from None
+        raise StateError(f"cannot read the proxy key {path}: {exc.reason}") from None
     if not key.startswith("sk-") or len(key) < 20:
         raise StateError(
             f"the proxy key in {path} is malformed (it must start with 'sk-' and be long); "

@@ -18,15 +18,14 @@ it is known the model is ``pending`` and left out of the proxy; a difference mak
 from __future__ import annotations
 
 import enum
-import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mlx_stack.config.proxykey import KeyFileError, read_key_file
 from mlx_stack.config.schema import Field, Problems, describe, read_mapping
 from mlx_stack.errors import StateError
 from mlx_stack.loopback import is_loopback
@@ -227,17 +226,14 @@ def _join_problem(model: RemoteModel, local_kinds: Mapping[str, str]) -> str | N
 def read_remote_key(path: Path, remote: str) -> str:
     """A remote's key from its 0600 file (a file readable by others is repaired first)."""
     try:
-        info = path.stat()
-        key = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise StateError(
-            f"remote {remote!r}: no key file at {path}; copy the remote's `mlx-stack key` "
-            f"into it (mode 0600)") from None
-    except (OSError, UnicodeDecodeError) as exc:
+        key = read_key_file(path)
+    except KeyFileError as exc:
+        if exc.missing:
+            raise StateError(
+                f"remote {remote!r}: no key file at {path}; copy the remote's `mlx-stack key` "
+                f"into it (mode 0600)") from None
         raise StateError(f"remote {remote!r}: cannot read its key file {path}: "
-                         f"{getattr(exc, 'strerror', None) or exc}") from None
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        os.chmod(path, 0o600)
+                         f"{exc.reason}") from None
     if not key or any(c.isspace() for c in key) or not key.isprintable():
         raise StateError(f"remote {remote!r}: the key in {path} is empty or not one line; put "
                          "the remote's `mlx-stack key` output in it")

@@ -280,3 +280,35 @@ def test_python_modules_run_without_their_working_folder_on_the_path():
     guarded = processes.guarded([sys.executable, "-m", "mlx_lm", "server"], 7)
     assert guarded[guarded.index("--fd") + 1] == "7" and guarded[-3:] == ["-m", "mlx_lm", "server"]
     assert processes.SAFE_PATH_ENV == {"PYTHONSAFEPATH": "1"}
+
+
+def test_every_key_file_reader_repairs_the_mode_and_words_unreadable_keys(tmp_path):
+    """Proxy, remote and external-server keys go through one reader: a key others can read is
+    made 0600; a file that is not UTF-8 is a one-line error (it was a traceback for the proxy
+    key); a missing file names what to do."""
+    import stat as stat_
+
+    import pytest
+
+    from mlx_stack.config.proxykey import KeyFileError, read_key, read_key_file
+    from mlx_stack.config.remotes import read_remote_key
+    from mlx_stack.errors import StateError
+
+    key = tmp_path / "k.key"
+    key.write_text("sk-" + "x" * 30 + "\n")
+    key.chmod(0o644)
+    assert read_key(key) == "sk-" + "x" * 30
+    assert stat_.S_IMODE(key.stat().st_mode) == 0o600
+    key.chmod(0o640)
+    assert read_remote_key(key, "b") == "sk-" + "x" * 30
+    assert stat_.S_IMODE(key.stat().st_mode) == 0o600
+    key.write_bytes(b"\xff\xfe sk-bad")
+    with pytest.raises(StateError, match=r"cannot read the proxy key .*not UTF-8"):
+        read_key(key)
+    with pytest.raises(StateError, match=r"remote 'b': cannot read its key file .*not UTF-8"):
+        read_remote_key(key, "b")
+    with pytest.raises(KeyFileError) as info:
+        read_key_file(tmp_path / "absent.key")
+    assert info.value.missing
+    with pytest.raises(StateError, match=r"no key file at .*copy the remote's `mlx-stack key`"):
+        read_remote_key(tmp_path / "absent.key", "b")
