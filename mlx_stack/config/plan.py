@@ -456,7 +456,7 @@ def identity_sources(stack: Stack) -> dict[str, dict[str, str]]:
     the proxy, which a rolling model change of replicas avoids)."""
     out = {name: {"mode": "chat"} for name in stack.chat_names}
     if stack.external_embeddings is not None:  # an external server reports no identity:
-        out[EMBEDDINGS_MODEL_NAME] = {"mode": "embedding"}  # never mixed with another
+        out[EMBEDDINGS_MODEL_NAME] = {"mode": "embedding", "external": "yes"}  # never mixed
     if stack.embeddings is not None:
         out[EMBEDDINGS_MODEL_NAME] = {"mode": "embedding",
                                       "url": f"http://127.0.0.1:{stack.embeddings.port}"}

@@ -294,6 +294,12 @@ def judge(remotes: tuple[Remote, ...], local: Mapping[str, Mapping[str, Any] | N
                 out[key] = Judgement(Verdict.REFUSED, f"the remote serves no {m.name!r} (it "
                                      f"lists {', '.join(sorted(ids)) or 'nothing'})")
                 continue
+            if mine is not None and mine.get("external"):
+                out[key] = Judgement(Verdict.REFUSED, f"the remote's {m.name!r} is an external "
+                                     "server (e.g. Ollama) that reports no weights hash: its "
+                                     "vector space cannot be checked, so it is never mixed "
+                                     "with another")
+                continue
             if mine is None or mine.get("content_sha256") is None:
                 out[key] = Judgement(Verdict.PENDING, "its identity is not known yet (remote "
                                      "not reached, not authorised, or its server loading); "
@@ -318,10 +324,12 @@ def judge(remotes: tuple[Remote, ...], local: Mapping[str, Mapping[str, Any] | N
 def merge_identities(old: Mapping[str, Mapping[str, Any]] | None,
                      new: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
     """A remote's identities after a read: an entry without a weights hash (its server is
-    down or loading) keeps the last one known, so a restart over there changes no verdict."""
+    down or loading) keeps the last one known, so a restart over there changes no verdict;
+    an external server (which never has one) replaces it."""
     out = dict(new)
     for name, entry in new.items():
-        if entry.get("content_sha256") is None and old and name in old:
+        if (entry.get("content_sha256") is None and not entry.get("external") and old
+                and name in old):
             out[name] = old[name]
     return out
 

@@ -60,6 +60,8 @@ class IdentityRoute:
         out: dict[str, dict[str, Any]] = {}
         for name, src in self.sources.items():
             entry: dict[str, Any] = {"mode": src.get("mode", "chat")}
+            if src.get("external"):
+                entry["external"] = True  # a server the stack does not build: no weights hash
             if src.get("url"):
                 card, problem = await self._card(src["url"])
                 if card:

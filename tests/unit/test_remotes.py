@@ -436,3 +436,50 @@ def test_the_identity_route_needs_the_key_and_lists_local_names():
     assert "content_sha256" not in embed  # unknown: never reported as a value
     call_route(route, "/v1/models", right)
     assert passed == ["/v1/models"]
+
+
+def test_a_remotes_external_embeddings_server_is_refused_with_why_not_left_pending():
+    """A remote whose embeddings tier is an external server (Ollama) has no weights hash: its
+    vectors can never be proven to match, so it is refused and says so (it stayed `pending`
+    forever, with a reason about loading); a switch to it replaces the last identity known."""
+    from mlx_stack.config.remotes import merge_identities
+
+    a = remote("a", EMBED)
+    external = {"a": {"local-embed": {"mode": "embedding", "external": True, "ready": False}}}
+    for local in ({"local-embed": IDENT}, {}):
+        j = judge((a,), local, external)[("a", "local-embed")]
+        assert j.verdict is Verdict.REFUSED
+        assert "external server" in j.reason and "no weights hash" in j.reason
+    merged = merge_identities({"local-embed": IDENT}, external["a"])
+    assert merged["local-embed"].get("external") is True
+    loading = merge_identities({"local-embed": IDENT}, {"local-embed": {"mode": "embedding"}})
+    assert loading["local-embed"] == IDENT
+
+
+def test_the_identity_route_marks_an_external_embeddings_tier(tmp_path):
+    import textwrap
+
+    from mlx_stack.config.catalog import load_catalog
+    from mlx_stack.config.plan import identity_sources
+    from mlx_stack.config.stackfile import parse_stack_text
+
+    text = textwrap.dedent("""\
+        version: 1
+        tiers: {}
+        embeddings:
+          backend: ollama
+          model: nomic-embed-text
+        """)
+    stack = parse_stack_text(text, tmp_path / "stack.yaml", load_catalog(), "Linux")
+    sources = identity_sources(stack)
+    assert sources["local-embed"] == {"mode": "embedding", "external": "yes"}
+    from mlx_stack.litellm.identity import IdentityRoute
+
+    async def app(scope, receive, send):
+        raise AssertionError("the route answers itself")
+
+    route = IdentityRoute(app, sources, key="sk-right-key-0123456789", backend_key="b")
+    right = [(b"authorization", b"Bearer sk-right-key-0123456789")]
+    status, body = call_route(route, "/mlx-stack/v1/identity", right)
+    assert status == 200
+    assert body["models"]["local-embed"] == {"mode": "embedding", "external": True}
