@@ -61,12 +61,7 @@ class CrossEncoder:
         import mlx.core as mx
 
         from .heads import take_head
-        from .network import (
-            _quantize_if_needed,
-            _read_weights,
-            import_model_file,
-            match_activations,
-        )
+        from .network import import_model_file, load_checkpoint, match_activations, read_weights
 
         path = settings.path
         model_type = settings.architecture.model_type
@@ -77,13 +72,10 @@ class CrossEncoder:
         args = model_file.ModelArgs.from_dict(config)
         encoder = getattr(model_file, layout.encoder_class)(args)
         match_activations(encoder, config)
-        weights = _read_weights(path)
+        weights = read_weights(path)
         head = take_head(model_type, config, weights, str(path))
-        weights = {k.removeprefix(layout.prefix): v for k, v in weights.items()}
-        if hasattr(encoder, "sanitize"):
-            weights = encoder.sanitize(weights)
-        _quantize_if_needed(encoder, config, weights)
-        encoder.load_weights(list(weights.items()))
+        load_checkpoint(encoder, config,
+                        {k.removeprefix(layout.prefix): v for k, v in weights.items()})
         mx.eval(encoder.parameters(), *head.arrays())
         encoder.eval()
         instance = cls(settings, encoder, head, PairTokenizer(path, settings.max_seq_len))

@@ -98,11 +98,7 @@ def load_network(path: Path, architecture: Architecture) -> Network:
         model_file = import_model_file(f"mlx_embeddings.models.{architecture.model_type}")
     module = model_file.Model(model_file.ModelArgs.from_dict(config))
     match_activations(module, config)
-    weights = _read_weights(path)
-    if hasattr(module, "sanitize"):
-        weights = module.sanitize(weights)
-    _quantize_if_needed(module, config, weights)
-    module.load_weights(list(weights.items()))
+    load_checkpoint(module, config, read_weights(path))
     mx.eval(module.parameters())
     module.eval()
     return Network(module, architecture)
@@ -136,7 +132,7 @@ def import_model_file(name: str) -> types.ModuleType:
     return importlib.import_module(name)
 
 
-def _read_weights(path: Path) -> dict[str, mx.array]:
+def read_weights(path: Path) -> dict[str, mx.array]:
     files = sorted(path.glob("**/model*.safetensors")) or sorted(path.glob("weight*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no model*.safetensors in {path}")
@@ -150,6 +146,15 @@ def _read_weights(path: Path) -> dict[str, mx.array]:
         prefix = "" if file.parent == path else f"{file.parent.name}."
         weights.update({prefix + key: value for key, value in loaded.items()})
     return weights
+
+
+def load_checkpoint(module: nn.Module, config: dict[str, Any], weights: dict[str, Any]) -> None:
+    """A folder's weights into a model: the model file's own ``sanitize`` (key renames), the
+    folder's quantisation, then the arrays. Shared by embedders and both kinds of reranker."""
+    if hasattr(module, "sanitize"):
+        weights = module.sanitize(weights)
+    _quantize_if_needed(module, config, weights)
+    module.load_weights(list(weights.items()))
 
 
 def _quantize_if_needed(module: nn.Module, config: dict[str, Any], weights: dict[str, Any]) -> None:

@@ -54,15 +54,13 @@ class YesNoReranker:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import mlx.core as mx
 
-        from .network import _quantize_if_needed, _read_weights, import_model_file
+        from .network import import_model_file, load_checkpoint, read_weights
 
         path = settings.path
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         model_file = import_model_file(f"mlx_lm.models.{settings.architecture.model_type}")
         module = model_file.Model(model_file.ModelArgs.from_dict(config))
-        weights = module.sanitize(_read_weights(path))
-        _quantize_if_needed(module, config, weights)
-        module.load_weights(list(weights.items()))
+        load_checkpoint(module, config, read_weights(path))
         module.eval()
         tokenizer = PromptTokenizer(path, settings.max_seq_len)
         output = module.model.embed_tokens if module.args.tie_word_embeddings else module.lm_head
