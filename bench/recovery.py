@@ -57,6 +57,40 @@ def request_for(target: str) -> tuple[str, dict]:
                                     "messages": [{"role": "user", "content": "hi"}]}
 
 
+class Load:
+    """N client threads POSTing one body through the proxy until stopped; each answer is
+    recorded as (start, end, HTTP status or 0 for no answer)."""
+
+    def __init__(self, url: str, body: dict, headers: dict[str, str], clients: int) -> None:
+        self.results: list[tuple[float, float, int]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._args = (url, body, headers)
+        self._threads = [threading.Thread(target=self._client, daemon=True)
+                         for _ in range(clients)]
+
+    def _client(self) -> None:
+        url, body, headers = self._args
+        with httpx.Client(timeout=120, trust_env=False) as c:
+            while not self._stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    status = c.post(url, json=body, headers=headers).status_code
+                except httpx.HTTPError:
+                    status = 0
+                with self._lock:
+                    self.results.append((t0, time.monotonic(), status))
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=130)
+
+
 def run_scenario(fault: str, target: str, retries: int, clients: int, seconds: float,
                  replicas: int = 1) -> dict:
     home = Path(tempfile.mkdtemp(prefix="mlx-stack-recovery-"))
@@ -75,25 +109,9 @@ def run_scenario(fault: str, target: str, retries: int, clients: int, seconds: f
     path, body = request_for(target)
     url = env.url("proxy") + path
     headers = {"Authorization": f"Bearer {env.key()}"}
-    results: list[tuple[float, float, int]] = []
-    stop = threading.Event()
-    lock = threading.Lock()
-
-    def client() -> None:
-        with httpx.Client(timeout=120, trust_env=False) as c:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    status = c.post(url, json=body, headers=headers).status_code
-                except httpx.HTTPError:
-                    status = 0
-                with lock:
-                    results.append((t0, time.monotonic(), status))
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    load = Load(url, body, headers, clients)
     try:
-        for t in threads:
-            t.start()
+        load.start()
         time.sleep(5)
         _, pid, _ = tier_state(home, target)
         assert pid is not None
@@ -113,11 +131,10 @@ def run_scenario(fault: str, target: str, retries: int, clients: int, seconds: f
         ready_at = time.monotonic()
         time.sleep(max(0.0, seconds - (ready_at - fault_at)))
     finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=130)
+        load.stop()
         env.cli("down", timeout=120)
         env.kill_everything()
+    results = load.results
     latencies = [(e - s) * 1000 for s, e, _ in results]
     return {
         "requests": len(results),
@@ -153,11 +170,9 @@ def run_remote_scenario(clients: int, seconds: float) -> dict:
     with (a.home / "stack.yaml").open("a") as f:
         f.write(f"remotes:\n  b:\n    url: http://127.0.0.2:{b.ports['proxy']}\n"
                 "    key_file: remotes/b.key\n    models: [local-embed]\n")
-    results: list[tuple[float, float, int]] = []
-    stop = threading.Event()
-    lock = threading.Lock()
-    url = a.url("proxy") + "/v1/embeddings"
-    headers = {"Authorization": f"Bearer {a.key()}"}
+    load = Load(a.url("proxy") + "/v1/embeddings",
+                {"model": "local-embed", "input": "a steady load"},
+                {"Authorization": f"Bearer {a.key()}"}, clients)
 
     def accepted() -> bool:
         """B's local-embed accepted by A and A's proxy ready"""
@@ -166,25 +181,11 @@ def run_remote_scenario(clients: int, seconds: float) -> dict:
         proxy = next(s for s in st["services"] if s["name"] == "proxy")
         return remote["models"][0]["verdict"] == "accepted" and proxy["state"] == "ready"
 
-    def client() -> None:
-        with httpx.Client(timeout=120, trust_env=False) as c:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    status = c.post(url, json={"model": "local-embed", "input": "a steady load"},
-                                    headers=headers).status_code
-                except httpx.HTTPError:
-                    status = 0
-                with lock:
-                    results.append((t0, time.monotonic(), status))
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     try:
         b.cli("up", check=True, timeout=600)
         a.cli("up", check=True, timeout=600)
         wait_until(accepted, 120)
-        for t in threads:
-            t.start()
+        load.start()
         time.sleep(5)
         emb = next(s for s in b.status()["services"] if s["name"] == "embeddings")
         fault_at = time.monotonic()
@@ -193,12 +194,11 @@ def run_remote_scenario(clients: int, seconds: float) -> dict:
         b.cli("down", check=True, timeout=120)
         time.sleep(seconds / 2)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=130)
+        load.stop()
         for env in (a, b):
             env.cli("down", timeout=120)
             env.kill_everything()
+    results = load.results
     after = [(e - s) * 1000 for s, e, _ in results if s >= fault_at - 1]
     latencies = [(e - s) * 1000 for s, e, _ in results]
     return {
