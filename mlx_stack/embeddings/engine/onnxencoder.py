@@ -1,10 +1,13 @@
-"""A BERT-family encoder under ONNX Runtime, with the MLX engine's interface.
+"""An embedding model under ONNX Runtime, with the MLX engine's interface.
 
-Same tokenizer, same right padding, same pooling (``model/pooling.py``) and the same finish
-(``encoder.finish``) as ``model/encoder.TextEncoder``: only the forward pass differs. The
-graph is built from the folder's weights (``onnxgraph.py``) on first use and kept in the
-private cache folder ``~/.cache/mlx-stack/onnx``, named by the folder's content hash and the
-builder's version, written atomically. No torch is involved, at build time or run time.
+Same tokenizer, same right padding, same pooling (``model/pooling.py``), the same
+sentence-transformers Dense layers after pooling (EmbeddingGemma's, applied here in float32
+numpy) and the same finish (``encoder.finish``) as ``model/encoder.TextEncoder``: only the
+forward pass differs. The graph is built from the folder's weights on first use
+(``onnxgraph.py`` for BERT-family encoders, ``onnxdecoder.py`` for qwen3 and gemma3_text) and
+kept in the private cache folder ``~/.cache/mlx-stack/onnx``, named by the folder's content
+hash and the builder's version, written atomically (a decoder's weights in a ``.data`` file
+beside its graph). No torch is involved, at build time or run time.
 
 Not thread-safe: the server calls one instance from its single worker thread.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +31,7 @@ from ..model.encoder import WARM_UP_TEXT, Embeddings, finish
 from ..model.pooling import pool
 from ..model.settings import ModelSettings
 from ..model.tokenizer import Encoded, TextTokenizer, pad_batch
-from . import onnxgraph
+from . import onnxdecoder, onnxgraph
 
 SPIN_ENV = "MLX_STACK_ONNX_SPIN"
 """``1``: ONNX Runtime's idle threads spin (its default); unset: they sleep (ours)."""
@@ -38,6 +42,8 @@ THREADS_ENV = "MLX_STACK_ONNX_THREADS"
 GRAPH_VERSION = 1
 """Bumped when ``onnxgraph`` builds a different graph: older cached files are not reused."""
 
+SUPPORTED = onnxgraph.SUPPORTED + onnxdecoder.SUPPORTED
+
 log = logging.getLogger("mlx_stack.embeddings")
 
 
@@ -45,16 +51,19 @@ def onnx_problem(settings: ModelSettings) -> str | None:
     """Why the ONNX engine cannot serve this folder, or ``None`` if it can (cheap: no weights)."""
     if settings.task != "embed":
         return "it serves embeddings only (rerank stays on MLX)"
-    if settings.architecture.model_type not in onnxgraph.SUPPORTED:
-        return (f"architecture {settings.architecture.model_type} (the ONNX engine builds "
-                f"{', '.join(onnxgraph.SUPPORTED)})")  # fmt: skip
+    model_type = settings.architecture.model_type
+    if model_type not in SUPPORTED:
+        return f"architecture {model_type} (the ONNX engine builds {', '.join(SUPPORTED)})"
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         return "onnxruntime is not installed (pip install onnxruntime onnx)"
     try:
         config = json.loads((settings.path / "config.json").read_text(encoding="utf-8"))
-        onnxgraph.EncoderShape.from_config(config)
+        if model_type in onnxdecoder.SUPPORTED:
+            onnxdecoder.DecoderShape.from_config(config)
+        else:
+            onnxgraph.EncoderShape.from_config(config)
     except onnxgraph.OnnxUnsupported as exc:
         return str(exc)
     except (OSError, ValueError, KeyError) as exc:
@@ -78,11 +87,13 @@ class OnnxEncoder:
     fast_kernels: tuple[str, ...] = ()
 
     def __init__(self, settings: ModelSettings, session: Any, tokenizer: TextTokenizer,
-                 rows: int) -> None:  # fmt: skip
+                 rows: int, dense: list[tuple[np.ndarray, np.ndarray | None]] | None = None,
+                 ) -> None:  # fmt: skip
         self.settings = settings
         self.tokenizer = tokenizer
         self._session = session
         self._rows = rows
+        self._dense = dense or []
         self.load_seconds = 0.0
         self.graph_path: Path | None = None
 
@@ -91,11 +102,13 @@ class OnnxEncoder:
              cache: Path | None) -> OnnxEncoder:  # fmt: skip
         """Build (or read back) the graph, open a session, run one real forward pass."""
         started = time.monotonic()
-        model, path = _graph(settings.path, content_sha256, cache)
-        session = _session(model)
-        config_rows = _rows(settings.path)
+        with tempfile.TemporaryDirectory(prefix="mlx-stack-onnx-") as scratch:
+            model, path = _graph(settings.path, content_sha256, cache, Path(scratch))
+            session = _session(model)
+        dense = (onnxdecoder.read_dense(settings.path)
+                 if settings.architecture.dense_after_pooling else [])  # fmt: skip
         instance = cls(settings, session, TextTokenizer(settings.path, settings.max_seq_len),
-                       config_rows)  # fmt: skip
+                       _rows(settings.path), dense)  # fmt: skip
         instance.graph_path = path
         warm = instance.embed([WARM_UP_TEXT])
         if warm.vectors.shape[1] != settings.dimension:
@@ -115,7 +128,10 @@ class OnnxEncoder:
         """Pooled, unnormalised float32 vectors for one batch, right-padded here."""
         ids, mask = pad_batch(sequences, self.tokenizer.pad_id)
         (hidden,) = self._session.run(None, {"input_ids": ids, "attention_mask": mask})
-        return np.asarray(pool(hidden, mask, self.settings.pooling, np), dtype=np.float32)
+        pooled = np.asarray(pool(hidden, mask, self.settings.pooling, np), dtype=np.float32)
+        for weight, bias in self._dense:  # sentence-transformers Dense, identity activation
+            pooled = pooled @ weight if bias is None else pooled @ weight + bias
+        return pooled
 
     def embed(self, texts: Sequence[str], dimensions: int | None = None) -> Embeddings:
         """Tokenise, run, finish: for warm-up and direct use (the server batches instead)."""
@@ -128,9 +144,14 @@ class OnnxEncoder:
                           truncated=[e.truncated for e in encoded])  # fmt: skip
 
 
-def _graph(folder: Path, content_sha256: str,
-           cache: Path | None) -> tuple[bytes | str, Path | None]:  # fmt: skip
-    """The model: a cached file's path if present, else freshly built bytes (then cached)."""
+def _graph(folder: Path, content_sha256: str, cache: Path | None,
+           scratch: Path) -> tuple[bytes | str, Path | None]:  # fmt: skip
+    """The model: a cached file's path if present, else freshly built bytes (then cached).
+
+    A decoder is always a file (its weights beside it, over protobuf's 2 GB at 0.6B in
+    float32): in the cache, or in ``scratch`` (deleted once the session has read it)."""
+    if _model_type(folder) in onnxdecoder.SUPPORTED:
+        return _decoder_graph(folder, content_sha256, cache, scratch)
     if cache is not None:
         path = cache / f"{content_sha256[:32]}-g{GRAPH_VERSION}.onnx"
         if path.is_file() and not path.is_symlink():
@@ -145,6 +166,31 @@ def _graph(folder: Path, content_sha256: str,
         return built, None
     del built  # the session reads the file: ~100 MB less resident for MiniLM than from bytes
     return str(path), path
+
+
+def _decoder_graph(folder: Path, content_sha256: str, cache: Path | None,
+                   scratch: Path) -> tuple[str, Path | None]:  # fmt: skip
+    name = f"{content_sha256[:32]}-d{onnxdecoder.GRAPH_VERSION}.onnx"
+    if cache is not None:
+        path = cache / name
+        if path.is_file() and not path.is_symlink():
+            return str(path), path
+    model = onnxdecoder.build(folder)
+    if cache is not None:
+        try:
+            onnxdecoder.save(model, cache / name)
+            return str(cache / name), cache / name
+        except OSError as exc:
+            log.warning("cannot cache the ONNX graph in %s: %s", cache, exc)
+    onnxdecoder.save(model, scratch / name)
+    return str(scratch / name), None
+
+
+def _model_type(folder: Path) -> str:
+    try:
+        return str(onnxdecoder.read_config(folder).get("model_type", "")).replace("-", "_")
+    except (OSError, ValueError):
+        return ""
 
 
 def _session(model: bytes | str) -> Any:

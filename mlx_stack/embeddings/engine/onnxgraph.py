@@ -121,7 +121,7 @@ def build_from(shape: EncoderShape, w: dict[str, np.ndarray], attention: str = "
     """
     from onnx import TensorProto, helper
 
-    graph = _Graph(w)
+    graph = Graph(w)
     word = graph.weight("embeddings.word_embeddings.weight")
     positions = graph.take("embeddings.position_embeddings.weight")[shape.position_offset:]
     types = w.pop("embeddings.token_type_embeddings.weight", None)
@@ -160,7 +160,7 @@ def build_from(shape: EncoderShape, w: dict[str, np.ndarray], attention: str = "
     return model  # onnx.checker would copy it whole; the tests run it
 
 
-def _layer(graph: _Graph, shape: EncoderShape, p: str, x: str, attention: str) -> str:
+def _layer(graph: Graph, shape: EncoderShape, p: str, x: str, attention: str) -> str:
     """One post-norm encoder layer: attention, add & norm, feed-forward, add & norm."""
     att = f"{p}.attention"
     if attention == "standard":
@@ -177,7 +177,7 @@ def _layer(graph: _Graph, shape: EncoderShape, p: str, x: str, attention: str) -
                                  f"{p}.output.LayerNorm", shape.eps)  # fmt: skip
 
 
-def _standard_attention(graph: _Graph, shape: EncoderShape, p: str, x: str) -> None:
+def _standard_attention(graph: Graph, shape: EncoderShape, p: str, x: str) -> None:
     """Scaled dot-product attention in plain ONNX ops; the scale folded into the query."""
     att = f"{p}.attention.self"
     head = shape.hidden // shape.heads
@@ -203,7 +203,7 @@ def _standard_attention(graph: _Graph, shape: EncoderShape, p: str, x: str) -> N
     graph.node("Reshape", [f"{att}.context_t", merge], [f"{p}.att"])
 
 
-def _fused_attention(graph: _Graph, shape: EncoderShape, p: str, x: str) -> None:
+def _fused_attention(graph: Graph, shape: EncoderShape, p: str, x: str) -> None:
     """ONNX Runtime's ``com.microsoft.Attention``: one node for QKV, scores, softmax, context."""
     att = f"{p}.attention"
     parts = ("query", "key", "value")
@@ -215,7 +215,7 @@ def _fused_attention(graph: _Graph, shape: EncoderShape, p: str, x: str) -> None
                domain=MS_DOMAIN, num_heads=shape.heads)  # fmt: skip
 
 
-class _Graph:
+class Graph:
     """Nodes and initialisers being collected; every checkpoint array used exactly by name.
 
     Each array leaves the checkpoint dict when used and becomes a tensor at once, so the

@@ -1,0 +1,404 @@
+"""Build a decoder-family embedder (Qwen3-Embedding, EmbeddingGemma) as an ONNX graph.
+
+Same approach as ``onnxgraph.py`` (weights read with ``safetensors``, nodes written with the
+onnx helpers, no torch), with the operators ONNX Runtime 1.32's CPU provider runs for these
+models, checked by running them: opset 23 ``Attention`` (grouped-query heads natively, a causal
+flag or an additive mask), ``RotaryEmbedding`` and ``RMSNormalization``, and ORT's
+``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm in one node, which also returns
+the sum for the next residual) and ``FastGelu`` (the tanh GELU).
+
+Each step mirrors the MLX models the other engine runs (mlx-embeddings' ``qwen3``, mlx-lm's
+``gemma3_text`` as ``model/network.py`` drives it), so both engines give the same vectors:
+
+- qwen3: pre-norm layers, q/k RMSNorm per head, rotate-half RoPE, causal attention, SwiGLU.
+  Right padding (``pad_batch``) needs no padding mask: a causal token never sees the padding
+  after it, and last-token pooling reads each row's last real token.
+- gemma3_text as EmbeddingGemma: embeddings times sqrt(hidden), RMSNorm by ``1 + weight``,
+  norms before and after attention and MLP, GELU-tanh gated MLP, the scale
+  ``query_pre_attn_scalar ** -0.5``, bidirectional attention over real tokens, sliding layers
+  (``layer_types``, else every ``sliding_window_pattern``-th layer global) seeing tokens at most
+  ``sliding_window // 2`` away with their own rotary base. Masked scores get float32's lowest
+  finite value, not -inf, so a padding row with no visible key stays finite.
+
+Weights float32/float16/bfloat16, computed in float32. The graph takes right-padded
+``input_ids`` and ``attention_mask`` (int32 ``[batch, tokens]``) and returns
+``last_hidden_state``; pooling and sentence-transformers' Dense layers (``read_dense``) are
+applied after it by ``onnxencoder.py``. A 0.6B model is over protobuf's 2 GB limit in float32,
+so the graph is saved with its weights in an external data file (``save``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .onnxgraph import MS_DOMAIN, Graph, OnnxUnsupported, read_weights
+
+OPSET = 23
+SUPPORTED = ("qwen3", "gemma3_text")
+GRAPH_VERSION = 1
+"""Bumped when this module builds a different graph: older cached files are not reused."""
+_IDENTITY = "torch.nn.modules.linear.Identity"
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """What the graph needs from config.json; per-layer tuples have one entry per layer."""
+
+    model_type: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    scale: float
+    thetas: tuple[float, ...]
+    windows: tuple[int | None, ...]
+    """Per layer: ``None`` for a global layer, else the farthest visible token distance."""
+
+    @property
+    def gemma(self) -> bool:
+        return self.model_type == "gemma3_text"
+
+    @property
+    def layers(self) -> int:
+        return len(self.thetas)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> DecoderShape:
+        """Raises :class:`OnnxUnsupported` naming the setting this builder does not handle."""
+        model_type = str(config.get("model_type", "")).replace("-", "_")
+        if model_type not in SUPPORTED:
+            raise OnnxUnsupported(f"model_type {model_type!r} (not a decoder this builds)")
+        if isinstance(config.get("quantization"), dict):
+            raise OnnxUnsupported("an MLX-quantised folder")
+        for key in ("rope_scaling", "attention_bias", "attn_logit_softcapping"):
+            if config.get(key):
+                raise OnnxUnsupported(f"{key} {config[key]!r} (the ONNX graph has none)")
+        hidden, heads = _int(config, "hidden_size"), _int(config, "num_attention_heads")
+        layers = _int(config, "num_hidden_layers")
+        if model_type == "qwen3":
+            return cls._qwen3(config, hidden, heads, layers)
+        return cls._gemma(config, hidden, heads, layers)
+
+    @classmethod
+    def _qwen3(cls, config: dict[str, Any], hidden: int, heads: int, layers: int) -> DecoderShape:
+        act = config.get("hidden_act", "silu")
+        if act != "silu":
+            raise OnnxUnsupported(f"hidden_act {act!r} (qwen3 uses 'silu')")
+        if config.get("use_sliding_window"):
+            raise OnnxUnsupported("use_sliding_window true (a causal sliding window)")
+        if hidden % heads and not config.get("head_dim"):
+            raise OnnxUnsupported(f"hidden_size {hidden} not divisible by {heads} heads")
+        head_dim = _int(config, "head_dim", hidden // heads)
+        kv = _int(config, "num_key_value_heads", heads)
+        theta = float(config.get("rope_theta", 1000000.0))
+        return cls._checked("qwen3", hidden, heads, kv, head_dim, _int(config, "intermediate_size"),
+                            float(config.get("rms_norm_eps", 1e-6)), head_dim**-0.5,
+                            (theta,) * layers, (None,) * layers)  # fmt: skip
+
+    @classmethod
+    def _gemma(cls, config: dict[str, Any], hidden: int, heads: int, layers: int) -> DecoderShape:
+        act = config.get("hidden_activation", config.get("hidden_act", "gelu_pytorch_tanh"))
+        if act != "gelu_pytorch_tanh":
+            raise OnnxUnsupported(f"hidden_activation {act!r} (gemma3_text uses "
+                                  "'gelu_pytorch_tanh')")  # fmt: skip
+        if config.get("use_bidirectional_attention") is not True:
+            raise OnnxUnsupported("use_bidirectional_attention is not true (a causal Gemma 3, "
+                                  "not EmbeddingGemma)")  # fmt: skip
+        types = config.get("layer_types")
+        if types is None:
+            pattern = _int(config, "sliding_window_pattern", 6)
+            types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                     for i in range(layers)]  # fmt: skip
+        if (not isinstance(types, list) or len(types) != layers
+                or set(types) - {"full_attention", "sliding_attention"}):  # fmt: skip
+            raise OnnxUnsupported(f"layer_types {types!r} (one of full_attention or "
+                                  f"sliding_attention per layer, {layers} layers)")  # fmt: skip
+        half = _int(config, "sliding_window", 512) // 2
+        local = float(config.get("rope_local_base_freq", 10000.0))
+        glob = float(config.get("rope_theta", 1000000.0))
+        sliding = [t == "sliding_attention" for t in types]
+        return cls._checked(
+            "gemma3_text", hidden, heads, _int(config, "num_key_value_heads", 1),
+            _int(config, "head_dim", 256), _int(config, "intermediate_size"),
+            float(config.get("rms_norm_eps", 1e-6)),
+            float(config.get("query_pre_attn_scalar", 256)) ** -0.5,
+            tuple(local if s else glob for s in sliding),
+            tuple(half if s else None for s in sliding),
+        )  # fmt: skip
+
+    @classmethod
+    def _checked(cls, *fields: Any) -> DecoderShape:
+        shape = cls(*fields)
+        if shape.heads % shape.kv_heads:
+            raise OnnxUnsupported(f"{shape.heads} attention heads not a multiple of "
+                                  f"{shape.kv_heads} key/value heads")  # fmt: skip
+        if shape.head_dim % 2:
+            raise OnnxUnsupported(f"head_dim {shape.head_dim} is odd (rotary needs pairs)")
+        return shape
+
+
+def _int(config: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if value is None and default is not None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise OnnxUnsupported(f"config.json {key}: {value!r} is not a positive integer")
+    return value
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise OnnxUnsupported(f"{folder}/config.json is not an object")
+    return config
+
+
+def build(folder: Path) -> Any:
+    """The ``onnx.ModelProto`` for ``folder`` (weights inside); raises OnnxUnsupported."""
+    shape = DecoderShape.from_config(read_config(folder))
+    return build_from(shape, read_weights(folder))
+
+
+def save(model: Any, path: Path) -> None:
+    """Write ``path`` and its weights beside it (``<name>.data``), the weights first, each
+    through a temporary name and a rename, so a present ``path`` is a complete graph."""
+    import onnx
+
+    from mlx_stack.private import make_dirs
+
+    make_dirs(path.parent)
+    scratch = path.parent / f".{path.name}.{os.getpid()}.partial"
+    make_dirs(scratch)
+    try:
+        onnx.save_model(model, str(scratch / path.name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=f"{path.name}.data",
+                        size_threshold=1024)  # fmt: skip
+        for name in (f"{path.name}.data", path.name):
+            os.chmod(scratch / name, 0o600)
+            os.replace(scratch / name, path.parent / name)
+    finally:
+        for leftover in scratch.glob("*"):
+            leftover.unlink()
+        scratch.rmdir()
+
+
+def read_dense(folder: Path) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """sentence-transformers' Dense modules after pooling (``modules.json`` order), as float32
+    ``(weight transposed, bias)``; only the identity activation EmbeddingGemma uses."""
+    from safetensors import safe_open
+
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return []
+    modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    layers = []
+    for module in modules if isinstance(modules, list) else []:
+        if not isinstance(module, dict) or not str(module.get("type", "")).endswith(".Dense"):
+            continue
+        where = folder / str(module.get("path", ""))
+        config = json.loads((where / "config.json").read_text(encoding="utf-8"))
+        if config.get("activation_function", _IDENTITY) != _IDENTITY:
+            raise OnnxUnsupported(f"{where}: Dense activation {config['activation_function']!r}")
+        if not (where / "model.safetensors").is_file():
+            raise OnnxUnsupported(f"{where}: no model.safetensors (a .bin Dense layer)")
+        with safe_open(str(where / "model.safetensors"), framework="np") as handle:
+            names = set(handle.keys())
+            if "linear.weight" not in names:
+                raise OnnxUnsupported(f"{where}/model.safetensors has no linear.weight")
+            weight = np.ascontiguousarray(handle.get_tensor("linear.weight").T, np.float32)
+            bias = (np.asarray(handle.get_tensor("linear.bias"), np.float32)
+                    if "linear.bias" in names else None)  # fmt: skip
+        layers.append((weight, bias))
+    return layers
+
+
+def build_from(shape: DecoderShape, w: dict[str, np.ndarray]) -> Any:
+    """The ``onnx.ModelProto`` for ``shape`` with weights ``w`` (keys without ``model.``)."""
+    from onnx import TensorProto, helper
+
+    graph = Graph(w)
+    table = graph.take("embed_tokens.weight")
+    if shape.gemma:  # scaled in float32 once here, as MLX scales each gathered row
+        table = table * np.float32(math.sqrt(shape.hidden))
+    graph.init("embed_tokens", table)
+    del table
+    graph.node("Gather", ["embed_tokens", "input_ids"], ["embedded"], axis=0)
+    _positions(graph, shape)
+    if shape.gemma:
+        _masks(graph, shape)
+    x = "embedded"
+    normed = _rms_norm(graph, shape, x, "layers.0.input_layernorm.weight")
+    for i in range(shape.layers):
+        p = f"layers.{i}"
+        attended = _attention(graph, shape, i, normed)
+        if shape.gemma:
+            attended = _rms_norm(graph, shape, attended, f"{p}.post_attention_layernorm.weight")
+            before_mlp = f"{p}.pre_feedforward_layernorm.weight"
+        else:
+            before_mlp = f"{p}.post_attention_layernorm.weight"
+        normed, x = _skip_rms_norm(graph, shape, attended, x, before_mlp, f"{p}.mid")
+        mixed = _mlp(graph, shape, p, normed)
+        if shape.gemma:
+            mixed = _rms_norm(graph, shape, mixed, f"{p}.post_feedforward_layernorm.weight")
+        after = f"layers.{i + 1}.input_layernorm.weight" if i + 1 < shape.layers else "norm.weight"
+        normed, x = _skip_rms_norm(graph, shape, mixed, x, after, f"{p}.out")
+    graph.node("Identity", [normed], ["last_hidden_state"])
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", "tokens"])
+              for n in ("input_ids", "attention_mask")]  # fmt: skip
+    output = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
+                                           ["batch", "tokens", shape.hidden])  # fmt: skip
+    proto = helper.make_graph(graph.nodes, f"mlx-stack {shape.model_type} embedder", inputs,
+                              [output], graph.inits)  # fmt: skip
+    model = helper.make_model(proto, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid(MS_DOMAIN, 1)])  # fmt: skip
+    model.ir_version = 10
+    model.producer_name = "mlx-stack"
+    return model
+
+
+def _positions(graph: Graph, shape: DecoderShape) -> None:
+    """``position_ids`` ``[batch, tokens]`` and per rotary base ``cos_<b>``/``sin_<b>``
+    ``[tokens, head_dim / 2]``, computed in the graph for the batch's length."""
+    from onnx import TensorProto
+
+    graph.node("Shape", ["input_ids"], ["ids_shape"])
+    graph.node("Gather", ["ids_shape", graph.const("i_one", np.array(1, np.int64))], ["length"],
+               axis=0)  # fmt: skip
+    graph.node("Range", [graph.const("i_zero", np.array(0, np.int64)), "length", "i_one"],
+               ["pos"])  # fmt: skip
+    graph.node("Unsqueeze", ["pos", graph.const("ax0", np.array([0], np.int64))], ["pos_row"])
+    graph.node("Expand", ["pos_row", "ids_shape"], ["position_ids"])
+    graph.node("Cast", ["pos"], ["pos_f"], to=TensorProto.FLOAT)
+    graph.node("Unsqueeze", ["pos_f", graph.const("ax1", np.array([1], np.int64))], ["pos_col"])
+    half = np.arange(0, shape.head_dim, 2, dtype=np.float64) / shape.head_dim
+    for b, theta in enumerate(sorted(set(shape.thetas))):
+        inv = (theta**-half).astype(np.float32)[None, :]
+        graph.node("Mul", ["pos_col", graph.init(f"inv_freq_{b}", inv)], [f"angles_{b}"])
+        graph.node("Cos", [f"angles_{b}"], [f"cos_{b}"])
+        graph.node("Sin", [f"angles_{b}"], [f"sin_{b}"])
+
+
+def _rope_tables(shape: DecoderShape, layer: int) -> tuple[str, str]:
+    b = sorted(set(shape.thetas)).index(shape.thetas[layer])
+    return f"cos_{b}", f"sin_{b}"
+
+
+def _masks(graph: Graph, shape: DecoderShape) -> None:
+    """Additive float masks: ``mask_full`` ``[batch, 1, tokens, tokens]`` hides padding keys;
+    ``mask_window_<n>`` ``[batch, 1, tokens, tokens]`` also hides keys more than n away."""
+    from onnx import TensorProto
+
+    graph.node("Cast", ["attention_mask"], ["keys_b"], to=TensorProto.BOOL)
+    graph.node("Unsqueeze", ["keys_b", graph.const("ax12", np.array([1, 2], np.int64))],
+               ["keys4"])  # fmt: skip
+    zero = graph.const("f_zero", np.array(0.0, np.float32))
+    lowest = graph.const("f_lowest", np.array(np.finfo(np.float32).min, np.float32))
+    graph.node("Where", ["keys4", zero, lowest], ["mask_keys"])
+    # opset 23 Attention wants the query axis spelt out: [batch, 1, tokens, tokens]
+    graph.node("Slice", ["ids_shape", graph.const("s0", np.array([0], np.int64)), "ax1"],
+               ["batch_1d"])  # fmt: skip
+    graph.node("Slice", ["ids_shape", "ax1", graph.const("s2", np.array([2], np.int64))],
+               ["length_1d"])  # fmt: skip
+    graph.node("Concat", ["batch_1d", "ax1", "length_1d", "length_1d"], ["mask_shape"], axis=0)
+    graph.node("Expand", ["mask_keys", "mask_shape"], ["mask_full"])
+    windows = sorted({w for w in shape.windows if w is not None})
+    if not windows:
+        return
+    graph.node("Unsqueeze", ["pos", "ax1"], ["pos_q"])
+    graph.node("Unsqueeze", ["pos", "ax0"], ["pos_k"])
+    graph.node("Sub", ["pos_q", "pos_k"], ["pos_delta"])
+    graph.node("Abs", ["pos_delta"], ["pos_distance"])
+    for window in windows:
+        near = graph.const(f"window_{window}", np.array(window, np.int64))
+        graph.node("LessOrEqual", ["pos_distance", near], [f"near_{window}"])
+        graph.node("And", ["keys4", f"near_{window}"], [f"visible_{window}"])
+        graph.node("Where", [f"visible_{window}", zero, lowest], [f"mask_window_{window}"])
+
+
+def _norm_weight(graph: Graph, shape: DecoderShape, key: str, scale: float = 1.0) -> str:
+    """Gemma's RMSNorm multiplies by ``1 + weight`` (added in float32, as MLX does)."""
+    weight = graph.take(key)
+    if shape.gemma:
+        weight = np.float32(1.0) + weight
+    if scale != 1.0:
+        weight = weight * np.float32(scale)
+    return graph.init(key, weight)
+
+
+def _rms_norm(graph: Graph, shape: DecoderShape, x: str, key: str) -> str:
+    out = f"{key}.out"
+    graph.node("RMSNormalization", [x, _norm_weight(graph, shape, key)], [out], axis=-1,
+               epsilon=shape.eps)  # fmt: skip
+    return out
+
+
+def _skip_rms_norm(graph: Graph, shape: DecoderShape, x: str, skip: str, key: str,
+                   name: str) -> tuple[str, str]:  # fmt: skip
+    """RMSNorm(x + skip) and x + skip (the next residual), in one ORT node."""
+    graph.node("SkipSimplifiedLayerNormalization", [x, skip, _norm_weight(graph, shape, key)],
+               [f"{name}.normed", "", "", f"{name}.sum"], domain=MS_DOMAIN,
+               epsilon=shape.eps)  # fmt: skip
+    return f"{name}.normed", f"{name}.sum"
+
+
+def _attention(graph: Graph, shape: DecoderShape, layer: int, x: str) -> str:
+    """One projection for q, k and v; per-head norm and rotary on q and k; opset 23
+    ``Attention`` (grouped-query heads without copying k/v); the output projection."""
+    p = f"layers.{layer}.self_attn"
+    weights = [graph.take(f"{p}.{n}_proj.weight") for n in ("q", "k", "v")]
+    sizes = [int(w.shape[0]) for w in weights]
+    expected = [shape.heads * shape.head_dim] + [shape.kv_heads * shape.head_dim] * 2
+    if sizes != expected:
+        raise OnnxUnsupported(f"{p}: q/k/v projections of {sizes} rows, config says {expected}")
+    graph.init(f"{p}.qkv_wT", np.concatenate(weights, axis=0).T)
+    del weights
+    graph.node("MatMul", [x, f"{p}.qkv_wT"], [f"{p}.qkv"])
+    graph.node("Split", [f"{p}.qkv", graph.const("qkv_sizes", np.array(sizes, np.int64))],
+               [f"{p}.q", f"{p}.k", f"{p}.v"], axis=-1)  # fmt: skip
+    cos, sin = _rope_tables(shape, layer)
+    rotated = []
+    for part, heads in (("q", shape.heads), ("k", shape.kv_heads)):
+        split = graph.const(f"heads_{heads}", np.array([0, 0, heads, shape.head_dim], np.int64))
+        merge = graph.const(f"merge_{heads}", np.array([0, 0, heads * shape.head_dim], np.int64))
+        graph.node("Reshape", [f"{p}.{part}", split], [f"{p}.{part}.heads"])
+        normed = _rms_norm(graph, shape, f"{p}.{part}.heads", f"{p}.{part}_norm.weight")
+        graph.node("Reshape", [normed, merge], [f"{p}.{part}.flat"])
+        graph.node("RotaryEmbedding", [f"{p}.{part}.flat", cos, sin, "position_ids"],
+                   [f"{p}.{part}.rot"], num_heads=heads)  # fmt: skip
+        rotated.append(f"{p}.{part}.rot")
+    window = shape.windows[layer]
+    inputs = [*rotated, f"{p}.v"]
+    if shape.gemma:
+        inputs.append("mask_full" if window is None else f"mask_window_{window}")
+    graph.node("Attention", inputs, [f"{p}.context"], q_num_heads=shape.heads,
+               kv_num_heads=shape.kv_heads, scale=shape.scale,
+               is_causal=0 if shape.gemma else 1)  # fmt: skip
+    graph.node("MatMul", [f"{p}.context", graph.transposed(f"{p}.o_proj.weight")], [f"{p}.out"])
+    return f"{p}.out"
+
+
+def _mlp(graph: Graph, shape: DecoderShape, p: str, x: str) -> str:
+    """down(act(gate(x)) * up(x)), gate and up as one product: SiLU (qwen3), GELU-tanh (gemma)."""
+    m = f"{p}.mlp"
+    gate, up = graph.take(f"{m}.gate_proj.weight"), graph.take(f"{m}.up_proj.weight")
+    graph.init(f"{m}.gate_up_wT", np.concatenate([gate, up], axis=0).T)
+    del gate, up
+    graph.node("MatMul", [x, f"{m}.gate_up_wT"], [f"{m}.gate_up"])
+    graph.node("Split", [f"{m}.gate_up"], [f"{m}.gate", f"{m}.up"], axis=-1, num_outputs=2)
+    if shape.gemma:
+        graph.node("FastGelu", [f"{m}.gate"], [f"{m}.act"], domain=MS_DOMAIN)
+    else:
+        graph.node("Sigmoid", [f"{m}.gate"], [f"{m}.sig"])
+        graph.node("Mul", [f"{m}.gate", f"{m}.sig"], [f"{m}.act"])
+    graph.node("Mul", [f"{m}.act", f"{m}.up"], [f"{m}.gated"])
+    graph.node("MatMul", [f"{m}.gated", graph.transposed(f"{m}.down_proj.weight")], [f"{m}.out"])
+    return f"{m}.out"
