@@ -10,7 +10,8 @@ loading the same folder with its own modules. nomic_bert has its own test
 reference padded on the left and on the right), token ids, ``dimensions`` (Matryoshka cut,
 then unit length), and the query/document prompts. Bar: cosine >= 0.9999 per vector.
 Every architecture runs on the MLX engine (``--engine mlx``); those the ONNX Runtime engine
-builds (bert with mean and CLS pooling, xlm_roberta) run on it too (``--engine onnx``).
+builds (bert with mean and CLS pooling, xlm_roberta, qwen3, gemma3_text) run on it too
+(``--engine onnx``).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ TEXTS = MIXED_TEXTS  # 1 to 300+ tokens: the longest is cut at MAX_SEQ by both s
 QUERIES = ["what is a tiny model?", "Wie spät ist es?"]
 
 
-ONNX_KINDS = ("bert-mean", "bert-cls", "xlm_roberta")
-"""The kinds the ONNX Runtime engine builds (``engine/onnxgraph.py``)."""
+ONNX_KINDS = ("bert-mean", "bert-cls", "xlm_roberta", "qwen3", "gemma3_text")
+"""The kinds the ONNX Runtime engine builds (``engine/onnxgraph.py``, ``engine/onnxdecoder.py``)."""
 PARAMS = [(kind, "mlx") for kind in BUILDERS] + [(kind, "onnx") for kind in ONNX_KINDS]
 
 

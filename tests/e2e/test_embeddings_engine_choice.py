@@ -1,10 +1,11 @@
 """The embeddings server picks its engine by measurement, caches it, and says which and why.
 
-Real server processes on MiniLM (and a tiny qwen3 folder, which only MLX runs), each with its
-own empty cache folder (``XDG_CACHE_HOME``): the first start times both engines and stores the
+Real server processes on MiniLM (and tiny modernbert and qwen3 folders), each with its own
+empty cache folder (``XDG_CACHE_HOME``): the first start times both engines and stores the
 choice; the next start reads it back and loads one engine; ``MLX_STACK_ENGINE`` and
-``--engine`` force one; a folder the ONNX engine cannot build stays on MLX, and forcing ONNX
-on it is refused in one line before the port is bound. The ONNX engine runs without torch.
+``--engine`` force one; a folder the ONNX engine cannot build (modernbert) stays on MLX, and
+forcing ONNX on it is refused in one line before the port is bound. The ONNX engine runs
+without torch. A decoder's graph (qwen3) is cached with its weights beside it and read back.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from embedserver import MIXED_TEXTS, REPO, Server, child_env, cosines, embed, running_server
 from tinyembed import build
@@ -96,33 +98,54 @@ def test_the_onnx_engine_runs_without_torch(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build("qwen3", tmp_path_factory.mktemp("qwen3") / "model").folder
+def modernbert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build("modernbert", tmp_path_factory.mktemp("modernbert") / "model").folder
 
 
-def test_an_architecture_onnx_cannot_build_stays_on_mlx(tmp_path: Path, qwen3: Path) -> None:
-    with running_server(tmp_path / "auto.log", model=qwen3, name="tiny",
+def test_an_architecture_onnx_cannot_build_stays_on_mlx(tmp_path: Path, modernbert: Path) -> None:
+    with running_server(tmp_path / "auto.log", model=modernbert, name="tiny",
                         env=cache_env(tmp_path / "cache")) as server:  # fmt: skip
         chosen = card(server)
     assert chosen["engine"] == "mlx" and chosen["engine_choice"]["measured_ms"] == {}
-    assert "qwen3" in chosen["engine_choice"]["reason"]
+    assert "modernbert" in chosen["engine_choice"]["reason"]
     assert not list((tmp_path / "cache" / "mlx-stack").glob("engine/*.json"))
+
+
+def test_a_decoder_graph_is_cached_with_its_weights_and_read_back(tmp_path: Path) -> None:
+    """qwen3 on ONNX: the first start writes ``<hash>-d1.onnx`` and its ``.data`` (private),
+    the second serves the same vectors from them without rebuilding."""
+    folder = build("qwen3", tmp_path / "qwen3").folder
+    env = cache_env(tmp_path / "cache")
+    graphs = tmp_path / "cache" / "mlx-stack" / "onnx"
+    with running_server(tmp_path / "first.log", "--engine", "onnx", model=folder, name="tiny",
+                        env=env) as first:  # fmt: skip
+        vectors = embed(first.client(), MIXED_TEXTS, model="tiny")
+        sha = card(first)["content_sha256"]
+    files = sorted(p.name for p in graphs.iterdir())
+    assert files == [f"{sha[:32]}-d1.onnx", f"{sha[:32]}-d1.onnx.data"]
+    assert all(p.stat().st_mode & 0o077 == 0 for p in graphs.iterdir())
+    stamps = {p.name: p.stat().st_mtime_ns for p in graphs.iterdir()}
+    with running_server(tmp_path / "second.log", "--engine", "onnx", model=folder, name="tiny",
+                        env=env) as second:  # fmt: skip
+        again = embed(second.client(), MIXED_TEXTS, model="tiny")
+    assert {p.name: p.stat().st_mtime_ns for p in graphs.iterdir()} == stamps
+    np.testing.assert_array_equal(vectors, again)
 
 
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
         (["--engine", "onnx"], {}, "--engine onnx: the ONNX engine cannot serve this model: "
-         "architecture qwen3"),
+         "architecture modernbert"),
         ([], {"MLX_STACK_ENGINE": "onnx"}, "use --engine mlx or auto"),
         ([], {"MLX_STACK_ENGINE": "torch"}, "MLX_STACK_ENGINE='torch': use one of auto, mlx, onnx"),
         (["--engine", "torch"], {}, "invalid choice: 'torch'"),
     ],
 )  # fmt: skip
 def test_a_forced_engine_that_cannot_serve_is_refused_in_one_line(
-    qwen3: Path, args: list[str], env: dict[str, str], message: str
+    modernbert: Path, args: list[str], env: dict[str, str], message: str
 ) -> None:
-    result = run_cli("--model-path", str(qwen3), "--served-name", "x", "--port",
+    result = run_cli("--model-path", str(modernbert), "--served-name", "x", "--port",
                      str(free_port()), *args, env=env)  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
