@@ -12,6 +12,7 @@ p50/p95/p99 of an open loop of short queries at ``--rate``/s, a batch of 10 text
 throughput (batches of 32, 4 clients).
 
     python bench/models.py [--only Qwen3-Embedding-0.6B] [--duration 10] [--write FILE]
+                           [--engine mlx --engine onnx]   # forced engines instead of auto
 
 nomic-embed-text-v1.5 is not built here (its folder builder lives in its own test).
 """
@@ -131,7 +132,7 @@ def measure(server: run.Server, loads: dict[str, Any]) -> dict[str, Any]:
             return {"error": error}
         load_s = time.monotonic() - started
         engine = ""
-        if server.name == "mlx-stack":
+        if server.name.startswith("mlx-stack"):
             engine = run.describe_mlx_stack(server).split(" (")[0]  # "engine onnx"
         out: dict[str, Any] = {"load_s": load_s, "engine": engine}
         for key, workload in loads.items():
@@ -149,6 +150,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--engine", action="append", choices=("mlx", "onnx"),
+                        help="run mlx-stack forced onto this engine instead of auto (repeatable)")
     parser.add_argument("--write", type=Path, help="append the table to this file")
     parser.add_argument("--log-dir", type=Path, default=BENCH / ".logs")
     args = parser.parse_args()
@@ -170,9 +173,11 @@ def main() -> int:
                 folder.mkdir()
                 model.build(folder)
             cache = root / f"cache-{model.name}"
-            ours = run.mlx_stack_server(folder, args.log_dir)
-            ours.env["XDG_CACHE_HOME"] = str(cache)  # a first start: measured, then built
-            servers = [ours] + ([] if args.skip_torch else [run.st_server(folder, args.log_dir)])
+            ours = [run.mlx_stack_server(folder, args.log_dir, engine=engine)
+                    for engine in args.engine or [None]]  # fmt: skip
+            for server in ours:  # a first start: measured (under auto), then built
+                server.env["XDG_CACHE_HOME"] = str(cache / server.name.replace(" ", "_"))
+            servers = ours + ([] if args.skip_torch else [run.st_server(folder, args.log_dir)])
             for server in servers:
                 server.port = free_port()
                 server.argv[server.argv.index("--port") + 1] = str(server.port)
