@@ -20,9 +20,9 @@ import pytest
 from mlx_stack.embeddings.engine.onnxdecoder import (
     DecoderShape,
     OnnxUnsupported,
+    build,
     build_from,
     read_dense,
-    save,
 )
 
 VOCAB = 40
@@ -248,18 +248,35 @@ def test_a_missing_or_misshapen_array_is_named() -> None:
         build_from(shape, weights)
 
 
-def test_save_writes_the_graph_and_its_weights_privately(tmp_path: Path) -> None:
+def test_build_writes_the_graph_and_its_weights_privately(tmp_path: Path) -> None:
+    """From a hub-style folder (``model.`` prefixes, bfloat16 arrays, an unused ``lm_head``)
+    to ``<name>.onnx`` + ``<name>.onnx.data``, which serve what the in-memory graph does."""
+    import json
+
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
     ort = pytest.importorskip("onnxruntime")
-    model = build_from(DecoderShape.from_config(QWEN3), checkpoint(QWEN3))
-    inline = session(model)
+    weights = {k: v.astype(ml_dtypes.bfloat16) for k, v in checkpoint(QWEN3).items()}
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(QWEN3))
+    save_file({f"model.{k}": v for k, v in weights.items()} | {"lm_head.weight": weights[
+        "embed_tokens.weight"]}, str(folder / "model.safetensors"))  # fmt: skip
     path = tmp_path / "cache" / "x-d1.onnx"
-    save(model, path)
+    build(folder, path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["x-d1.onnx", "x-d1.onnx.data"]
     assert all(p.stat().st_mode & 0o077 == 0 for p in path.parent.iterdir())
     assert path.stat().st_size < 20_000 < (path.parent / "x-d1.onnx.data").stat().st_size
+    as_float = {k: v.astype(np.float32) for k, v in weights.items()}
+    inline = session(build_from(DecoderShape.from_config(QWEN3), as_float))
     ids, mask = right_padded(1, [5, 3])
     from_file = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(run(from_file, ids, mask), run(inline, ids, mask))
+    (folder / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(OnnxUnsupported, match="cannot read"):
+        build(folder, tmp_path / "other" / "y.onnx")
+    assert list((tmp_path / "other").iterdir()) == []  # no partial files left
 
 
 def test_dense_layers_are_read_in_modules_order(tmp_path: Path) -> None:

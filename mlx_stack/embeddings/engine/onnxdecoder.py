@@ -24,7 +24,7 @@ Weights float32/float16/bfloat16, computed in float32. The graph takes right-pad
 ``input_ids`` and ``attention_mask`` (int32 ``[batch, tokens]``) and returns
 ``last_hidden_state``; pooling and sentence-transformers' Dense layers (``read_dense``) are
 applied after it by ``onnxencoder.py``. A 0.6B model is over protobuf's 2 GB limit in float32,
-so the graph is saved with its weights in an external data file (``save``).
+so the graph is written with its weights in an external data file (``build``).
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from .onnxgraph import MS_DOMAIN, Graph, OnnxUnsupported, read_weights
+from .onnxgraph import MS_DOMAIN, Graph, LazyWeights, OnnxUnsupported
 
 OPSET = 23
 SUPPORTED = ("qwen3", "gemma3_text")
@@ -162,33 +163,60 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def build(folder: Path) -> Any:
-    """The ``onnx.ModelProto`` for ``folder`` (weights inside); raises OnnxUnsupported."""
-    shape = DecoderShape.from_config(read_config(folder))
-    return build_from(shape, read_weights(folder))
+def build(folder: Path, path: Path) -> None:
+    """Write the graph for ``folder`` to ``path``, its weights beside it (``<name>.data``);
+    raises :class:`OnnxUnsupported`.
 
-
-def save(model: Any, path: Path) -> None:
-    """Write ``path`` and its weights beside it (``<name>.data``), the weights first, each
-    through a temporary name and a rename, so a present ``path`` is a complete graph."""
-    import onnx
-
+    Arrays are read one at a time (``LazyWeights``) and written to the weights file as they
+    come (``_ExternalGraph``), so the build holds about one array, not the model twice over.
+    Both files are written in a private scratch folder and renamed into place, the weights
+    first, so a present ``path`` is always a complete graph.
+    """
     from mlx_stack.private import make_dirs
 
+    shape = DecoderShape.from_config(read_config(folder))
     make_dirs(path.parent)
     scratch = path.parent / f".{path.name}.{os.getpid()}.partial"
     make_dirs(scratch)
+    location = f"{path.name}.data"
     try:
-        onnx.save_model(model, str(scratch / path.name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=f"{path.name}.data",
-                        size_threshold=1024)  # fmt: skip
-        for name in (f"{path.name}.data", path.name):
+        with (scratch / location).open("wb") as data:
+            model = build_from(shape, LazyWeights(folder), _ExternalGraph(data, location))
+        (scratch / path.name).write_bytes(model.SerializeToString())
+        for name in (location, path.name):
             os.chmod(scratch / name, 0o600)
             os.replace(scratch / name, path.parent / name)
     finally:
         for leftover in scratch.glob("*"):
             leftover.unlink()
         scratch.rmdir()
+
+
+class _ExternalGraph(Graph):
+    """A graph whose initialisers over 1 KB go straight to an open weights file (4 KB
+    aligned, so ONNX Runtime can map them) as external data, not into the protobuf."""
+
+    def __init__(self, data: BinaryIO, location: str) -> None:
+        super().__init__({})
+        self._data = data
+        self._location = location
+
+    def tensor(self, name: str, array: np.ndarray) -> Any:
+        from onnx import TensorProto, helper
+
+        if array.nbytes < 1024:
+            return super().tensor(name, array)
+        offset = self._data.tell()
+        if offset % 4096:
+            self._data.write(bytes(4096 - offset % 4096))
+            offset = self._data.tell()
+        self._data.write(memoryview(array).cast("B"))
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                             dims=array.shape, data_location=TensorProto.EXTERNAL)  # fmt: skip
+        for key, value in (("location", self._location), ("offset", str(offset)),
+                           ("length", str(array.nbytes))):  # fmt: skip
+            tensor.external_data.add(key=key, value=value)
+        return tensor
 
 
 def read_dense(folder: Path) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -221,11 +249,14 @@ def read_dense(folder: Path) -> list[tuple[np.ndarray, np.ndarray | None]]:
     return layers
 
 
-def build_from(shape: DecoderShape, w: dict[str, np.ndarray]) -> Any:
-    """The ``onnx.ModelProto`` for ``shape`` with weights ``w`` (keys without ``model.``)."""
+def build_from(shape: DecoderShape, w: MutableMapping[str, np.ndarray],
+               graph: Graph | None = None) -> Any:  # fmt: skip
+    """The ``onnx.ModelProto`` for ``shape`` with weights ``w`` (keys without ``model.``),
+    initialisers inside unless ``graph`` puts them elsewhere."""
     from onnx import TensorProto, helper
 
-    graph = Graph(w)
+    graph = graph if graph is not None else Graph({})
+    graph.use(w)
     table = graph.take("embed_tokens.weight")
     if shape.gemma:  # scaled in float32 once here, as MLX scales each gathered row
         table = table * np.float32(math.sqrt(shape.hidden))

@@ -175,14 +175,12 @@ def _decoder_graph(folder: Path, content_sha256: str, cache: Path | None,
         path = cache / name
         if path.is_file() and not path.is_symlink():
             return str(path), path
-    model = onnxdecoder.build(folder)
-    if cache is not None:
         try:
-            onnxdecoder.save(model, cache / name)
-            return str(cache / name), cache / name
+            onnxdecoder.build(folder, path)
+            return str(path), path
         except OSError as exc:
             log.warning("cannot cache the ONNX graph in %s: %s", cache, exc)
-    onnxdecoder.save(model, scratch / name)
+    onnxdecoder.build(folder, scratch / name)
     return str(scratch / name), None
 
 

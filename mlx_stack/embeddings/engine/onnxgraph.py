@@ -23,6 +23,7 @@ sliced once at build time (padded positions differ from transformers', but they 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,52 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
         except Exception as exc:  # safetensors raises its own error types for bad files
             raise OnnxUnsupported(f"{file}: cannot read: {exc}") from None
     return weights
+
+
+class LazyWeights(MutableMapping[str, np.ndarray]):
+    """The checkpoint's float32 arrays (keys as :func:`read_weights`), each read when taken.
+
+    A build that pops every array once then holds about one at a time: Qwen3-Embedding-0.6B
+    is 2.4 GB in float32, which :func:`read_weights` would hold whole.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        files = sorted(folder.glob("model*.safetensors"))
+        if not files:
+            raise OnnxUnsupported(f"no model*.safetensors in {folder}")
+        self._where: dict[str, tuple[Any, str]] = {}
+        self._set: dict[str, np.ndarray] = {}
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="np")
+                keys = list(handle.keys())
+            except Exception as exc:  # safetensors raises its own error types for bad files
+                raise OnnxUnsupported(f"{file}: cannot read: {exc}") from None
+            self._where.update({_strip(key): (handle, key) for key in keys})
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key in self._set:
+            return self._set[key]
+        handle, name = self._where[key]
+        try:
+            return _float32(handle.get_tensor(name))
+        except Exception as exc:
+            raise OnnxUnsupported(f"{name}: cannot read: {exc}") from None
+
+    def __setitem__(self, key: str, value: np.ndarray) -> None:
+        self._set[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if self._set.pop(key, None) is None:
+            del self._where[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter({**self._where, **self._set})
+
+    def __len__(self) -> int:
+        return len({**self._where, **self._set})
 
 
 def _strip(key: str) -> str:
@@ -222,11 +269,15 @@ class Graph:
     build holds about one copy of the weights (MiniLM: 620 -> ~300 MB peak, measured).
     """
 
-    def __init__(self, weights: dict[str, np.ndarray]) -> None:
+    def __init__(self, weights: MutableMapping[str, np.ndarray]) -> None:
         self._w = weights
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self._names: set[str] = set()
+
+    def use(self, weights: MutableMapping[str, np.ndarray]) -> None:
+        """Take arrays from ``weights`` from now on."""
+        self._w = weights
 
     def take(self, key: str) -> np.ndarray:
         try:
@@ -235,11 +286,15 @@ class Graph:
             raise OnnxUnsupported(f"no array {key!r} in the checkpoint") from None
 
     def init(self, name: str, array: np.ndarray) -> str:
-        from onnx import numpy_helper
-
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits.append(self.tensor(name, np.ascontiguousarray(array)))
         self._names.add(name)
         return name
+
+    def tensor(self, name: str, array: np.ndarray) -> Any:
+        """The initialiser for ``array``, its bytes inside (a subclass may write them out)."""
+        from onnx import numpy_helper
+
+        return numpy_helper.from_array(array, name)
 
     def weight(self, key: str) -> str:
         return self.init(key, self.take(key))
