@@ -222,11 +222,14 @@ def _script(name: str) -> tuple[str, ...]:
     return (name,)
 
 
-def _mlx_child_env() -> dict[str, str]:
-    """Environment for MLX children: offline hub, and the fast BLAS on Linux CPUs."""
+def _mlx_child_env(model: Path | None = None, blas: bool = True) -> dict[str, str]:
+    """Environment for MLX children: offline hub, and the fast BLAS on Linux CPUs (measured
+    for ``model``'s shapes when given). ``blas=False`` for the embeddings server, which
+    measures and loads its own (a preloaded library would override its choice)."""
     from mlx_stack.embeddings.cpu.blas import child_env
 
-    return {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **child_env({})}
+    offline = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {**offline, **child_env({}, model=model)} if blas else offline
 
 
 def weights_path(entry: CatalogEntry, quant: str) -> Path | None:
@@ -265,7 +268,7 @@ def chat_service(tier: ChatTier, model_path: Path, backend_key: str | None = Non
         name=tier.name,
         kind=ServiceKind.CHAT,
         argv=argv,
-        env=_mlx_child_env(),
+        env=_mlx_child_env(model_path if tier.backend != "vllm-mlx" else None),
         port=tier.port,
         host="127.0.0.1",
         model=tier.model.name,
@@ -303,7 +306,7 @@ def embeddings_service(
         name=name,
         kind=ServiceKind.EMBEDDINGS,
         argv=tuple(argv),
-        env=_mlx_child_env(),
+        env=_mlx_child_env(blas=False),
         port=port,
         host="127.0.0.1",
         model=m.name,
@@ -335,7 +338,7 @@ def rerank_service(
         name=name,
         kind=ServiceKind.RERANK,
         argv=argv,
-        env=_mlx_child_env(),
+        env=_mlx_child_env(blas=False),
         port=port,
         host="127.0.0.1",
         model=m.name,

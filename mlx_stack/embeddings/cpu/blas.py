@@ -6,7 +6,12 @@ exposing that unprefixed symbol must be loaded into the global namespace *before
 loading it afterwards changes nothing. Child processes get the same effect through
 ``LD_PRELOAD`` (see :func:`child_env`).
 
-This module imports only the standard library, so it is safe to import before MLX.
+Which library, when several are found, is measured on the model's own products the first time
+(``blaschoice.py``, ``blasmeasure.py``) and cached; without a model folder the generic order
+below is used.
+
+This module imports only the standard library (and this package's MLX-free modules), so it is
+safe to import before MLX.
 """
 
 from __future__ import annotations
@@ -14,14 +19,26 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import glob
+import logging
 import os
 import platform
 import site
 import sys
 import sysconfig
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from .blaschoice import (
+    BlasCache,
+    BlasChoice,
+    Candidate,
+    Host,
+    ShapeError,
+    choice_key,
+    decide,
+    shapes_of,
+)
 
 ENV_VAR = "MLX_STACK_BLAS"
 """An explicit library path, or ``none`` to keep the reference BLAS."""
@@ -35,6 +52,7 @@ proxy, a short query's extra time fell from ~14 ms to 1-4 ms and the server's CP
 third (measured on an AMD EPYC, 2 cores, load ~5). A user's own setting wins."""
 
 REFERENCE = "reference (slow)"
+log = logging.getLogger("mlx_stack.embeddings")
 ACCELERATE = "Accelerate (Metal/macOS)"
 
 
@@ -45,22 +63,28 @@ class BlasInfo:
     name: str
     path: str | None = None
     note: str | None = None
+    choice: BlasChoice | None = None
+    """How it was chosen (``None`` where there was no choice: macOS, other systems)."""
 
     @property
     def optimised(self) -> bool:
         return self.name != REFERENCE
 
     def describe(self) -> str:
-        """One human line, for the startup log and ``/v1/models``."""
+        """One human line, for the startup log, ``/v1/models`` and ``doctor``."""
         text = self.name if self.path is None else f"{self.name} ({self.path})"
+        if self.choice is not None:
+            text += f": {self.choice.reason}" + (" (from cache)" if self.choice.cached else "")
         return text if self.note is None else f"{text}; {self.note}"
 
 
 _loaded: BlasInfo | None = None
+_choices: dict[str | None, BlasChoice] = {}
 
 
-def preload(env: Mapping[str, str] | None = None) -> BlasInfo:
-    """Load the best BLAS found into the global symbol namespace; idempotent.
+def preload(env: Mapping[str, str] | None = None, model: Path | None = None) -> BlasInfo:
+    """Load the BLAS for ``model`` (a model folder: measured, or read from the cache; else the
+    generic order) into the global symbol namespace; idempotent: the first call decides.
 
     Never raises: a library that fails to load is skipped and the next candidate tried.
     """
@@ -79,13 +103,17 @@ def preload(env: Mapping[str, str] | None = None) -> BlasInfo:
         _loaded = BlasInfo(REFERENCE, note=f"{ENV_VAR}=none")
         return _loaded
     too_late = "mlx.core" in sys.modules
-    candidates = [explicit] if explicit else list(candidate_paths())
-    skipped: list[str] = []
+    chosen = (BlasChoice(explicit, explicit, f"{ENV_VAR} set") if explicit
+              else choose(model, env))  # fmt: skip
+    candidates = [explicit] if explicit else _order(chosen)
     for path in candidates:
         info = _try_load(path)
         if info is None:
-            skipped.append(path)
             continue
+        reason = chosen.reason
+        if path != chosen.path:
+            reason = f"{chosen.name} did not load here; next in the generic order"
+        info = replace(info, choice=replace(chosen, path=path, name=info.name, reason=reason))
         if too_late:
             info = BlasInfo(REFERENCE, note=f"{info.name} loaded after mlx.core: no effect")
         _loaded = info
@@ -95,6 +123,85 @@ def preload(env: Mapping[str, str] | None = None) -> BlasInfo:
         note = "no OpenBLAS/MKL found; `apt install libopenblas0-pthread` or `pip install mkl`"
     _loaded = BlasInfo(REFERENCE, note=note)
     return _loaded
+
+
+def choose(model: Path | None, env: Mapping[str, str] | None = None) -> BlasChoice:
+    """Which library MLX should use for ``model``, without loading any in this process.
+
+    Measured when more than one library is found and ``model`` has a readable config.json
+    (each library in its own child process), cached per machine, libraries and shapes;
+    otherwise the generic order (:func:`candidate_paths`). Memoised per process.
+    """
+    memo = str(model) if env is None else None  # only the process's own environment
+    env = os.environ if env is None else env
+    if memo in _choices:
+        return _choices[memo]
+    found = [c for c in (Candidate.of(p) for p in _unique(candidate_paths())) if c is not None]
+    paths = [c.path for c in found]
+    generic = BlasChoice(paths[0] if paths else None, _label(paths[0]) if paths else REFERENCE,
+                         "generic order")  # fmt: skip
+    if not found:
+        return generic
+    if len(found) == 1:
+        return replace(generic, reason="only one found")
+    if model is None:
+        return replace(generic, reason="generic order (no model folder to measure on)")
+    try:
+        shapes = shapes_of(Path(model))
+    except ShapeError as exc:
+        return replace(generic, reason=f"generic order ({exc})")
+    host = Host.here(env)
+    key = choice_key(host, found, shapes)
+    cache = BlasCache(_cache_folder())
+    cached = cache.read(key)
+    if cached is not None and cached.path in paths:
+        if memo is not None:
+            _choices[memo] = cached
+        return cached
+    from .blasmeasure import measure
+
+    result = measure(paths, shapes, env)
+    if not result.timings:
+        why = "; ".join(f"{_label(p)}: {r}" for p, r in result.skipped.items())
+        return replace(generic, reason=f"generic order (no library could be timed: {why})",
+                       skipped=result.skipped)  # fmt: skip
+    choice = replace(decide(result.timings, shapes), skipped=result.skipped, key=key)
+    log.info("BLAS: %s for %s (%s; %d rounds in %.1f s on %s)", choice.name, model,
+             choice.reason, result.rounds, result.seconds, host.describe())  # fmt: skip
+    cache.write(choice, host)
+    if memo is not None:
+        _choices[memo] = choice
+    return choice
+
+
+def cached_choices() -> list[dict[str, object]]:
+    """Every measured choice cached on this machine, newest first (for ``doctor``)."""
+    return BlasCache(_cache_folder()).entries()
+
+
+def _order(chosen: BlasChoice) -> list[str]:
+    """The chosen library first, then the rest in the generic order."""
+    rest = [p for p in _unique(candidate_paths()) if p != chosen.path]
+    return ([chosen.path] if chosen.path else []) + rest
+
+
+def _unique(paths: Iterator[str]) -> list[str]:
+    """One path per file (``libmkl_rt.so`` and ``.so.3`` may be the same library)."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        seen.setdefault(os.path.realpath(path), path)
+    return list(seen.values())
+
+
+def _label(path: str) -> str:
+    name = Path(path).name
+    return "MKL" if "mkl" in name else "OpenBLAS" if "openblas" in name else name
+
+
+def _cache_folder() -> Path | None:
+    from .kernels import private_cache_dir
+
+    return private_cache_dir("blas")[0]
 
 
 def candidate_paths() -> Iterator[str]:
@@ -119,21 +226,31 @@ def candidate_paths() -> Iterator[str]:
         yield from _existing(f"{lib_dir}/libopenblas.so.0", f"{lib_dir}/libopenblasp.so.0")
 
 
-def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for a child MLX process (e.g. ``mlx_lm.server``) with the BLAS preloaded.
+def child_env(base: Mapping[str, str] | None = None,
+              model: Path | None = None) -> dict[str, str]:  # fmt: skip
+    """Environment for a child MLX process (e.g. ``mlx_lm.server``) with the BLAS preloaded:
+    the one measured for ``model`` if given and measurable (its library loaded in a timing
+    child, so it is known to work), else this process's own (:func:`preload`).
 
     Unchanged when no optimised library was found, or on macOS.
     """
     env = dict(os.environ if base is None else base)
-    info = preload()
-    if info.path is None or not info.optimised:
-        return env
+    path = None
+    if model is not None and sys.platform.startswith("linux") and not os.environ.get(ENV_VAR):
+        chosen = choose(model)
+        path = chosen.path if chosen.measured else None
+    if path is None:
+        info = preload()
+        if info.path is None or not info.optimised:
+            return env
+        path = info.path
     current = env.get("LD_PRELOAD", "")
-    if info.path not in current.split(":"):
-        env["LD_PRELOAD"] = f"{info.path}:{current}" if current else info.path
-    if "openblas" in Path(info.path).name and "OPENBLAS_CORETYPE" in os.environ:
-        env.setdefault("OPENBLAS_CORETYPE", os.environ["OPENBLAS_CORETYPE"])
-    if "mkl" in Path(info.path).name:
+    if path not in current.split(":"):
+        env["LD_PRELOAD"] = f"{path}:{current}" if current else path
+    core = os.environ.get("OPENBLAS_CORETYPE") or _openblas_core()
+    if "openblas" in Path(path).name and core:
+        env.setdefault("OPENBLAS_CORETYPE", core)
+    if "mkl" in Path(path).name:
         for name, value in SPIN_ENV.items():
             env.setdefault(name, os.environ.get(name, value))
     return env
@@ -168,13 +285,21 @@ def _choose_openblas_core() -> None:
     fall back to the generic "Prescott" kernel: 35-55 GFLOP/s instead of ~200 measured here.
     The variable is read once, when the library initialises, and a user's setting wins.
     """
-    if "OPENBLAS_CORETYPE" in os.environ or platform.machine() not in ("x86_64", "AMD64"):
-        return
+    core = _openblas_core()
+    if "OPENBLAS_CORETYPE" not in os.environ and core:
+        os.environ["OPENBLAS_CORETYPE"] = core
+
+
+def _openblas_core() -> str | None:
+    """The kernel :func:`_choose_openblas_core` picks for this CPU, if any."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
     flags = _cpu_flags()
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags:
-        os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
-    elif {"avx2", "fma"} <= flags:
-        os.environ["OPENBLAS_CORETYPE"] = "Haswell"
+        return "SkylakeX"
+    if {"avx2", "fma"} <= flags:
+        return "Haswell"
+    return None
 
 
 def _cpu_flags() -> set[str]:
