@@ -29,19 +29,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .blaschoice import (
-    BlasCache,
-    BlasChoice,
-    Candidate,
-    Host,
-    ShapeError,
-    choice_key,
-    decide,
-    shapes_of,
-)
-
-ENV_VAR = "MLX_STACK_BLAS"
-"""An explicit library path, or ``none`` to keep the reference BLAS."""
+from .blaschoice import ENV_VAR, THREAD_ENV, BlasCache, BlasChoice, Candidate, Host, choose_library
 
 SPIN_ENV = {"KMP_BLOCKTIME": "1"}
 """MKL's OpenMP threads spin this many ms after each product (Intel's default: 200) and then
@@ -79,6 +67,9 @@ class BlasInfo:
 
 
 _loaded: BlasInfo | None = None
+_USER_ENV = {name: os.environ[name] for name in THREAD_ENV if name in os.environ}
+"""The thread settings as the user left them: :func:`_try_load` sets OPENBLAS_CORETYPE and
+KMP_BLOCKTIME in this process's environment, which must not change the cache key."""
 _choices: dict[str | None, BlasChoice] = {}
 
 
@@ -103,8 +94,7 @@ def preload(env: Mapping[str, str] | None = None, model: Path | None = None) -> 
         _loaded = BlasInfo(REFERENCE, note=f"{ENV_VAR}=none")
         return _loaded
     too_late = "mlx.core" in sys.modules
-    chosen = (BlasChoice(explicit, explicit, f"{ENV_VAR} set") if explicit
-              else choose(model, env))  # fmt: skip
+    chosen = choose(model, env)
     candidates = [explicit] if explicit else _order(chosen)
     for path in candidates:
         info = _try_load(path)
@@ -128,48 +118,23 @@ def preload(env: Mapping[str, str] | None = None, model: Path | None = None) -> 
 def choose(model: Path | None, env: Mapping[str, str] | None = None) -> BlasChoice:
     """Which library MLX should use for ``model``, without loading any in this process.
 
-    Measured when more than one library is found and ``model`` has a readable config.json
-    (each library in its own child process), cached per machine, libraries and shapes;
-    otherwise the generic order (:func:`candidate_paths`). Memoised per process.
+    ``MLX_STACK_BLAS`` wins; else measured when more than one library is found and ``model``
+    has a readable config.json (each library in its own child process), cached per machine,
+    libraries and shapes; otherwise the generic order (:func:`candidate_paths`). Memoised per
+    process (for the process's own environment).
     """
-    memo = str(model) if env is None else None  # only the process's own environment
+    memo = str(model) if env is None else None
     env = os.environ if env is None else env
     if memo in _choices:
         return _choices[memo]
-    found = [c for c in (Candidate.of(p) for p in _unique(candidate_paths())) if c is not None]
-    paths = [c.path for c in found]
-    generic = BlasChoice(paths[0] if paths else None, _label(paths[0]) if paths else REFERENCE,
-                         "generic order")  # fmt: skip
-    if not found:
-        return generic
-    if len(found) == 1:
-        return replace(generic, reason="only one found")
-    if model is None:
-        return replace(generic, reason="generic order (no model folder to measure on)")
-    try:
-        shapes = shapes_of(Path(model))
-    except ShapeError as exc:
-        return replace(generic, reason=f"generic order ({exc})")
-    host = Host.here(env)
-    key = choice_key(host, found, shapes)
-    cache = BlasCache(_cache_folder())
-    cached = cache.read(key)
-    if cached is not None and cached.path in paths:
-        if memo is not None:
-            _choices[memo] = cached
-        return cached
     from .blasmeasure import measure
 
-    result = measure(paths, shapes, env)
-    if not result.timings:
-        why = "; ".join(f"{_label(p)}: {r}" for p, r in result.skipped.items())
-        return replace(generic, reason=f"generic order (no library could be timed: {why})",
-                       skipped=result.skipped)  # fmt: skip
-    choice = replace(decide(result.timings, shapes), skipped=result.skipped, key=key)
-    log.info("BLAS: %s for %s (%s; %d rounds in %.1f s on %s)", choice.name, model,
-             choice.reason, result.rounds, result.seconds, host.describe())  # fmt: skip
-    cache.write(choice, host)
-    if memo is not None:
+    found = [c for c in (Candidate.of(p) for p in _unique(candidate_paths())) if c is not None]
+    host = Host.here(_USER_ENV if env is os.environ else env)
+    choice = choose_library(model, env.get(ENV_VAR, "").strip(), found, host,
+                            BlasCache(_cache_folder()),
+                            lambda paths, shapes: measure(paths, shapes, env))  # fmt: skip
+    if memo is not None and (choice.cached or choice.key is not None):
         _choices[memo] = choice
     return choice
 
@@ -191,11 +156,6 @@ def _unique(paths: Iterator[str]) -> list[str]:
     for path in paths:
         seen.setdefault(os.path.realpath(path), path)
     return list(seen.values())
-
-
-def _label(path: str) -> str:
-    name = Path(path).name
-    return "MKL" if "mkl" in name else "OpenBLAS" if "openblas" in name else name
 
 
 def _cache_folder() -> Path | None:

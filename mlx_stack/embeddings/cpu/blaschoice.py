@@ -14,13 +14,15 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mlx_stack.atomic import write_atomic
 
+ENV_VAR = "MLX_STACK_BLAS"
+"""An explicit library path, or ``none`` to keep the reference BLAS."""
 BATCH_TOLERANCE = 1.5
 """As for the engine choice: the faster library on short queries is taken unless its batch
 products take over this many times the other's."""
@@ -283,3 +285,55 @@ class BlasCache:
             if isinstance(data, dict):
                 found.append(data)
         return found
+
+
+@dataclass
+class Measurement:
+    """Medians per library path, and why the others were skipped (``blasmeasure.measure``)."""
+
+    timings: dict[str, LibTiming] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    rounds: int = 0
+
+
+Timer = Callable[[list[str], Shapes], Measurement]
+
+
+def choose_library(model: Path | None, explicit: str, found: Sequence[Candidate], host: Host,
+                   cache: BlasCache, timer: Timer) -> BlasChoice:  # fmt: skip
+    """The rules in order: ``MLX_STACK_BLAS``, none or one found, no readable shapes (the
+    generic order: ``found``'s), the cache, a measurement (``timer``; then cached)."""
+    if explicit:
+        return BlasChoice(explicit, explicit, f"{ENV_VAR} set")
+    paths = [c.path for c in found]
+    generic = BlasChoice(paths[0] if paths else None, label(paths[0]) if paths else "none",
+                         "generic order")  # fmt: skip
+    if len(found) <= 1:
+        return replace(generic, reason="only one found" if found else "none found")
+    if model is None:
+        return replace(generic, reason="generic order (no model folder to measure on)")
+    try:
+        shapes = shapes_of(Path(model))
+    except ShapeError as exc:
+        return replace(generic, reason=f"generic order ({exc})")
+    key = choice_key(host, found, shapes)
+    cached = cache.read(key)
+    if cached is not None and cached.path in paths:
+        return cached
+    result = timer(paths, shapes)
+    if not result.timings:
+        why = "; ".join(f"{label(p)}: {r}" for p, r in result.skipped.items())
+        return replace(generic, reason=f"generic order (no library could be timed: {why})",
+                       skipped=dict(result.skipped))  # fmt: skip
+    choice = replace(decide(result.timings, shapes), skipped=dict(result.skipped), key=key)
+    log.info("BLAS: %s for %s (%s; %d rounds in %.1f s on %s)", choice.name, model,
+             choice.reason, result.rounds, result.seconds, host.describe())  # fmt: skip
+    cache.write(choice, host)
+    return choice
+
+
+def label(path: str) -> str:
+    """A library's family from its file name (before it is loaded and asked its version)."""
+    name = Path(path).name
+    return "MKL" if "mkl" in name else "OpenBLAS" if "openblas" in name else name

@@ -20,25 +20,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import IO, Any
 
-from .blaschoice import LibTiming, Shapes
+from .blaschoice import LibTiming, Measurement, Shapes
 
 BUDGET_SECONDS = 5.0
 """A first start waits at most this long for the measurement (MiniLM: ~1 s on 2 cores)."""
 MAX_ROUNDS = 5
 MIN_ROUNDS = 1
-
-
-@dataclass
-class Measurement:
-    """Medians per library path, and why the others were skipped."""
-
-    timings: dict[str, LibTiming] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-    rounds: int = 0
 
 
 def measure(paths: Sequence[str], shapes: Shapes, env: Mapping[str, str] | None = None,
