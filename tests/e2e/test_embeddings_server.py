@@ -580,7 +580,8 @@ def test_child_env_preloads_the_library_found() -> None:
     reason="the mkl wheel is a dependency on Linux x86_64 only",
 )
 def test_mkl_from_the_dependency_is_preferred_and_in_effect() -> None:
-    """MKL is the fastest BLAS measured for an encoder's small products (docs/benchmarks.md).
+    """Without a model folder to measure on, the generic order puts MKL first (with one, the
+    libraries are timed on its products: test_blas_choice_e2e.py).
 
     In effect means MLX's products run in it: MKL loads its compute library for this CPU
     (libmkl_avx512, _avx2, _def...) on its first sgemm, so that library is mapped only if MLX
