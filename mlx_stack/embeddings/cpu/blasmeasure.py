@@ -25,9 +25,13 @@ from typing import IO, Any
 from .blaschoice import LibTiming, Measurement, Shapes
 
 BUDGET_SECONDS = 5.0
-"""A first start waits at most this long for the measurement (MiniLM: ~1 s on 2 cores)."""
-MAX_ROUNDS = 5
-MIN_ROUNDS = 1
+"""A first start waits at most this long for the measurement, children's start included."""
+TIMING_SECONDS = 1.5
+"""Rounds go on until this long has been spent timing (or :data:`MAX_ROUNDS`): on a busy
+2-core machine one round's figures swing 2-4x (another process takes a core from a BLAS
+thread), so a median needs many rounds (MiniLM: ~50 ms per library per round)."""
+MAX_ROUNDS = 25
+MIN_ROUNDS = 3
 
 
 def measure(paths: Sequence[str], shapes: Shapes, env: Mapping[str, str] | None = None,
@@ -48,6 +52,7 @@ def measure(paths: Sequence[str], shapes: Shapes, env: Mapping[str, str] | None 
                 result.skipped[child.path] = child.failure(reply)
                 child.stop()
         rounds: dict[str, list[tuple[float, float]]] = {c.path: [] for c in ready}
+        timing_started = time.monotonic()
         while ready and result.rounds < MAX_ROUNDS:
             round_started = time.monotonic()
             for child in list(ready):
@@ -60,8 +65,10 @@ def measure(paths: Sequence[str], shapes: Shapes, env: Mapping[str, str] | None 
                     ready.remove(child)
                     child.stop()
             result.rounds += 1
-            spent = time.monotonic() - round_started
-            if result.rounds >= MIN_ROUNDS and time.monotonic() + spent > deadline:
+            now = time.monotonic()
+            if now + (now - round_started) > deadline:
+                break  # another round would overrun the budget
+            if result.rounds >= MIN_ROUNDS and now - timing_started > TIMING_SECONDS:
                 break
         for child in ready:
             times = rounds[child.path]

@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
-SHORT_REPEATS = 5
-"""Passes per round at the short rows (each ~0.1-1 ms on MiniLM); one at the batch rows."""
+SHORT_REPEATS = 10
+"""Passes per round at the short rows (each ~1-2 ms on MiniLM); one at the batch rows."""
 
 
 def main(argv: list[str]) -> int:
