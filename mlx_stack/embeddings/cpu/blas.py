@@ -134,7 +134,7 @@ def choose(model: Path | None, env: Mapping[str, str] | None = None) -> BlasChoi
     choice = choose_library(model, env.get(ENV_VAR, "").strip(), found, host,
                             BlasCache(_cache_folder()),
                             lambda paths, shapes: measure(paths, shapes, env))  # fmt: skip
-    if memo is not None and (choice.cached or choice.key is not None):
+    if memo is not None:  # a failed measurement too: not again in this process
         _choices[memo] = choice
     return choice
 
