@@ -81,18 +81,23 @@ def check_blas() -> Check:
 
     info = preload()
     if info.optimised:
-        return Check("blas", Level.OK, info.describe() + _measured_blas(cached_choices()))
+        several = info.choice is not None and info.choice.reason.startswith("generic order")
+        detail = f"{info.name} ({info.path}) without a model" if several else info.describe()
+        return Check("blas", Level.OK, detail + (_measured_blas(cached_choices()) if several
+                                                 else ""))  # fmt: skip
     return Check("blas", Level.WARN, info.describe() + ": MLX on the CPU is ~30x slower",
                  "pip install mkl (x86_64), or apt-get install libopenblas0-pthread, or set "
                  "MLX_STACK_BLAS to a library exposing cblas_sgemm")
 
 
 def _measured_blas(entries: list[dict[str, object]]) -> str:
+    """Several libraries: each model's server times them at its first start (cached)."""
     if not entries:
-        return "; with several libraries, each model's server times them at its first start"
+        return "; each model's server times the libraries found at its first start (none yet)"
     last = entries[0]
-    return (f"; measured per model: last {last.get('library')} for {last.get('shapes') or '?'} "
-            f"on {last.get('cpu') or '?'} ({last.get('reason')}); {len(entries)} cached")
+    return (f"; each model's server times the libraries found at its first start: last "
+            f"{last.get('library')} for {last.get('shapes') or '?'} on {last.get('cpu') or '?'}: "
+            f"{last.get('reason')}; {len(entries)} cached")
 
 
 def check_key(paths: StatePaths, stack: Stack | None) -> Check:

@@ -292,3 +292,15 @@ def test_candidate_of_a_missing_file_is_none(tmp_path: Path) -> None:
     lib.write_bytes(b"x" * 10)
     found = Candidate.of(str(lib))
     assert found is not None and found.size == 10 and found.mtime_ns == os.stat(lib).st_mtime_ns
+
+
+def test_doctor_names_the_last_measured_choice_or_says_none_yet(tmp_path: Path) -> None:
+    from mlx_stack.cli.doctor import _measured_blas
+
+    assert "none yet" in _measured_blas([])
+    cache = BlasCache(tmp_path)
+    cache.write(measured_choice("k1"), HOST)
+    line = _measured_blas(cache.entries())
+    assert "last OpenBLAS 0.3.15 (Haswell) for 384x384, 384x1536, 1536x384" in line
+    assert "AMD EPYC (avx/avx2/fma), 2 cores: measured 0.21 ms vs MKL 2026.2 0.35 ms" in line
+    assert line.endswith("; 1 cached")
