@@ -131,12 +131,37 @@ def choose(model: Path | None, env: Mapping[str, str] | None = None) -> BlasChoi
 
     found = [c for c in (Candidate.of(p) for p in _unique(candidate_paths())) if c is not None]
     host = Host.here(_USER_ENV if env is os.environ else env)
-    choice = choose_library(model, env.get(ENV_VAR, "").strip(), found, host,
-                            BlasCache(_cache_folder()),
-                            lambda paths, shapes: measure(paths, shapes, env))  # fmt: skip
+    folder = _cache_folder()
+    with _one_at_a_time(folder):  # replicas starting together: one measures, the rest read
+        choice = choose_library(model, env.get(ENV_VAR, "").strip(), found, host,
+                                BlasCache(folder),
+                                lambda paths, shapes: measure(paths, shapes, env))  # fmt: skip
     if memo is not None:  # a failed measurement too: not again in this process
         _choices[memo] = choice
     return choice
+
+
+@contextlib.contextmanager
+def _one_at_a_time(folder: Path | None) -> Iterator[None]:
+    """An exclusive lock on the cache folder while choosing: two servers timing their
+    libraries at once on a small machine would each slow the other's figures. Without a
+    folder (or a lock), no waiting."""
+    if folder is None:
+        yield
+        return
+    import fcntl
+
+    try:
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the holder is done within its budget (~5 s)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def cached_choices() -> list[dict[str, object]]:
