@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from embedserver import minilm_path, run_python, running_server
+from embedserver import child_env, minilm_path, run_python, running_server
 
 from mlx_stack.embeddings.cpu import blas
 from mlx_stack.embeddings.cpu.blaschoice import shapes_from_config, shapes_of
@@ -138,3 +139,18 @@ def test_a_chat_tier_gets_the_choice_measured_on_its_own_model(
     assert card["shapes"].startswith(shapes_of(tiny_model).describe().split(",")[0])
     assert not imported_mlx
     assert "LD_PRELOAD" not in embeddings_env  # that server measures and loads its own
+
+
+def test_two_servers_starting_together_measure_once(tmp_path: Path) -> None:
+    """Replicas start at the same moment: one times the libraries, the other waits for the
+    cache folder's lock and reads its result (no two measurements slowing each other)."""
+    code = ("import json, sys\nfrom pathlib import Path\n"
+            "from mlx_stack.embeddings.cpu import blas\n"
+            "print(json.dumps(blas.choose(Path(sys.argv[1])).card()))\n")  # fmt: skip
+    env = {**child_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("MLX_STACK_BLAS", None)
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(minilm_path())], env=env,
+                             stdout=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    cards = [json.loads(run.communicate(timeout=60)[0]) for run in runs]
+    assert sorted(card["from_cache"] for card in cards) == [False, True]
+    assert cards[0]["path"] == cards[1]["path"] and cards[0]["key"] == cards[1]["key"]
