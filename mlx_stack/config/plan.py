@@ -222,14 +222,11 @@ def _script(name: str) -> tuple[str, ...]:
     return (name,)
 
 
-def _mlx_child_env(model: Path | None = None, blas: bool = True) -> dict[str, str]:
-    """Environment for MLX children: offline hub, and the fast BLAS on Linux CPUs (measured
-    for ``model``'s shapes when given). ``blas=False`` for the embeddings server, which
-    measures and loads its own (a preloaded library would override its choice)."""
-    from mlx_stack.embeddings.cpu.blas import child_env
-
-    offline = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return {**offline, **child_env({}, model=model)} if blas else offline
+def _mlx_child_env() -> dict[str, str]:
+    """Environment for MLX children: offline hub. No ``LD_PRELOAD``: the chat wrapper and the
+    embeddings server each measure and load their own BLAS before MLX (``cpu/blas.py``); a
+    preloaded library would override that choice."""
+    return {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def weights_path(entry: CatalogEntry, quant: str) -> Path | None:
@@ -268,7 +265,7 @@ def chat_service(tier: ChatTier, model_path: Path, backend_key: str | None = Non
         name=tier.name,
         kind=ServiceKind.CHAT,
         argv=argv,
-        env=_mlx_child_env(model_path if tier.backend != "vllm-mlx" else None),
+        env=_mlx_child_env(),
         port=tier.port,
         host="127.0.0.1",
         model=tier.model.name,
@@ -306,7 +303,7 @@ def embeddings_service(
         name=name,
         kind=ServiceKind.EMBEDDINGS,
         argv=tuple(argv),
-        env=_mlx_child_env(blas=False),
+        env=_mlx_child_env(),
         port=port,
         host="127.0.0.1",
         model=m.name,
@@ -338,7 +335,7 @@ def rerank_service(
         name=name,
         kind=ServiceKind.RERANK,
         argv=argv,
-        env=_mlx_child_env(blas=False),
+        env=_mlx_child_env(),
         port=port,
         host="127.0.0.1",
         model=m.name,

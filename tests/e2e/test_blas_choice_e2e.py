@@ -6,7 +6,7 @@ What is checked: each library is timed in its own process and named by its own v
 file that is no library is skipped with the reason; the whole measurement keeps to its budget;
 the server's first start measures and caches, the second reads the cache; the library
 ``/v1/models`` names is the one mapped into the server process (``/proc/<pid>/maps``), and the
-other is not; a chat tier's ``LD_PRELOAD`` is the choice measured on its own model's shapes.
+other is not; a chat tier's server loads the choice measured on its own model's shapes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from embedserver import child_env, minilm_path, run_python, running_server
+from embedserver import child_env, minilm_path, running_server, stop
 
 from mlx_stack.embeddings.cpu import blas
 from mlx_stack.embeddings.cpu.blaschoice import shapes_from_config, shapes_of
@@ -118,27 +118,44 @@ def test_the_server_measures_once_then_reads_the_cache_and_loads_what_it_names(
     assert stored.stat().st_mode & 0o077 == 0
 
 
-def test_a_chat_tier_gets_the_choice_measured_on_its_own_model(
+def test_a_chat_tier_loads_the_choice_measured_on_its_own_model(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    out = run_python(
-        "import json, os, sys\n"
-        f"os.environ['XDG_CACHE_HOME'] = {str(tmp_path / 'cache')!r}\n"
-        "os.environ.pop('MLX_STACK_BLAS', None)\n"
-        "from pathlib import Path\n"
-        "from mlx_stack.config.plan import _mlx_child_env\n"
-        "from mlx_stack.embeddings.cpu import blas\n"
-        f"model = Path({str(tiny_model)!r})\n"
-        "env = _mlx_child_env(model)\n"
-        "print(json.dumps([env.get('LD_PRELOAD'), blas.choose(model).card(),\n"
-        "                  'mlx.core' in sys.modules, _mlx_child_env(blas=False)]))\n"
-    )
-    preload, card, imported_mlx, embeddings_env = json.loads(out)
-    assert card["key"] and len(card["measured_ms"]) == 2 and "8-row products" in card["reason"]
-    assert preload.split(":")[0] == card["path"]
+    """The real chat wrapper (``python -m mlx_stack.chat``, mlx_lm.server behind the guard)
+    measures on its model's shapes before MLX loads, and maps that library, no other; the
+    supervisor's plan sets no ``LD_PRELOAD`` on any MLX child (it would override the choice)."""
+    from mlx_stack.config.plan import _mlx_child_env
+    from mlx_stack.ports import free_port
+
+    assert "LD_PRELOAD" not in _mlx_child_env()
+    env = {**child_env(), "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HOME": str(tmp_path)}
+    env.pop("MLX_STACK_BLAS", None)
+    env.pop("LD_PRELOAD", None)
+    log = tmp_path / "chat.log"
+    command = [sys.executable, "-m", "mlx_stack.chat", "--model", str(tiny_model),
+               "--host", "127.0.0.1", "--port", str(free_port())]  # fmt: skip
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "Starting httpd" not in log.read_text(errors="replace"):
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        maps = Path(f"/proc/{process.pid}/maps").read_text()
+    finally:
+        stop(process)
+    stored = list((tmp_path / "cache" / "mlx-stack" / "blas").glob("*.json"))
+    assert len(stored) == 1, stored
+    card = json.loads(stored[0].read_text())
     assert card["shapes"].startswith(shapes_of(tiny_model).describe().split(",")[0])
-    assert not imported_mlx
-    assert "LD_PRELOAD" not in embeddings_env  # that server measures and loads its own
+    chosen = Path(card["path"]).resolve().as_posix()
+    mapped = {Path(line.split()[-1]).resolve().as_posix() for line in maps.splitlines()
+              if "libmkl_rt" in line or "libopenblas" in line}  # fmt: skip
+    assert mapped == {chosen}, (mapped, chosen)
+    first = log.read_text(errors="replace").splitlines()[0]
+    assert first.startswith(f"mlx-stack chat: BLAS {card['library']} ") and " ms" in first, first
 
 
 def test_two_servers_starting_together_measure_once(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 The ``mlx-cpu`` wheel links the unoptimised reference BLAS (a 1024x1024 float32 matmul runs at
 3-7 GFLOP/s). MLX resolves ``cblas_sgemm`` when ``mlx.core`` is first imported, so a library
 exposing that unprefixed symbol must be loaded into the global namespace *before* that import;
-loading it afterwards changes nothing. Child processes get the same effect through
-``LD_PRELOAD`` (see :func:`child_env`).
+loading it afterwards changes nothing. So each MLX process of ours (the embeddings server,
+the chat wrapper ``mlx_stack.chat``) calls :func:`preload` with its model folder first.
 
 Which library, when several are found, is measured on the model's own products the first time
 (``blaschoice.py``, ``blasmeasure.py``) and cached; without a model folder the generic order
@@ -209,36 +209,6 @@ def candidate_paths() -> Iterator[str]:
         for flavour in ("openblas-pthread", "openblas-openmp", "openblas-serial"):
             yield from _existing(f"{lib_dir}/{flavour}/libopenblas.so.0")
         yield from _existing(f"{lib_dir}/libopenblas.so.0", f"{lib_dir}/libopenblasp.so.0")
-
-
-def child_env(base: Mapping[str, str] | None = None,
-              model: Path | None = None) -> dict[str, str]:  # fmt: skip
-    """Environment for a child MLX process (e.g. ``mlx_lm.server``) with the BLAS preloaded:
-    the one measured for ``model`` if given and measurable (its library loaded in a timing
-    child, so it is known to work), else this process's own (:func:`preload`).
-
-    Unchanged when no optimised library was found, or on macOS.
-    """
-    env = dict(os.environ if base is None else base)
-    path = None
-    if model is not None and sys.platform.startswith("linux") and not os.environ.get(ENV_VAR):
-        chosen = choose(model)
-        path = chosen.path if chosen.measured else None
-    if path is None:
-        info = preload()
-        if info.path is None or not info.optimised:
-            return env
-        path = info.path
-    current = env.get("LD_PRELOAD", "")
-    if path not in current.split(":"):
-        env["LD_PRELOAD"] = f"{path}:{current}" if current else path
-    core = os.environ.get("OPENBLAS_CORETYPE") or _openblas_core()
-    if "openblas" in Path(path).name and core:
-        env.setdefault("OPENBLAS_CORETYPE", core)
-    if "mkl" in Path(path).name:
-        for name, value in SPIN_ENV.items():
-            env.setdefault(name, os.environ.get(name, value))
-    return env
 
 
 def _try_load(path: str) -> BlasInfo | None:
