@@ -20,6 +20,7 @@ server: a server that cannot finish it is reported as "saturated: N of M answere
 restarted before its next workload, since cut-off requests may still be computing).
 
     python bench/models.py [--only Qwen3-Embedding-0.6B] [--budget 20] [--write FILE]
+                           [--engine mlx --engine onnx]   # forced engines instead of auto
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def measure(server: run.Server, loads: dict[str, run.Workload], budget: float,
         if error is not None:
             return Result(error=error), None
         result.load_s = time.monotonic() - started
-        if server.name == "mlx-stack":
+        if server.name.startswith("mlx-stack"):
             described = run.describe_mlx_stack(server)
             print(f"  mlx-stack: {described}", flush=True)
             result.engine = described.split(" (")[0]  # "engine onnx"
@@ -347,6 +348,8 @@ def main() -> int:
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--skip-ort", action="store_true")
     parser.add_argument("--also-8bit", action="store_true", help="also the 8-bit variants")
+    parser.add_argument("--engine", action="append", choices=("mlx", "onnx"),
+                        help="run mlx-stack forced onto this engine instead of auto (repeatable)")
     parser.add_argument("--write", type=Path, help="append the table to this file")
     parser.add_argument("--log-dir", type=Path, default=BENCH / ".logs")
     args = parser.parse_args()
@@ -391,18 +394,22 @@ def run_model(model: Model, folders: Folders, args: argparse.Namespace,
               ours_vectors: dict[str, np.ndarray]) -> list[str]:  # fmt: skip
     """mlx-stack's row, then (for an unquantised model) its peers'."""
     logs: Path = args.log_dir
-    ours = run.mlx_stack_server(folders.ours, logs)
-    ours.env["XDG_CACHE_HOME"] = str(root / f"cache-{model.name}")  # a first start
-    ours.log = logs / f"{model.name}-mlx-stack.log"
-    ours.log.unlink(missing_ok=True)
     base_vectors = ours_vectors.get(model.base or "")
-    print(f"{model.name}: mlx-stack", flush=True)
-    result, got = measure(ours, retarget(ours, loads), args.budget, check, base_vectors,
-                          gate=False)  # fmt: skip
-    if base_vectors is not None:
-        result.cosine_to = f"{model.base} on mlx-stack"
-    rows = [row(model, "mlx-stack", result, args.budget)]
-    print(rows[-1], flush=True)
+    rows: list[str] = []
+    got: np.ndarray | None = None
+    for engine in args.engine or [None]:  # the first one's vectors are the peers' reference
+        ours = run.mlx_stack_server(folders.ours, logs, engine=engine)
+        ours.env["XDG_CACHE_HOME"] = str(root / f"cache-{model.name}-{engine}")  # a first start
+        ours.log = logs / f"{model.name}-{ours.name.replace(' ', '_')}.log"
+        ours.log.unlink(missing_ok=True)
+        print(f"{model.name}: {ours.name}", flush=True)
+        result, vectors_of_this = measure(ours, retarget(ours, loads), args.budget, check,
+                                          base_vectors, gate=False)  # fmt: skip
+        got = vectors_of_this if got is None else got
+        if base_vectors is not None:
+            result.cosine_to = f"{model.base} on mlx-stack"
+        rows.append(row(model, ours.name, result, args.budget))
+        print(rows[-1], flush=True)
     if model.base is not None:
         return rows
     if got is not None:
