@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
+import http.client
 import json
 import os
 import shutil
@@ -59,6 +61,7 @@ EXPORT_TIMEOUT_S = 900.0
 QUANTIZE_TIMEOUT_S = 900.0
 CHECK_TEXTS, CHECK_TOKENS = 8, 40
 DRAIN_S = 8.0
+STOP_GRACE_S = 3.0
 """After requests were cut off, how long a probe may wait before the server is restarted."""
 
 
@@ -237,8 +240,8 @@ def measure(server: run.Server, loads: dict[str, run.Workload], budget: float,
         got: np.ndarray | None = None
         try:
             got = vectors(server, texts, timeout=max(3 * budget, 120.0))
-        except (RuntimeError, OSError) as exc:
-            result.error = f"no vectors for the check: {exc}"
+        except (RuntimeError, OSError, http.client.HTTPException) as exc:
+            result.error = f"no vectors for the check: {exc or type(exc).__name__}"
             if gate or not drained(server, budget):
                 return result, None
         if reference is not None and got is not None:
@@ -259,7 +262,7 @@ def measure(server: run.Server, loads: dict[str, run.Workload], budget: float,
                   f"{outcome.verdict()}", flush=True)  # fmt: skip
             if outcome.abandoned and index + 1 < len(names) and not drained(server, budget):
                 result.rss_mb = max(result.rss_mb, run.peak_rss_mb(server))
-                run.stop(server)  # cut-off requests may still be computing: a fresh server
+                stop(server)  # cut-off requests may still be computing: a fresh server
                 result.restarts += 1
                 error = start(server)
                 if error is not None:
@@ -268,7 +271,22 @@ def measure(server: run.Server, loads: dict[str, run.Workload], budget: float,
         result.rss_mb = max(result.rss_mb, run.peak_rss_mb(server))
         return result, got
     finally:
-        run.stop(server)
+        stop(server)
+
+
+def stop(server: run.Server) -> None:
+    """SIGTERM the server's process group, SIGKILL it after a short grace: a saturated server
+    waits for its cut-off requests otherwise (uvicorn), and nothing it does now is measured."""
+    if server.process is None or server.process.poll() is not None:
+        return
+    for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.process.pid, sig)
+        try:
+            server.process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def drained(server: run.Server, budget: float) -> bool:
@@ -276,7 +294,7 @@ def drained(server: run.Server, budget: float) -> bool:
     cheaper than a restart when the server drops or soon finishes it."""
     try:
         status, _ = run.post(server, server.body(["drained?"]), timeout=min(DRAIN_S, budget))
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return False
     return status == 200
 
