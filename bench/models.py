@@ -242,8 +242,13 @@ def measure(server: run.Server, loads: dict[str, run.Workload], budget: float,
             got = vectors(server, texts, timeout=max(3 * budget, 120.0))
         except (RuntimeError, OSError, http.client.HTTPException) as exc:
             result.error = f"no vectors for the check: {exc or type(exc).__name__}"
-            if gate or not drained(server, budget):
+            if gate:
                 return result, None
+            if not drained(server, budget):  # measure it all the same, on a fresh server
+                error = restart(server, result)
+                if error is not None:
+                    result.error += f"; restart failed: {error}"
+                    return result, None
         if reference is not None and got is not None:
             result.cosine = float(np.min(np.sum(got * reference, axis=1)))
             print(f"  {server.name}: min cosine to the reference, 8 texts: {result.cosine:.6f}",
@@ -261,10 +266,7 @@ def measure(server: run.Server, loads: dict[str, run.Workload], budget: float,
                   f"{outcome.percentile_ms(0.5):.1f} ms, {outcome.texts_per_s:.1f} texts/s "
                   f"{outcome.verdict()}", flush=True)  # fmt: skip
             if outcome.abandoned and index + 1 < len(names) and not drained(server, budget):
-                result.rss_mb = max(result.rss_mb, run.peak_rss_mb(server))
-                stop(server)  # cut-off requests may still be computing: a fresh server
-                result.restarts += 1
-                error = start(server)
+                error = restart(server, result)  # cut-off requests may still be computing
                 if error is not None:
                     result.error = f"restart after {key} failed: {error}"
                     return result, got
@@ -287,6 +289,14 @@ def stop(server: run.Server) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def restart(server: run.Server, result: Result) -> str | None:
+    """A fresh server (its peak memory so far kept), or why it did not start."""
+    result.rss_mb = max(result.rss_mb, run.peak_rss_mb(server))
+    stop(server)
+    result.restarts += 1
+    return start(server)
 
 
 def drained(server: run.Server, budget: float) -> bool:
@@ -509,7 +519,8 @@ def row(model: Model, server: str, r: Result, budget: float) -> str:
         notes.append(r.error)
     if model.base is not None:
         notes.append(f"peers: the {model.base} rows (unquantised folder)")
-    cosine = f"{r.cosine:.4f} vs {r.cosine_to}" if r.cosine is not None else "(reference)"
+    cosine = f"{r.cosine:.4f} vs {r.cosine_to}" if r.cosine is not None else (
+        "not compared (its base not run)" if model.base is not None else "(reference)")
     engine = f" — {r.engine}" if r.engine else ""
     return (f"| {name} | {server}{engine} | {r.load_s:.1f} | {r.rss_mb:.0f} | "
             f"{ms('short', 0.5, 1)} | {ms('open', 0.5)} / {ms('open', 0.95)} / "
