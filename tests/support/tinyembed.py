@@ -713,7 +713,8 @@ print(sum(k.endswith(".scales") for k in weights))
 """
 
 
-def quantize(model: TinyModel, dest: Path, bits: int, group_size: int = 64) -> int:
+def quantize(model: TinyModel, dest: Path, bits: int, group_size: int = 64,
+             timeout: float = 180) -> int:  # fmt: skip
     """Write ``model`` quantised as mlx-lm's and mlx-embeddings' ``convert`` do.
 
     The layout of mlx-community's conversions: one ``model.safetensors`` of the MLX module's
@@ -726,4 +727,4 @@ def quantize(model: TinyModel, dest: Path, bits: int, group_size: int = 64) -> i
     from embedserver import run_python
 
     code = _QUANTIZE.format(source=str(model.folder), dest=str(dest), bits=bits, group=group_size)
-    return int(run_python(code).strip().splitlines()[-1])
+    return int(run_python(code, timeout=timeout).strip().splitlines()[-1])
