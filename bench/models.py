@@ -17,7 +17,10 @@ measured; a peer that disagrees is reported as such and not measured. Workloads:
 queries one at a time, a batch of 10 texts, batches of 32 from 4 clients, an open loop of
 short queries at ``--rate``/s for ``--duration`` s. Each workload has ``--budget`` seconds per
 server: a server that cannot finish it is reported as "saturated: N of M answered" (and is
-restarted before its next workload, since cut-off requests may still be computing).
+restarted before its next workload unless it drains, since cut-off requests may still be
+computing); one that answers not a single short query in budget is not given the bigger
+workloads (MLX's 4-bit models on a CPU took ~5 s per short query here: its quantised
+products are not BLAS-backed).
 
     python bench/models.py [--only Qwen3-Embedding-0.6B] [--budget 20] [--write FILE]
                            [--engine mlx --engine onnx]   # forced engines instead of auto
@@ -201,6 +204,7 @@ class Result:
     cosine_to: str = ""
     outcomes: dict[str, budgeted.Outcome] = field(default_factory=dict)
     restarts: int = 0
+    skipped: list[str] = field(default_factory=list)
 
 
 def start(server: run.Server) -> str | None:
@@ -239,7 +243,7 @@ def measure(server: run.Server, loads: dict[str, run.Workload], budget: float,
             result.engine = described.split(" (")[0]  # "engine onnx"
         got: np.ndarray | None = None
         try:
-            got = vectors(server, texts, timeout=max(3 * budget, 120.0))
+            got = vectors(server, texts, timeout=3 * budget)
         except (RuntimeError, OSError, http.client.HTTPException) as exc:
             result.error = f"no vectors for the check: {exc or type(exc).__name__}"
             if gate:
@@ -265,6 +269,9 @@ def measure(server: run.Server, loads: dict[str, run.Workload], budget: float,
             print(f"    {outcome.answered}/{outcome.planned} answered, p50 "
                   f"{outcome.percentile_ms(0.5):.1f} ms, {outcome.texts_per_s:.1f} texts/s "
                   f"{outcome.verdict()}", flush=True)  # fmt: skip
+            if outcome.answered == 0 and key == "short":
+                result.skipped = names[index + 1 :]  # bigger workloads cannot do better
+                break
             if outcome.abandoned and index + 1 < len(names) and not drained(server, budget):
                 error = restart(server, result)  # cut-off requests may still be computing
                 if error is not None:
@@ -513,6 +520,8 @@ def row(model: Model, server: str, r: Result, budget: float) -> str:
     texts = f"{tput.texts_per_s:.1f}" if tput is not None and tput.answered else "—"
     notes = [f"{key}: {outcome.verdict()}" for key, outcome in o.items()
              if outcome is not None and outcome.verdict()]  # fmt: skip
+    if r.skipped:
+        notes.append(f"{', '.join(r.skipped)}: not run (not one short query in budget)")
     if r.restarts:
         notes.append(f"restarted {r.restarts}x after cut-off requests")
     if r.error:
@@ -520,7 +529,7 @@ def row(model: Model, server: str, r: Result, budget: float) -> str:
     if model.base is not None:
         notes.append(f"peers: the {model.base} rows (unquantised folder)")
     cosine = f"{r.cosine:.4f} vs {r.cosine_to}" if r.cosine is not None else (
-        "not compared (its base not run)" if model.base is not None else "(reference)")
+        "—" if model.base is not None else "(reference)")
     engine = f" — {r.engine}" if r.engine else ""
     return (f"| {name} | {server}{engine} | {r.load_s:.1f} | {r.rss_mb:.0f} | "
             f"{ms('short', 0.5, 1)} | {ms('open', 0.5)} / {ms('open', 0.95)} / "
