@@ -20,7 +20,8 @@ Each step mirrors the MLX models the other engine runs (mlx-embeddings' ``qwen3`
   ``sliding_window // 2`` away with their own rotary base. Masked scores get float32's lowest
   finite value, not -inf, so a padding row with no visible key stays finite.
 
-Weights float32/float16/bfloat16, computed in float32. The graph takes right-padded
+Weights float32/float16/bfloat16 or MLX-quantised (expanded to float32 as each is read,
+``dequant.py``), computed in float32. The graph takes right-padded
 ``input_ids`` and ``attention_mask`` (int32 ``[batch, tokens]``) and returns
 ``last_hidden_state``; pooling and sentence-transformers' Dense layers (``read_dense``) are
 applied after it by ``onnxencoder.py``. A 0.6B model is over protobuf's 2 GB limit in float32,
@@ -39,7 +40,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .onnxgraph import MS_DOMAIN, Graph, LazyWeights, OnnxUnsupported
+from .onnxgraph import MS_DOMAIN, Graph, LazyWeights, OnnxUnsupported, quantisation
 
 OPSET = 23
 SUPPORTED = ("qwen3", "gemma3_text")
@@ -78,8 +79,7 @@ class DecoderShape:
         model_type = str(config.get("model_type", "")).replace("-", "_")
         if model_type not in SUPPORTED:
             raise OnnxUnsupported(f"model_type {model_type!r} (not a decoder this builds)")
-        if isinstance(config.get("quantization"), dict):
-            raise OnnxUnsupported("an MLX-quantised folder")
+        quantisation(config)
         for key in ("rope_scaling", "attention_bias", "attn_logit_softcapping"):
             if config.get(key):
                 raise OnnxUnsupported(f"{key} {config[key]!r} (the ONNX graph has none)")
@@ -221,7 +221,11 @@ class _ExternalGraph(Graph):
 
 def read_dense(folder: Path) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """sentence-transformers' Dense modules after pooling (``modules.json`` order), as float32
-    ``(weight transposed, bias)``; only the identity activation EmbeddingGemma uses."""
+    ``(weight transposed, bias)``; only the identity activation EmbeddingGemma uses.
+
+    An MLX conversion (mlx-community's embeddinggemma 4/8-bit) keeps the n-th Dense layer as
+    ``dense.<n>`` in the main checkpoint, quantised, and its Dense folders hold no weights:
+    then they are read (and expanded) from there."""
     from safetensors import safe_open
 
     modules_file = folder / "modules.json"
@@ -237,7 +241,8 @@ def read_dense(folder: Path) -> list[tuple[np.ndarray, np.ndarray | None]]:
         if config.get("activation_function", _IDENTITY) != _IDENTITY:
             raise OnnxUnsupported(f"{where}: Dense activation {config['activation_function']!r}")
         if not (where / "model.safetensors").is_file():
-            raise OnnxUnsupported(f"{where}: no model.safetensors (a .bin Dense layer)")
+            layers.append(_dense_in_checkpoint(folder, where, len(layers)))
+            continue
         with safe_open(str(where / "model.safetensors"), framework="np") as handle:
             names = set(handle.keys())
             if "linear.weight" not in names:
@@ -247,6 +252,20 @@ def read_dense(folder: Path) -> list[tuple[np.ndarray, np.ndarray | None]]:
                     if "linear.bias" in names else None)  # fmt: skip
         layers.append((weight, bias))
     return layers
+
+
+def _dense_in_checkpoint(folder: Path, where: Path,
+                         index: int) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """The ``index``-th Dense layer from the main checkpoint's ``dense.<index>`` arrays."""
+    if not (folder / "config.json").is_file() or not any(folder.glob("model*.safetensors")):
+        raise OnnxUnsupported(f"{where}: no model.safetensors (a .bin Dense layer)")
+    weights = LazyWeights(folder)
+    if f"dense.{index}.weight" not in weights:
+        raise OnnxUnsupported(f"{where}: no model.safetensors, and no dense.{index}.weight in "
+                              f"{folder}'s checkpoint")  # fmt: skip
+    weight = np.ascontiguousarray(weights[f"dense.{index}.weight"].T, np.float32)
+    bias = weights.get(f"dense.{index}.bias")
+    return weight, None if bias is None else np.asarray(bias, np.float32)
 
 
 def build_from(shape: DecoderShape, w: MutableMapping[str, np.ndarray],

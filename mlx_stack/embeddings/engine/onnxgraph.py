@@ -6,8 +6,9 @@ ONNX Runtime's fused CPU operators (``com.microsoft``: ``Attention``, ``SkipLaye
 directly means the graph needs no pattern matching to be fast, and nothing depends on how a
 given torch version happened to trace the model.
 
-Supported: ``bert`` and ``xlm_roberta`` with absolute positions, exact GELU and full-precision
-weights (float32, float16 or bfloat16, computed in float32). Anything else raises
+Supported: ``bert`` and ``xlm_roberta`` with absolute positions, exact GELU and weights in
+float32, float16, bfloat16 or MLX's affine quantisation (expanded by ``dequant.py`` as each
+array is read), computed in float32. Anything else raises
 :class:`OnnxUnsupported` with the reason, and the server keeps that model on MLX.
 
 ``bench/onnx_graphs.py`` times this graph against a standard-op variant and the torch-exported
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .dequant import Quantisation, QuantisationUnsupported, dequantize
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -57,8 +60,7 @@ class EncoderShape:
         if model_type not in SUPPORTED:
             raise OnnxUnsupported(f"model_type {model_type!r} (the ONNX engine builds "
                                   f"{', '.join(SUPPORTED)})")  # fmt: skip
-        if isinstance(config.get("quantization"), dict):
-            raise OnnxUnsupported("an MLX-quantised folder")
+        quantisation(config)
         act = config.get("hidden_act", "gelu")
         if act != "gelu":
             raise OnnxUnsupported(f"hidden_act {act!r} (only the exact 'gelu')")
@@ -73,24 +75,19 @@ class EncoderShape:
                    float(config.get("layer_norm_eps", 1e-12)), offset)  # fmt: skip
 
 
+def quantisation(config: dict[str, Any]) -> Quantisation | None:
+    """The folder's MLX quantisation (``None``: float weights); raises :class:`OnnxUnsupported`
+    for a scheme ``dequant.py`` cannot expand."""
+    try:
+        return Quantisation.from_config(config)
+    except QuantisationUnsupported as exc:
+        raise OnnxUnsupported(str(exc)) from None
+
+
 def read_weights(folder: Path) -> dict[str, np.ndarray]:
     """The encoder's float32 arrays, keys without a ``bert.``/``roberta.`` prefix."""
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("model*.safetensors"))
-    if not files:
-        raise OnnxUnsupported(f"no model*.safetensors in {folder}")
-    weights: dict[str, np.ndarray] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="np") as handle:
-                for key in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                    weights[_strip(key)] = _float32(handle.get_tensor(key))
-        except OnnxUnsupported:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for bad files
-            raise OnnxUnsupported(f"{file}: cannot read: {exc}") from None
-    return weights
+    lazy = LazyWeights(folder)
+    return {key: lazy[key] for key in lazy}
 
 
 class LazyWeights(MutableMapping[str, np.ndarray]):
@@ -98,6 +95,10 @@ class LazyWeights(MutableMapping[str, np.ndarray]):
 
     A build that pops every array once then holds about one at a time: Qwen3-Embedding-0.6B
     is 2.4 GB in float32, which :func:`read_weights` would hold whole.
+
+    In an MLX-quantised folder (``quantization`` in config.json) a layer's ``weight`` is
+    returned expanded to float32 from its packed ``weight``, ``scales`` and ``biases``
+    (``dequant.py``); its ``scales``/``biases`` keys are not listed.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -106,6 +107,11 @@ class LazyWeights(MutableMapping[str, np.ndarray]):
         files = sorted(folder.glob("model*.safetensors"))
         if not files:
             raise OnnxUnsupported(f"no model*.safetensors in {folder}")
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}
+        self._quantisation = quantisation(config) if isinstance(config, dict) else None
         self._where: dict[str, tuple[Any, str]] = {}
         self._set: dict[str, np.ndarray] = {}
         for file in files:
@@ -115,15 +121,40 @@ class LazyWeights(MutableMapping[str, np.ndarray]):
             except Exception as exc:  # safetensors raises its own error types for bad files
                 raise OnnxUnsupported(f"{file}: cannot read: {exc}") from None
             self._where.update({_strip(key): (handle, key) for key in keys})
+        self._packed: dict[str, tuple[tuple[Any, str], tuple[Any, str], str]] = {}
+        """Stripped ``<layer>.weight`` -> where its scales and biases are, its MLX path."""
+        if self._quantisation is not None:
+            for key in [k for k in self._where if k.endswith(".scales")]:
+                layer = key[: -len(".scales")]
+                if f"{layer}.weight" in self._where and f"{layer}.biases" in self._where:
+                    module = self._where[f"{layer}.weight"][1][: -len(".weight")]
+                    self._packed[f"{layer}.weight"] = (self._where.pop(key),
+                                                       self._where.pop(f"{layer}.biases"), module)  # fmt: skip
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key in self._set:
             return self._set[key]
+        if key in self._packed:
+            return self._expanded(key)
         handle, name = self._where[key]
         try:
             return _float32(handle.get_tensor(name))
         except Exception as exc:
             raise OnnxUnsupported(f"{name}: cannot read: {exc}") from None
+
+    def _expanded(self, key: str) -> np.ndarray:
+        assert self._quantisation is not None
+        scales, biases, module = self._packed[key]
+        arrays = []
+        for handle, name in (self._where[key], scales, biases):
+            try:
+                arrays.append(handle.get_tensor(name))
+            except Exception as exc:
+                raise OnnxUnsupported(f"{name}: cannot read: {exc}") from None
+        try:
+            return dequantize(*arrays, self._quantisation.scheme(module), f"{module}.weight")
+        except QuantisationUnsupported as exc:
+            raise OnnxUnsupported(str(exc)) from None
 
     def __setitem__(self, key: str, value: np.ndarray) -> None:
         self._set[key] = value
