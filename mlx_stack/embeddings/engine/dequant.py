@@ -70,8 +70,8 @@ class Quantisation:
             raise QuantisationUnsupported(f"config.json quantization: {value!r} is not an object")
         mode = value.get("mode", "affine")
         if mode != "affine":
-            raise QuantisationUnsupported(f"config.json quantization.mode {mode!r} (only MLX's "
-                                          "'affine' scale-and-bias scheme is expanded)")  # fmt: skip
+            raise QuantisationUnsupported(f"config.json quantization.mode {mode!r} (only "
+                                          "MLX's 'affine' scale-and-bias scheme)")  # fmt: skip
         default = Scheme.parse("config.json quantization", value)
         overrides: dict[str, Scheme | None] = {}
         for key, item in value.items():

@@ -128,8 +128,8 @@ class LazyWeights(MutableMapping[str, np.ndarray]):
                 layer = key[: -len(".scales")]
                 if f"{layer}.weight" in self._where and f"{layer}.biases" in self._where:
                     module = self._where[f"{layer}.weight"][1][: -len(".weight")]
-                    self._packed[f"{layer}.weight"] = (self._where.pop(key),
-                                                       self._where.pop(f"{layer}.biases"), module)  # fmt: skip
+                    sidecars = self._where.pop(key), self._where.pop(f"{layer}.biases")
+                    self._packed[f"{layer}.weight"] = (*sidecars, module)
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key in self._set:
