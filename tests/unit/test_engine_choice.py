@@ -311,7 +311,8 @@ BERT = {"model_type": "bert", "hidden_size": 32, "num_attention_heads": 4, "num_
     [
         ({"model_type": "qwen3"}, "model_type 'qwen3'"),
         ({"model_type": "nomic_bert"}, "model_type 'nomic_bert'"),
-        ({"quantization": {"bits": 4, "group_size": 64}}, "MLX-quantised"),
+        ({"quantization": {"bits": 4, "group_size": 64, "mode": "nvfp4"}}, "mode .nvfp4."),
+        ({"quantization": {"bits": 4}}, "group_size: None"),
         ({"hidden_act": "gelu_new"}, "hidden_act 'gelu_new'"),
         ({"position_embedding_type": "relative_key"}, "relative_key"),
         ({"num_attention_heads": 5}, "not divisible"),

@@ -212,7 +212,8 @@ def test_layer_types_come_from_the_pattern_when_absent() -> None:
 @pytest.mark.parametrize(
     ("base", "change", "message"),
     [
-        (QWEN3, {"quantization": {"bits": 4, "group_size": 64}}, "an MLX-quantised folder"),
+        (QWEN3, {"quantization": {"bits": 4, "group_size": 32, "mode": "mxfp4"}}, "mode 'mxfp4'"),
+        (QWEN3, {"quantization": {"bits": 7, "group_size": 64}}, "quantization.bits: 7"),
         (QWEN3, {"rope_scaling": {"type": "yarn", "factor": 4}}, "rope_scaling"),
         (QWEN3, {"attention_bias": True}, "attention_bias"),
         (QWEN3, {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
