@@ -76,14 +76,28 @@ def check_engine() -> Check:
 
 
 def check_blas() -> Check:
-    from mlx_stack.embeddings.cpu.blas import preload
+    """The BLAS found, and the last choice a server measured for its model (and why)."""
+    from mlx_stack.embeddings.cpu.blas import cached_choices, preload
 
     info = preload()
     if info.optimised:
-        return Check("blas", Level.OK, info.describe())
+        several = info.choice is not None and info.choice.reason.startswith("generic order")
+        detail = f"{info.name} ({info.path}) without a model" if several else info.describe()
+        return Check("blas", Level.OK, detail + (_measured_blas(cached_choices()) if several
+                                                 else ""))  # fmt: skip
     return Check("blas", Level.WARN, info.describe() + ": MLX on the CPU is ~30x slower",
                  "pip install mkl (x86_64), or apt-get install libopenblas0-pthread, or set "
                  "MLX_STACK_BLAS to a library exposing cblas_sgemm")
+
+
+def _measured_blas(entries: list[dict[str, object]]) -> str:
+    """Several libraries: each model's server times them at its first start (cached)."""
+    if not entries:
+        return "; each model's server times the libraries found at its first start (none yet)"
+    last = entries[0]
+    return (f"; each model's server times the libraries found at its first start: last "
+            f"{last.get('library')} for {last.get('shapes') or '?'} on {last.get('cpu') or '?'}: "
+            f"{last.get('reason')}; {len(entries)} cached")
 
 
 def check_key(paths: StatePaths, stack: Stack | None) -> Check:

@@ -223,10 +223,10 @@ def _script(name: str) -> tuple[str, ...]:
 
 
 def _mlx_child_env() -> dict[str, str]:
-    """Environment for MLX children: offline hub, and the fast BLAS on Linux CPUs."""
-    from mlx_stack.embeddings.cpu.blas import child_env
-
-    return {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **child_env({})}
+    """Environment for MLX children: offline hub. No ``LD_PRELOAD``: the chat wrapper and the
+    embeddings server each measure and load their own BLAS before MLX (``cpu/blas.py``); a
+    preloaded library would override that choice."""
+    return {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def weights_path(entry: CatalogEntry, quant: str) -> Path | None:

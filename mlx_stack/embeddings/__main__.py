@@ -1,13 +1,10 @@
 """``python -m mlx_stack.embeddings``: serve one local embedding model over HTTP.
 
-Loads an optimised BLAS before anything can import ``mlx.core`` (see ``cpu/blas.py``): after that
-import it would have no effect.
+The optimised BLAS must be loaded before anything imports ``mlx.core`` (see ``cpu/blas.py``):
+``cli.main`` loads it, measured for the model folder, once the arguments are checked and the
+port is bound; importing ``cli`` does not import MLX.
 """
 
-from .cpu import blas
-
-blas.preload()
-
-from .cli import main  # noqa: E402  (must follow the preload)
+from .cli import main
 
 raise SystemExit(main())

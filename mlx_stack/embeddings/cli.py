@@ -1,8 +1,8 @@
 """Command line of the embeddings server: parse, validate, bind, serve.
 
 Mistakes in the arguments exit non-zero with one line on stderr; the port is bound before the
-model loads, so ``/health`` answers 503 while it does. Run through ``__main__``, which loads
-the BLAS before this module can pull in MLX.
+model loads, so ``/health`` answers 503 while it does. The BLAS is loaded for the model
+(``cpu/blas.py``) right after, before anything imports MLX: importing this module must not.
 """
 
 from __future__ import annotations
@@ -201,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MlxStackError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    blas.preload(model=settings.path)  # before MLX: measured on this model's shapes, or cached
     return _serve(args, settings, options, http, sock, engine)
 
 

@@ -115,6 +115,22 @@ _SCHEMAS: dict[str, Schema] = {
                     "key": {"type": ["string", "null"]},
                 },
             },
+            "blas_choice": {
+                "type": ["object", "null"],
+                "description": "why MLX got this BLAS library: MLX_STACK_BLAS set, only one found, "
+                "or measured (each library's sgemm on this model's products: short-query and "
+                "batch ms; cached per CPU, libraries and shapes); null on macOS",
+                "properties": {
+                    "library": {"type": "string"},
+                    "path": {"type": ["string", "null"]},
+                    "reason": {"type": "string"},
+                    "measured_ms": {"type": "object"},
+                    "skipped": {"type": "object"},
+                    "shapes": {"type": "string"},
+                    "from_cache": {"type": "boolean"},
+                    "key": {"type": ["string", "null"]},
+                },
+            },
             "max_batch_tokens": {"type": "integer"},
             "batch_timeout_ms": {"type": "number"},
             "max_concurrent": {"type": "integer"},

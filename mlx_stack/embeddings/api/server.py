@@ -331,7 +331,8 @@ ONNX_BLAS = "ONNX Runtime's own kernels (MLAS)"
 
 
 def _engine_fields(served: ServedModel, service: EmbeddingService) -> dict[str, Any]:
-    """``engine`` (mlx or onnx, ``None`` while loading), the BLAS it uses, and why it was chosen."""
+    """``engine`` (mlx or onnx, ``None`` while loading), the BLAS it uses, and why each was
+    chosen."""
     choice = service.engine_choice
     loaded = service.status is Status.READY
     engine = choice.engine if choice is not None else ("mlx" if loaded else None)
@@ -339,6 +340,8 @@ def _engine_fields(served: ServedModel, service: EmbeddingService) -> dict[str, 
         "engine": engine,
         "blas": ONNX_BLAS if engine == "onnx" else served.blas.describe(),
         "engine_choice": choice.card() if choice is not None else None,
+        # kept under ONNX too: the choice still says what MLX (and a measurement) would use
+        "blas_choice": served.blas.choice.card() if served.blas.choice is not None else None,
     }
 
 

@@ -56,7 +56,7 @@ class CrossEncoder:
     def load(cls, settings: ModelSettings, fast_kernels: bool = True) -> CrossEncoder:
         """Load the folder and score one pair (a real forward pass) before serving."""
         started = time.monotonic()
-        blas.preload()
+        blas.preload(model=settings.path)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import mlx.core as mx
 

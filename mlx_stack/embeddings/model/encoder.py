@@ -65,7 +65,7 @@ class TextEncoder:
         (``cpu/fastpath.py``).
         """
         started = time.monotonic()
-        blas.preload()  # no-op if done already; must precede the first mlx import
+        blas.preload(model=settings.path)  # no-op if done already; must precede MLX
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: never reach a hub
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from .network import load_network
