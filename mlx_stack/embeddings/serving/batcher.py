@@ -12,8 +12,9 @@ and still tokenising. A lone request never waits; a full batch never waits.
 
 The idle fast path: when nothing is queued, computing or on its way, a short request skips the
 queue and the loop altogether (:meth:`Batcher.run_alone`): it is tokenised and computed in one
-hop to the worker thread, which saves the tokeniser pool's hop and the loop's wake-up (~0.5 ms
-of a ~5 ms short query). Requests that arrive meanwhile queue as they would behind a pass.
+hop to the worker thread, which saves the tokeniser pool's hop and the loop's wake-up (small on
+an idle machine, ~0.1 ms; more when busy threads wake late). Requests that arrive meanwhile
+queue as they would behind a pass.
 """
 
 from __future__ import annotations
