@@ -57,6 +57,10 @@ def test_first_start_measures_and_caches_the_next_reads_it(tmp_path: Path) -> No
                               else chosen["blas"])  # fmt: skip
     log = first.log.read_text()
     assert f"engine: {choice['engine']} (" in log and "timed in" in log
+    # the batcher's pass cost comes from the chosen engine's own timings
+    chosen_ms = measured[choice["engine"]]
+    assert (f"derived from the engine measurement ({chosen_ms.short_ms:.1f} ms short, "
+            f"{chosen_ms.batch_ms:.0f} ms for 8x32)") in log  # fmt: skip
     stored = tmp_path / "cache" / "mlx-stack" / "engine" / f"{choice['key']}.json"
     assert json.loads(stored.read_text())["engine"] == choice["engine"]
     assert stored.stat().st_mode & 0o077 == 0
@@ -68,6 +72,7 @@ def test_first_start_measures_and_caches_the_next_reads_it(tmp_path: Path) -> No
         vectors_again = embed(second.client(), MIXED_TEXTS)
     assert again["engine_choice"] == {**choice, "from_cache": True}
     assert "timed in" not in second.log.read_text()
+    assert "derived from the engine measurement" in second.log.read_text()  # from the cache
     assert float(cosines(vectors, vectors_again).min()) >= 0.99999
 
 

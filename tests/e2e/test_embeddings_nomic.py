@@ -11,13 +11,12 @@ we did not write. Served through the real server, with our fast CPU kernels and 
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tinyembed
 from embedserver import (
     MIXED_TEXTS,
     Server,
@@ -30,129 +29,14 @@ from embedserver import (
 
 pytestmark = pytest.mark.e2e
 
-WIDTH, LAYERS, HEADS, INNER, VOCAB = 64, 2, 4, 256, 30528
+WIDTH = tinyembed.WIDTH
 TRAINED = 16
 """``max_trained_positions`` of the dynamic-NTK variant: texts longer than this rescale."""
 
 
-def nomic_config(**extra: object) -> dict[str, object]:
-    """nomic-embed-text-v1.5's config.json, shrunk (same keys, same flags)."""
-    return {
-        "model_type": "nomic_bert",
-        "architectures": ["NomicBertModel"],
-        "activation_function": "swiglu",
-        "n_embd": WIDTH,
-        "n_head": HEADS,
-        "n_layer": LAYERS,
-        "n_inner": INNER,
-        "n_positions": 8192,
-        "max_trained_positions": 2048,
-        "vocab_size": 30522,
-        "pad_vocab_size_multiple": 64,
-        "type_vocab_size": 2,
-        "layer_norm_epsilon": 1e-12,
-        "rotary_emb_base": 1000,
-        "rotary_emb_fraction": 1.0,
-        "rotary_emb_interleaved": False,
-        "rotary_scaling_factor": None,
-        "qkv_proj_bias": False,
-        "mlp_fc1_bias": False,
-        "mlp_fc2_bias": False,
-        "prenorm": False,
-        "causal": False,
-        "use_rms_norm": False,
-        **extra,
-    }
-
-
-def random_weights(seed: int = 0) -> dict[str, np.ndarray]:
-    """Large enough values that every component (norms, rotary, gating) matters."""
-    rng = np.random.default_rng(seed)
-    weights = {
-        "embeddings.word_embeddings.weight": rng.normal(0, 0.5, (VOCAB, WIDTH)),
-        "embeddings.token_type_embeddings.weight": rng.normal(0, 0.5, (2, WIDTH)),
-        "emb_ln.weight": 1 + rng.normal(0, 0.1, WIDTH),
-        "emb_ln.bias": rng.normal(0, 0.1, WIDTH),
-    }
-    for layer in range(LAYERS):
-        p = f"encoder.layers.{layer}."
-        weights[p + "attn.Wqkv.weight"] = rng.normal(0, 0.2, (3 * WIDTH, WIDTH))
-        weights[p + "attn.out_proj.weight"] = rng.normal(0, 0.2, (WIDTH, WIDTH))
-        weights[p + "mlp.fc11.weight"] = rng.normal(0, 0.2, (INNER, WIDTH))
-        weights[p + "mlp.fc12.weight"] = rng.normal(0, 0.2, (INNER, WIDTH))
-        weights[p + "mlp.fc2.weight"] = rng.normal(0, 0.1, (WIDTH, INNER))
-        for norm in ("norm1", "norm2"):
-            weights[p + norm + ".weight"] = 1 + rng.normal(0, 0.1, WIDTH)
-            weights[p + norm + ".bias"] = rng.normal(0, 0.1, WIDTH)
-    return {key: value.astype(np.float32) for key, value in weights.items()}
-
-
 def write_folders(root: Path, scaling: float | None) -> tuple[Path, Path]:
     """(our folder in nomic's format, transformers' folder sharing the weights file)."""
-    from safetensors.numpy import save_file
-
-    ours, theirs = root / "nomic", root / "transformers"
-    ours.mkdir()
-    theirs.mkdir()
-    save_file(random_weights(), str(ours / "model.safetensors"))
-    extra = {"rotary_scaling_factor": scaling, "max_trained_positions": TRAINED} if scaling else {}
-    (ours / "config.json").write_text(json.dumps(nomic_config(**extra)))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(minilm_path() / name, ours / name)
-    (ours / "modules.json").write_text(
-        json.dumps(
-            [
-                {
-                    "idx": 0,
-                    "name": "0",
-                    "path": "",
-                    "type": "sentence_transformers.models.Transformer",
-                },
-                {
-                    "idx": 1,
-                    "name": "1",
-                    "path": "1_Pooling",
-                    "type": "sentence_transformers.models.Pooling",
-                },
-                {
-                    "idx": 2,
-                    "name": "2",
-                    "path": "2_Normalize",
-                    "type": "sentence_transformers.models.Normalize",
-                },
-            ]
-        )
-    )
-    (ours / "1_Pooling").mkdir()
-    (ours / "1_Pooling" / "config.json").write_text(
-        json.dumps({"word_embedding_dimension": WIDTH, "pooling_mode_mean_tokens": True})
-    )
-    (ours / "config_sentence_transformers.json").write_text(
-        json.dumps({"prompts": {"query": "search_query: ", "document": "search_document: "}})
-    )
-    rope: dict[str, object] = {"rope_type": "default", "rope_theta": 1000.0}
-    if scaling:  # transformers takes max_position_embeddings as the trained length
-        rope = {"rope_type": "dynamic", "rope_theta": 1000.0, "factor": scaling}
-    (theirs / "config.json").write_text(
-        json.dumps(
-            {
-                "model_type": "nomic_bert",
-                "architectures": ["NomicBertModel"],
-                "vocab_size": VOCAB,
-                "hidden_size": WIDTH,
-                "num_hidden_layers": LAYERS,
-                "num_attention_heads": HEADS,
-                "intermediate_size": INNER,
-                "hidden_act": "silu",
-                "max_position_embeddings": TRAINED if scaling else 2048,
-                "layer_norm_eps": 1e-12,
-                "type_vocab_size": 2,
-                "rope_parameters": rope,
-            }
-        )
-    )
-    (theirs / "model.safetensors").symlink_to(ours / "model.safetensors")
-    return ours, theirs
+    return tinyembed.nomic_bert(root, scaling=scaling, trained=TRAINED)
 
 
 class Reference:

@@ -137,6 +137,7 @@ def write_sentence_transformers(
     dense: list[tuple[int, int]] | None = None,
     prompts: dict[str, str] | None = None,
     width: int = WIDTH,
+    max_seq: int = MAX_SEQ,
 ) -> None:
     """``modules.json``: Transformer, Pooling, optional Dense layers, Normalize."""
     modules: list[dict[str, Any]] = [
@@ -173,7 +174,7 @@ def write_sentence_transformers(
     )
     (folder / "modules.json").write_text(json.dumps(modules, indent=1))
     (folder / "sentence_bert_config.json").write_text(
-        json.dumps({"max_seq_length": MAX_SEQ, "do_lower_case": False})
+        json.dumps({"max_seq_length": max_seq, "do_lower_case": False})
     )
     (folder / "config_sentence_transformers.json").write_text(
         json.dumps(
@@ -457,6 +458,120 @@ def gemma3_text(folder: Path) -> TinyModel:
     )
 
 
+@dataclass(frozen=True)
+class NomicSize:
+    """NomicBERT's widths: the tests' tiny one, or nomic-embed-text-v1.5's own (the bench)."""
+
+    width: int = WIDTH
+    layers: int = 2
+    heads: int = 4
+    inner: int = 256
+
+
+NOMIC_V15 = NomicSize(width=768, layers=12, heads=12, inner=3072)
+NOMIC_VOCAB = 30528
+"""nomic's word table: bert-base-uncased's 30522 rows padded to a multiple of 64."""
+
+
+def nomic_config(size: NomicSize = NomicSize(), **extra: object) -> dict[str, object]:
+    """nomic-embed-text-v1.5's config.json (nomic's own keys and flags), at ``size``."""
+    return {
+        "model_type": "nomic_bert",
+        "architectures": ["NomicBertModel"],
+        "activation_function": "swiglu",
+        "n_embd": size.width,
+        "n_head": size.heads,
+        "n_layer": size.layers,
+        "n_inner": size.inner,
+        "n_positions": 8192,
+        "max_trained_positions": 2048,
+        "vocab_size": 30522,
+        "pad_vocab_size_multiple": 64,
+        "type_vocab_size": 2,
+        "layer_norm_epsilon": 1e-12,
+        "rotary_emb_base": 1000,
+        "rotary_emb_fraction": 1.0,
+        "rotary_emb_interleaved": False,
+        "rotary_scaling_factor": None,
+        "qkv_proj_bias": False,
+        "mlp_fc1_bias": False,
+        "mlp_fc2_bias": False,
+        "prenorm": False,
+        "causal": False,
+        "use_rms_norm": False,
+        **extra,
+    }
+
+
+def nomic_random_weights(size: NomicSize = NomicSize(), seed: int = 0) -> dict[str, Any]:
+    """Under nomic's checkpoint names; matrices N(0, 1.6^2/fan_in), large enough that every
+    component (norms, rotary, gating) matters."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    width, inner = size.width, size.inner
+
+    def matrix(rows: int, cols: int) -> Any:
+        return rng.normal(0, 1.6 / cols**0.5, (rows, cols)).astype(np.float32)
+
+    def near(value: float, spread: float, count: int) -> Any:
+        return (value + rng.normal(0, spread, count)).astype(np.float32)
+
+    weights = {
+        "embeddings.word_embeddings.weight": rng.normal(0, 0.5, (NOMIC_VOCAB, width)),
+        "embeddings.token_type_embeddings.weight": rng.normal(0, 0.5, (2, width)),
+        "emb_ln.weight": near(1, 0.1, width),
+        "emb_ln.bias": near(0, 0.1, width),
+    }
+    for layer in range(size.layers):
+        p = f"encoder.layers.{layer}."
+        weights[p + "attn.Wqkv.weight"] = matrix(3 * width, width)
+        weights[p + "attn.out_proj.weight"] = matrix(width, width)
+        weights[p + "mlp.fc11.weight"] = matrix(inner, width)
+        weights[p + "mlp.fc12.weight"] = matrix(inner, width)
+        weights[p + "mlp.fc2.weight"] = matrix(width, inner)
+        for norm in ("norm1", "norm2"):
+            weights[p + norm + ".weight"] = near(1, 0.1, width)
+            weights[p + norm + ".bias"] = near(0, 0.1, width)
+    return {key: value.astype(np.float32) for key, value in weights.items()}
+
+
+NOMIC_PROMPTS = {"query": "search_query: ", "document": "search_document: "}
+
+
+def nomic_bert(root: Path, size: NomicSize = NomicSize(), scaling: float | None = None,
+               trained: int = 16) -> tuple[Path, Path]:  # fmt: skip
+    """(``root/nomic``: nomic's own format, ``root/transformers``: the same weights file under
+    transformers' native ``NomicBertModel`` config), each a full sentence-transformers folder
+    (MiniLM's tokenizer: the same bert-base-uncased vocabulary nomic uses; mean pooling, L2,
+    nomic's prompts). ``scaling``: the dynamic-NTK variant, trained on ``trained`` positions.
+    """
+    from safetensors.numpy import save_file
+
+    ours, theirs = root / "nomic", root / "transformers"
+    ours.mkdir(parents=True)
+    theirs.mkdir()
+    save_file(nomic_random_weights(size), str(ours / "model.safetensors"))
+    extra = {"rotary_scaling_factor": scaling, "max_trained_positions": trained} if scaling else {}
+    (ours / "config.json").write_text(json.dumps(nomic_config(size, **extra)))
+    rope: dict[str, object] = {"rope_type": "default", "rope_theta": 1000.0}
+    if scaling:  # transformers takes max_position_embeddings as the trained length
+        rope = {"rope_type": "dynamic", "rope_theta": 1000.0, "factor": scaling}
+    (theirs / "config.json").write_text(json.dumps({
+        "model_type": "nomic_bert", "architectures": ["NomicBertModel"],
+        "vocab_size": NOMIC_VOCAB, "hidden_size": size.width, "num_hidden_layers": size.layers,
+        "num_attention_heads": size.heads, "intermediate_size": size.inner,
+        "hidden_act": "silu", "max_position_embeddings": trained if scaling else 2048,
+        "layer_norm_eps": 1e-12, "type_vocab_size": 2, "rope_parameters": rope}))  # fmt: skip
+    (theirs / "model.safetensors").symlink_to(ours / "model.safetensors")
+    for folder in (ours, theirs):
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(minilm_path() / name, folder / name)
+        write_sentence_transformers(folder, "mean_tokens", prompts=NOMIC_PROMPTS,
+                                    width=size.width, max_seq=8192)  # fmt: skip
+    return ours, theirs
+
+
 LLAMA_BIDIREC = {
     "architectures": ["LlamaBidirectionalModel"],
     "model_type": "llama_bidirec",
@@ -598,7 +713,8 @@ print(sum(k.endswith(".scales") for k in weights))
 """
 
 
-def quantize(model: TinyModel, dest: Path, bits: int, group_size: int = 64) -> int:
+def quantize(model: TinyModel, dest: Path, bits: int, group_size: int = 64,
+             timeout: float = 180) -> int:  # fmt: skip
     """Write ``model`` quantised as mlx-lm's and mlx-embeddings' ``convert`` do.
 
     The layout of mlx-community's conversions: one ``model.safetensors`` of the MLX module's
@@ -611,4 +727,4 @@ def quantize(model: TinyModel, dest: Path, bits: int, group_size: int = 64) -> i
     from embedserver import run_python
 
     code = _QUANTIZE.format(source=str(model.folder), dest=str(dest), bits=bits, group=group_size)
-    return int(run_python(code).strip().splitlines()[-1])
+    return int(run_python(code, timeout=timeout).strip().splitlines()[-1])

@@ -8,6 +8,8 @@ engines get loaded, which get measured, what is cached and read back.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,7 +239,7 @@ def test_an_onnx_engine_that_fails_to_load_leaves_auto_on_mlx(tmp_path: Path) ->
     assert encoder.engine_choice is not None
     assert encoder.engine_choice.reason == ("the ONNX engine failed to load: RuntimeError: onnx "
                                             "cannot load this")  # fmt: skip
-    assert list(tmp_path.iterdir()) == []  # not cached: the next start tries again
+    assert list(tmp_path.glob("*.json")) == []  # not cached: the next start tries again
 
 
 def test_a_cached_onnx_choice_that_fails_to_load_falls_back_to_mlx(tmp_path: Path) -> None:
@@ -335,3 +337,56 @@ def test_the_doctor_line(mode: Any, machine: Machine, onnxruntime: str,
 
     well, detail, fix = summary(mode, machine, onnxruntime, entries)
     assert well is ok and says in detail and (fix == "") is ok
+
+
+def _replica(cache: ChoiceCache, bench: Bench, results: list[Any]) -> None:
+    results.append(bench.run(cache))
+
+
+class SlowBench(Bench):
+    """Measuring takes a while, as on a real machine: replicas started together overlap."""
+
+    def time(self, encoder: FakeEncoder) -> Timing:
+        time.sleep(0.05)
+        return super().time(encoder)
+
+
+def test_replicas_starting_together_measure_once(tmp_path: Path) -> None:
+    """Two replicas (threads: flock is per open file, so they contend as processes do): the
+    first measures, the other waits for its result and loads one engine."""
+    benches = [SlowBench(FAST_ONNX), SlowBench(FAST_ONNX)]
+    results: list[Any] = []
+    threads = [threading.Thread(target=_replica, args=(ChoiceCache(tmp_path), b, results))
+               for b in benches]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(results) == 2 and {r.engine for r in results} == {"onnx"}
+    measuring = [b for b in benches if b.measured]
+    assert len(measuring) == 1 and measuring[0].measured == ["mlx", "onnx"] * 3
+    waiter = next(b for b in benches if not b.measured)
+    assert waiter.loaded == ["onnx"]
+    assert sorted(r.engine_choice.cached for r in results) == [False, True]
+
+
+def test_a_waiter_past_its_wait_measures_itself(tmp_path: Path) -> None:
+    holder = ChoiceCache(tmp_path)
+    assert holder.read("k") is None  # claimed, never written (a replica stuck measuring)
+    waiter = ChoiceCache(tmp_path, wait_s=0.2)
+    started = time.monotonic()
+    assert waiter.read("k") is None
+    assert time.monotonic() - started >= 0.2
+    waiter.release("k")  # it held nothing: a no-op
+    holder.release("k")
+    third = ChoiceCache(tmp_path, wait_s=0.0)
+    assert third.read("k") is None and "k" in third._held  # free again: claimed at once
+    third.release("k")
+
+
+def test_a_replica_that_measured_nothing_releases_its_claim(tmp_path: Path) -> None:
+    Bench(FAST_ONNX, broken=("onnx",)).run(ChoiceCache(tmp_path))
+    other = ChoiceCache(tmp_path, wait_s=0.0)
+    assert other.read(choice_key(SHA, CPU)) is None
+    assert choice_key(SHA, CPU) in other._held  # not left locked by the first
+    other.release(choice_key(SHA, CPU))

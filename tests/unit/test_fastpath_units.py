@@ -19,7 +19,7 @@ from embedserver import minilm_path
 from mlx_stack.embeddings.api.apierror import ApiError, ErrorKind
 from mlx_stack.embeddings.model.settings import resolve
 from mlx_stack.embeddings.model.tokenizer import Encoded
-from mlx_stack.embeddings.serving.batcher import Batcher, BatchPolicy
+from mlx_stack.embeddings.serving.batcher import Batcher, BatchPolicy, CostModel
 from mlx_stack.embeddings.serving.service import (
     EmbeddingService,
     ServiceOptions,
@@ -131,6 +131,26 @@ def test_compute_plans_passes_and_keeps_input_order() -> None:
     assert sorted(r.rows for r in reports) == [1, 3]  # the long one alone, as in a wave
     assert sum(r.tokens for r in reports) == 315
     assert forward.threads == ["worker_0"] * 2
+
+
+def test_compute_plans_with_the_batchers_cost_model() -> None:
+    lengths = [[1] * 3, [2] * 3, [3] * 100]
+
+    def passes(cost: CostModel) -> list[int]:
+        forward = SlowForward()
+
+        async def body(batcher: Batcher):  # type: ignore[no-untyped-def]
+            return await batcher.run_alone(lambda: batcher.compute(lengths))
+
+        async def main():  # type: ignore[no-untyped-def]
+            with ThreadPoolExecutor(max_workers=1) as worker:
+                return await body(Batcher(forward, worker, BatchPolicy(), cost=cost))
+
+        asyncio.run(main())
+        return sorted(len(p) for p in forward.passes)
+
+    assert passes(CostModel()) == [1, 2]  # padding 3-token texts to 100 costs more than a pass
+    assert passes(CostModel(pass_tokens=1e6)) == [3]  # a pass dearer than any padding
 
 
 def test_a_lone_pass_that_fails_leaves_the_batcher_serving() -> None:

@@ -10,12 +10,14 @@ read it back. ``--engine`` / ``MLX_STACK_ENGINE`` force one.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +37,10 @@ BATCH_TOLERANCE = 1.5
 other's: the latency target comes first, but not at any throughput cost."""
 
 CACHE_VERSION = 1
+LOCK_WAIT_S = 180.0
+"""How long a replica waits for another measuring the same key (both engines' loads and
+timing: seconds for MiniLM, about a minute for a 0.6B model on 2 cores) before measuring too."""
+LOCK_POLL_S = 0.05
 _FLAGS_THAT_MATTER = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
                       "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "neon", "asimd",
                       "sve")  # fmt: skip
@@ -146,13 +152,43 @@ def choice_key(content_sha256: str, machine: Machine) -> str:
 
 
 class ChoiceCache:
-    """Measured choices as JSON files in a private folder; ``None`` folder: no cache."""
+    """Measured choices as JSON files in a private folder; ``None`` folder: no cache.
 
-    def __init__(self, folder: Path | None) -> None:
+    Replicas of one model start together: without care each would time both engines (each
+    slowed by the others) and the last to finish would overwrite the rest. So a miss is
+    claimed: :meth:`read` takes an exclusive ``flock`` on ``<key>.lock`` next to the entry,
+    waiting up to ``wait_s`` for a replica that holds it, and reads again; it returns ``None``
+    (measure) with the lock still held, which :meth:`write` or :meth:`release` (or the
+    process's exit) gives up. A waiter past ``wait_s`` measures by itself, as before.
+    """
+
+    def __init__(self, folder: Path | None, wait_s: float = LOCK_WAIT_S) -> None:
         self.folder = folder
+        self.wait_s = wait_s
+        self._held: dict[str, int] = {}
 
     def read(self, key: str) -> EngineChoice | None:
-        """The stored choice, or ``None`` if absent or unreadable (then it is measured anew)."""
+        """The stored choice, or ``None`` if absent or unreadable: then this caller measures,
+        holding the key's lock until :meth:`write` or :meth:`release`."""
+        found = self._read(key)
+        if found is not None or self.folder is None:
+            return found
+        lock = _claim(self.folder / f"{key}.lock", self.wait_s)
+        found = self._read(key)  # measured by another replica while this one waited
+        if found is not None or lock is None:
+            if lock is not None:
+                os.close(lock)
+            return found
+        self._held[key] = lock
+        return None
+
+    def release(self, key: str) -> None:
+        """Give up the claim on ``key`` (nothing to store): a waiting replica measures."""
+        lock = self._held.pop(key, None)
+        if lock is not None:
+            os.close(lock)  # closing the descriptor drops its flock
+
+    def _read(self, key: str) -> EngineChoice | None:
         if self.folder is None:
             return None
         path = self.folder / f"{key}.json"
@@ -179,6 +215,8 @@ class ChoiceCache:
             write_atomic(self.folder / f"{choice.key}.json", json.dumps(data, indent=1) + "\n")
         except OSError as exc:
             log.warning("cannot cache the engine choice in %s: %s", self.folder, exc)
+        finally:
+            self.release(choice.key)
 
     def entries(self) -> list[dict[str, Any]]:
         """Every stored choice (for ``mlx-stack doctor``), newest first."""
@@ -192,6 +230,33 @@ class ChoiceCache:
             except (OSError, ValueError):
                 continue
         return found
+
+
+def _claim(path: Path, wait_s: float) -> int | None:
+    """An open descriptor holding an exclusive ``flock`` on ``path``, or ``None`` after
+    ``wait_s`` (or if the lock file cannot be made: then no one waits for this one)."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        log.warning("cannot lock %s (%s): measuring without waiting for other replicas", path, exc)
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return descriptor
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(descriptor)
+                log.warning("another replica has been measuring the engines for over %.0f s "
+                            "(%s): measuring here too", wait_s, path)  # fmt: skip
+                return None
+            time.sleep(LOCK_POLL_S)
+        except OSError as exc:
+            os.close(descriptor)
+            log.warning("cannot lock %s (%s): measuring without waiting", path, exc)
+            return None
 
 
 def summary(mode: EngineMode, machine: Machine, onnxruntime: str,

@@ -96,6 +96,7 @@ def choose_and_load(mode: EngineMode, machine: Machine, onnx_problem: str | None
     encoders = {"mlx": load("mlx")}
     onnx = _load_or_mlx(load, "onnx", mlx=encoders["mlx"])
     if onnx is encoders["mlx"]:
+        cache.release(key)  # nothing measured: a waiting replica goes on
         return onnx
     encoders["onnx"] = onnx
     timed = time.monotonic()

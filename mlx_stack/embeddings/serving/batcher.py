@@ -43,6 +43,8 @@ ATTENTION_SPAN = 512.0
 On MiniLM, 2 cores, MKL, two fits (median errors 3% and 8%): a pass costs 3.2-4.0 ms
 (29-36 tokens) by itself, each row 1.2-2.5 tokens more, and a token's attention work grows
 with its length, to as much as its other work at ~512 tokens (the best span of both fits)."""
+MAX_PASS_OVERHEAD_TOKENS = 4096.0
+"""A derived pass overhead is capped here: beyond it, noise in the measurement, not the model."""
 ATTENTION_ROWS = 128
 """Bounds ``rows x longest^2`` to ``max_batch_tokens x 128``: the attention scores' memory."""
 
@@ -62,6 +64,50 @@ class BatchPolicy:
 
 
 @dataclass(frozen=True)
+class CostModel:
+    """A pass's cost in tokens' worth of compute: ``pass_tokens`` per pass, ``row_tokens`` per
+    row, ``longest x (1 + longest / span)`` per padded token.
+
+    The defaults were fitted on MiniLM with MLX (``bench/costmodel.py``). The pass overhead
+    differs most between engines and models (ONNX Runtime's fixed cost per pass is a third of
+    MLX's on a CPU; a 0.6B model's is its weights streamed once, hundreds of tokens' worth), so
+    the server derives it from the engine choice's own measurement (:meth:`from_timing`), taken
+    at first start on this machine with this model; the row cost and span stay as fitted.
+    """
+
+    pass_tokens: float = PASS_OVERHEAD_TOKENS
+    row_tokens: float = ROW_OVERHEAD_TOKENS
+    span: float = ATTENTION_SPAN
+    source: str = "fitted on MiniLM with MLX (bench/costmodel.py)"
+
+    def work(self, rows: int, longest: float) -> float:
+        """Tokens' worth of work of one pass, without its overhead."""
+        return rows * (self.row_tokens + longest * (1.0 + longest / self.span))
+
+    @classmethod
+    def from_timing(cls, short_ms: float, short_tokens: int, batch_ms: float,
+                    batch_shape: tuple[int, int]) -> CostModel:  # fmt: skip
+        """Solve a token's cost and the pass overhead from two passes the engine choice timed:
+        one short row (``short_tokens``) and a ``rows x length`` batch. Timings that cannot
+        be a pass's cost (the batch no dearer than the short one, non-positive) keep the
+        defaults."""
+        default = cls()
+        rows, length = batch_shape
+        extra_work = default.work(rows, length) - default.work(1, short_tokens)
+        if not (short_ms > 0 and batch_ms > short_ms and extra_work > 0):
+            return default
+        per_token_ms = (batch_ms - short_ms) / extra_work
+        overhead = short_ms / per_token_ms - default.work(1, short_tokens)
+        overhead = min(max(overhead, 0.0), MAX_PASS_OVERHEAD_TOKENS)
+        return cls(pass_tokens=round(overhead, 1),
+                   source=f"derived from the engine measurement ({short_ms:.1f} ms short, "
+                          f"{batch_ms:.0f} ms for {rows}x{length})")  # fmt: skip
+
+
+DEFAULT_COST = CostModel()
+
+
+@dataclass(frozen=True)
 class PassReport:
     """What one forward pass did, for metrics."""
 
@@ -74,13 +120,14 @@ class PassReport:
 Forward = Callable[[list[list[int]]], np.ndarray]
 
 
-def plan_passes(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+def plan_passes(lengths: Sequence[int], max_batch_tokens: int,
+                cost: CostModel = DEFAULT_COST) -> list[list[int]]:  # fmt: skip
     """Group indices into forward passes of similar lengths, as cheaply as possible.
 
     Items are sorted by length and cut into consecutive runs; each run is one pass padded to
     its longest item. The cut points minimise the modelled cost (dynamic programming):
-    ``PASS_OVERHEAD_TOKENS`` per pass, ``ROW_OVERHEAD_TOKENS`` per row, and
-    ``rows x longest x (1 + longest / ATTENTION_SPAN)`` (padding is paid for, and attention
+    ``cost.pass_tokens`` per pass, ``cost.row_tokens`` per row, and
+    ``rows x longest x (1 + longest / cost.span)`` (padding is paid for, and attention
     grows with length). A pass holds at most
     ``max_batch_tokens`` padded tokens, ``MAX_ROWS_PER_PASS`` rows and
     ``max_batch_tokens x ATTENTION_ROWS`` of ``rows x longest^2`` (the attention scores'
@@ -106,8 +153,8 @@ def plan_passes(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]
         starts = np.arange(end - rows, end)
         costs = (
             best[end - rows : end]
-            + PASS_OVERHEAD_TOKENS
-            + (end - starts) * (ROW_OVERHEAD_TOKENS + longest * (1.0 + longest / ATTENTION_SPAN))
+            + cost.pass_tokens
+            + (end - starts) * (cost.row_tokens + longest * (1.0 + longest / cost.span))
         )
         pick = int(np.argmin(costs))
         best[end] = costs[pick]
@@ -163,8 +210,10 @@ class Batcher:
         executor: Executor,
         policy: BatchPolicy,
         on_pass: Callable[[PassReport], None] | None = None,
+        cost: CostModel = DEFAULT_COST,
     ) -> None:
         self._forward = forward
+        self.cost = cost
         self._executor = executor
         self._policy = policy
         self._on_pass = on_pass
@@ -205,7 +254,8 @@ class Batcher:
             raise ValueError("compute() needs at least one sequence")
         result: np.ndarray | None = None
         reports: list[PassReport] = []
-        for rows in plan_passes([len(s) for s in sequences], self._policy.max_batch_tokens):
+        for rows in plan_passes([len(s) for s in sequences], self._policy.max_batch_tokens,
+                                self.cost):
             batch = [sequences[i] for i in rows]
             started = time.monotonic()
             vectors = self._forward(batch)
@@ -294,7 +344,8 @@ class Batcher:
 
     async def _run_wave(self, wave: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
-        for rows in plan_passes([len(item.ids) for item in wave], self._policy.max_batch_tokens):
+        for rows in plan_passes([len(item.ids) for item in wave], self._policy.max_batch_tokens,
+                                self.cost):
             items = [wave[i] for i in rows if not wave[i].job.future.done()]
             if not items:
                 continue

@@ -30,7 +30,7 @@ from ..engine.choice import EngineChoice, EngineMode
 from ..model.encoder import Embeddings, finish
 from ..model.settings import ModelSettings
 from ..model.tokenizer import Encoded
-from .batcher import Batcher, BatchPolicy, PassReport
+from .batcher import DEFAULT_COST, Batcher, BatchPolicy, CostModel, PassReport
 
 log = logging.getLogger("mlx_stack.embeddings")
 
@@ -176,7 +176,11 @@ class EmbeddingService:
     def _ready(self, model: Embedder, identity: Fingerprint) -> None:
         self._model = model
         self.fingerprint = identity
-        self._batcher = Batcher(model.forward, self._worker, self.options.batch, self._on_pass)
+        cost = cost_model(model)
+        self._batcher = Batcher(model.forward, self._worker, self.options.batch, self._on_pass,
+                                cost)  # fmt: skip
+        log.info("batching: a pass costs %.0f tokens' worth by itself (%s)", cost.pass_tokens,
+                 cost.source)  # fmt: skip
         self._batcher.start()
         self.status = Status.READY
         kernels = f"; fast kernels: {', '.join(model.fast_kernels)}" if model.fast_kernels else ""
@@ -389,3 +393,19 @@ def _refuse_long_pairs(pairs: Sequence[Any], limit: int) -> None:
                 "--no-truncate to have the document cut",
                 "documents",
             )
+
+
+def cost_model(model: object) -> CostModel:
+    """The batcher's costs for the engine serving ``model``, from the engine choice's own
+    measurement of it when there is one (first start, or the cache), else the defaults."""
+    choice = getattr(model, "engine_choice", None)
+    timing = choice.measured.get(choice.engine) if choice is not None else None
+    tokenizer = getattr(model, "tokenizer", None)
+    if timing is None or tokenizer is None:
+        return DEFAULT_COST
+    from ..engine.select import BATCH_SHAPE, MEASURE_TEXT
+
+    short = len(tokenizer.encode([MEASURE_TEXT])[0].ids)
+    rows, length = BATCH_SHAPE
+    length = min(length, getattr(tokenizer, "max_length", length))
+    return CostModel.from_timing(timing.short_ms, short, timing.batch_ms, (rows, length))
