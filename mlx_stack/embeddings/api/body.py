@@ -36,6 +36,9 @@ INLINE_DECODE_BYTES = 64 * 1024
 """Bodies up to this size decode on the event loop: at worst ~20 ms of pathological JSON."""
 PARENT_POLL_SECONDS = 0.5
 
+_timeout = getattr(asyncio, "timeout", None)
+"""``asyncio.timeout`` (Python >= 3.11): a deadline on the running task itself."""
+
 
 async def read_body(
     receive: Receive, declared_length: str | None, limit: int, timeout: float
@@ -49,7 +52,10 @@ async def read_body(
     if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
         raise too_large(limit)
     try:
-        return await asyncio.wait_for(_collect(receive, limit), timeout)
+        if _timeout is None:  # Python 3.10
+            return await asyncio.wait_for(_collect(receive, limit), timeout)
+        async with _timeout(timeout):  # no task per request, as wait_for makes (~30 us)
+            return await _collect(receive, limit)
     except asyncio.TimeoutError:
         raise ApiError(
             ErrorKind.REQUEST_TIMEOUT,

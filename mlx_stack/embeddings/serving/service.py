@@ -1,10 +1,12 @@
 """The one owner of the server's runtime state: the model, its status, the batcher, the metrics.
 
 MLX work (loading, warm-up, every forward pass) runs on a single worker thread; tokenising runs
-on a second small pool; the event loop only routes, so it stays free to answer ``/health`` and
-to refuse requests while passes compute. Back-pressure is an error (429), not an unbounded
-queue. The status changes in one place, on the event loop: ``LOADING -> READY`` once the model
-has loaded *and* run a real forward pass, ``LOADING -> FAILED`` otherwise.
+on a second small pool, except on the idle fast path (:func:`goes_alone`: a short request on an
+idle server is tokenised and computed in one hop to the worker). The event loop only routes, so
+it stays free to answer ``/health`` and to refuse requests while passes compute. Back-pressure
+is an error (429), not an unbounded queue. The status changes in one place, on the event loop:
+``LOADING -> READY`` once the model has loaded *and* run a real forward pass, ``LOADING ->
+FAILED`` otherwise.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -95,6 +97,24 @@ def default_loader(fast_kernels: bool = True, engine: EngineMode = "auto") -> Lo
         return load_encoder(settings, identity.content_sha256, engine, fast_kernels)  # type: ignore[no-any-return]
 
     return load
+
+
+def goes_alone(idle: bool, sizes: Iterable[int], policy: BatchPolicy) -> bool:
+    """Whether a request takes the idle fast path (one hop: tokenise and compute on the worker).
+
+    Only when the batcher is idle (a request now would wait for no one) and the request is
+    short: its ``sizes`` (characters of each text, or tokens of each id array) add up to at most
+    ``max_batch_tokens``, about a pass whatever the tokenizer. Longer requests keep the
+    tokeniser pool, whose work overlaps with other requests' passes.
+    """
+    if not idle:
+        return False
+    total = 0
+    for size in sizes:
+        total += size
+        if total > policy.max_batch_tokens:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -202,6 +222,10 @@ class EmbeddingService:
         """Embed for a request already :meth:`admitted`."""
         model = self._require_model()
         batcher = self._require_batcher()
+        if goes_alone(batcher.idle, map(len, texts), self.options.batch):
+            texts = list(texts)
+            return await self._embed_alone(batcher, lambda: model.tokenizer.encode(texts),
+                                           dimensions)  # fmt: skip
         with batcher.incoming():
             loop = asyncio.get_running_loop()
             encoded = await loop.run_in_executor(
@@ -225,7 +249,34 @@ class EmbeddingService:
                     "input",
                 )
         encoded = [model.tokenizer.truncate_ids(ids) for ids in inputs]
+        if goes_alone(batcher.idle, (len(e.ids) for e in encoded), self.options.batch):
+            return await self._embed_alone(batcher, lambda: encoded, dimensions)
         return await self._embed(batcher, encoded, dimensions)
+
+    async def _embed_alone(
+        self, batcher: Batcher, encode: Callable[[], list[Encoded]], dimensions: int | None
+    ) -> Embeddings:
+        """The idle fast path: tokenise, compute and finish in one hop to the worker thread."""
+
+        def work() -> tuple[list[Encoded], np.ndarray, list[PassReport]]:
+            encoded = encode()
+            if not self.options.truncate:
+                _refuse_long_inputs(encoded, self.settings.max_seq_len)
+            pooled, reports = batcher.compute([e.ids for e in encoded])
+            return encoded, finish(pooled, dimensions, self.settings.normalize), reports
+
+        try:
+            encoded, vectors, reports = await batcher.run_alone(work)
+        except ApiError:
+            raise
+        except Exception as exc:  # a model failure fails this request, not the server
+            log.exception("embedding failed")
+            raise ApiError(
+                ErrorKind.INTERNAL, f"embedding failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        for report in reports:
+            self._on_pass(report)
+        return self._result(encoded, vectors)
 
     async def _embed(
         self, batcher: Batcher, encoded: list[Encoded], dimensions: int | None
@@ -239,8 +290,11 @@ class EmbeddingService:
             raise ApiError(
                 ErrorKind.INTERNAL, f"embedding failed: {type(exc).__name__}: {exc}"
             ) from exc
+        return self._result(encoded, finish(pooled, dimensions, self.settings.normalize))
+
+    def _result(self, encoded: list[Encoded], vectors: np.ndarray) -> Embeddings:
         result = Embeddings(
-            vectors=finish(pooled, dimensions, self.settings.normalize),
+            vectors=vectors,
             token_counts=[len(e.ids) for e in encoded],
             truncated=[e.truncated for e in encoded],
         )
