@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from embedserver import MIXED_TEXTS, cosines, embed, running_server
+from embedserver import MIXED_TEXTS, cosines, embed, run_python, running_server
 from tinyembed import build, quantize
 
 pytestmark = pytest.mark.e2e
@@ -70,3 +71,32 @@ def test_onnx_serves_the_quantised_folder_with_mlx_vectors(served: Served) -> No
     assert float(alone.min()) >= BAR, np.round(alone, 6).tolist()
     # batching changes nothing on the ONNX engine either
     assert float(cosines(served.alone["onnx"], served.batch["onnx"][:4]).min()) >= BAR
+
+
+_BF16 = """
+import json, sys
+from pathlib import Path
+import mlx.core as mx, numpy as np
+folder = Path({folder!r})
+w = mx.random.normal((32, 128)).astype(mx.bfloat16)
+packed, scales, biases = mx.quantize(w, group_size=64, bits=4)
+mx.save_safetensors(str(folder / "model.safetensors"), {{"model.layers.0.mlp.up_proj.weight":
+    packed, "model.layers.0.mlp.up_proj.scales": scales, "model.layers.0.mlp.up_proj.biases":
+    biases}})
+(folder / "config.json").write_text(json.dumps({{"quantization": {{"bits": 4, "group_size": 64}}}}))
+expected = np.array(mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32),
+                                  group_size=64, bits=4))
+for name in [m for m in sys.modules if m.startswith(("onnx", "ml_dtypes"))]:
+    del sys.modules[name]  # as a start from a cached graph: neither imported yet
+from mlx_stack.embeddings.engine.onnxgraph import LazyWeights
+got = LazyWeights(folder)["layers.0.mlp.up_proj.weight"]
+print(got.dtype, float(np.abs(got - expected).max()))
+"""
+
+
+def test_bfloat16_scales_are_read_without_onnx_imported(tmp_path: Path) -> None:
+    """mlx-community's bf16 conversions store ``scales``/``biases`` in bfloat16, which numpy
+    knows only once ``ml_dtypes`` is imported (``onnx`` does it; a cached graph never imports
+    ``onnx``): the reader registers it itself. Fresh interpreter, MLX writes the folder."""
+    dtype, error = run_python(_BF16.format(folder=str(tmp_path))).split()
+    assert dtype == "float32" and float(error) <= 1e-6

@@ -40,7 +40,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .onnxgraph import MS_DOMAIN, Graph, LazyWeights, OnnxUnsupported, quantisation
+from .onnxgraph import (
+    MS_DOMAIN,
+    Graph,
+    LazyWeights,
+    OnnxUnsupported,
+    quantisation,
+    register_bfloat16,
+)
 
 OPSET = 23
 SUPPORTED = ("qwen3", "gemma3_text")
@@ -231,6 +238,7 @@ def read_dense(folder: Path) -> list[tuple[np.ndarray, np.ndarray | None]]:
     modules_file = folder / "modules.json"
     if not modules_file.is_file():
         return []
+    register_bfloat16()
     modules = json.loads(modules_file.read_text(encoding="utf-8"))
     layers = []
     for module in modules if isinstance(modules, list) else []:

@@ -23,6 +23,7 @@ sliced once at build time (padded positions differ from transformers', but they 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
@@ -104,6 +105,7 @@ class LazyWeights(MutableMapping[str, np.ndarray]):
     def __init__(self, folder: Path) -> None:
         from safetensors import safe_open
 
+        register_bfloat16()
         files = sorted(folder.glob("model*.safetensors"))
         if not files:
             raise OnnxUnsupported(f"no model*.safetensors in {folder}")
@@ -168,6 +170,15 @@ class LazyWeights(MutableMapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len({**self._where, **self._set})
+
+
+def register_bfloat16() -> None:
+    """Make numpy know ``bfloat16``, or safetensors' numpy reader fails on a bf16 array (the
+    scales of mlx-community's bf16 conversions): ``onnx`` imports ``ml_dtypes``, which does it,
+    but a start from a cached graph never imports ``onnx``."""
+    # without it a bf16 array is refused, with safetensors' own message
+    with contextlib.suppress(ImportError):
+        import ml_dtypes  # noqa: F401
 
 
 def _strip(key: str) -> str:
