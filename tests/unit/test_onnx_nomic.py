@@ -68,7 +68,8 @@ def checkpoint(config: dict[str, Any], seed: int = 7) -> dict[str, np.ndarray]:
         fcs = ["fc11", "fc12"] if shape.activation != "gelu" else ["fc1"]
         w |= {f"{p}.mlp.{fc}.weight": r(inner, width) for fc in fcs}
         if shape.qkv_bias:
-            w |= {f"{p}.attn.Wqkv.bias": near(0, 3 * width), f"{p}.attn.out_proj.bias": near(0, width)}
+            w |= {f"{p}.attn.Wqkv.bias": near(0, 3 * width),
+                  f"{p}.attn.out_proj.bias": near(0, width)}  # fmt: skip
         if shape.fc1_bias:
             w |= {f"{p}.mlp.{fc}.bias": near(0, inner) for fc in fcs}
         if shape.fc2_bias:
@@ -115,7 +116,8 @@ def reference(shape: NomicShape, w: dict[str, np.ndarray], ids: np.ndarray) -> n
         out = x @ w[f"{key}.weight"].T
         return out + w[f"{key}.bias"] if f"{key}.bias" in w else out
 
-    x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.token_type_embeddings.weight"][0]
+    x = w["embeddings.word_embeddings.weight"][ids]
+    x = x + w["embeddings.token_type_embeddings.weight"][0]
     x = layer_norm(x, w["emb_ln.weight"], w["emb_ln.bias"], shape.eps)
     for i in range(shape.layers):
         p = f"encoder.layers.{i}"

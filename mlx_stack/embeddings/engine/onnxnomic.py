@@ -88,16 +88,16 @@ class NomicShape:
         fraction = float(config.get("rotary_emb_fraction") or 0.0)
         rotary_dim = int(hidden // heads * fraction)
         if rotary_dim <= 0 or rotary_dim % 2:
-            raise OnnxUnsupported(f"rotary_emb_fraction {fraction} ({rotary_dim} rotary "
-                                  "dimensions per head: rotary needs a positive even number)")  # fmt: skip
+            raise OnnxUnsupported(f"rotary_emb_fraction {fraction} ({rotary_dim} rotary dims "
+                                  "per head: rotary needs a positive even number)")  # fmt: skip
         inner = config.get("n_inner")
         if activation in _GATED:  # nomic rounds the gated width up to a multiple of 256
             inner = -(-(inner or int(8 * hidden / 3)) // 256) * 256
         else:
             inner = inner or 4 * hidden
         scaling = config.get("rotary_scaling_factor")
-        if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, int | float)
-                                    or scaling <= 0):  # fmt: skip
+        number = isinstance(scaling, int | float) and not isinstance(scaling, bool)
+        if scaling is not None and (not number or scaling <= 0):
             raise OnnxUnsupported(f"rotary_scaling_factor {scaling!r} (a positive number)")
         if scaling is not None and rotary_dim <= 2:
             raise OnnxUnsupported(f"rotary_scaling_factor with {rotary_dim} rotary dimensions")
