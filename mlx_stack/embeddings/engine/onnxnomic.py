@@ -38,7 +38,9 @@ SUPPORTED = ("nomic_bert",)
 GRAPH_VERSION = 1
 """Bumped when this module builds a different graph: older cached files are not reused."""
 ATTENTION = "mha"
-"""``mha`` (``com.microsoft.MultiHeadAttention``) or ``opset23`` (``Attention``)."""
+"""``mha`` (``com.microsoft.MultiHeadAttention``) or ``opset23`` (``Attention``). Measured at
+nomic-embed-text-v1.5's size (AMD EPYC, 2 cores, AVX2, load ~3): 114 vs 118 ms for 8 tokens,
+2.41 vs 2.82 s for 8 x 32 tokens: ``mha``."""
 _GATED = {"swiglu": "silu", "geglu": "gelu"}
 _PLAIN = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")
 """nomic's code applies the exact GELU for every ``gelu*`` name (as ``model/nomic_bert.py``)."""
