@@ -4,7 +4,8 @@ Same tokenizer, same right padding, same pooling (``model/pooling.py``), the sam
 sentence-transformers Dense layers after pooling (EmbeddingGemma's, applied here in float32
 numpy) and the same finish (``encoder.finish``) as ``model/encoder.TextEncoder``: only the
 forward pass differs. The graph is built from the folder's weights on first use
-(``onnxgraph.py`` for BERT-family encoders, ``onnxdecoder.py`` for qwen3 and gemma3_text) and
+(``onnxgraph.py`` for BERT-family encoders, ``onnxdecoder.py`` for qwen3 and gemma3_text,
+``onnxnomic.py`` for nomic_bert) and
 kept in the private cache folder ``~/.cache/mlx-stack/onnx``, named by the folder's content
 hash and the builder's version, written atomically (a decoder's weights in a ``.data`` file
 beside its graph). No torch is involved, at build time or run time.
@@ -31,7 +32,7 @@ from ..model.encoder import WARM_UP_TEXT, Embeddings, finish
 from ..model.pooling import pool
 from ..model.settings import ModelSettings
 from ..model.tokenizer import Encoded, TextTokenizer, pad_batch
-from . import onnxdecoder, onnxgraph
+from . import onnxdecoder, onnxgraph, onnxnomic
 
 SPIN_ENV = "MLX_STACK_ONNX_SPIN"
 """``1``: ONNX Runtime's idle threads spin (its default); unset: they sleep (ours)."""
@@ -42,7 +43,7 @@ THREADS_ENV = "MLX_STACK_ONNX_THREADS"
 GRAPH_VERSION = 1
 """Bumped when ``onnxgraph`` builds a different graph: older cached files are not reused."""
 
-SUPPORTED = onnxgraph.SUPPORTED + onnxdecoder.SUPPORTED
+SUPPORTED = onnxgraph.SUPPORTED + onnxdecoder.SUPPORTED + onnxnomic.SUPPORTED
 
 log = logging.getLogger("mlx_stack.embeddings")
 
@@ -62,6 +63,8 @@ def onnx_problem(settings: ModelSettings) -> str | None:
         config = json.loads((settings.path / "config.json").read_text(encoding="utf-8"))
         if model_type in onnxdecoder.SUPPORTED:
             onnxdecoder.DecoderShape.from_config(config)
+        elif model_type in onnxnomic.SUPPORTED:
+            onnxnomic.NomicShape.from_config(config)
         else:
             onnxgraph.EncoderShape.from_config(config)
     except onnxgraph.OnnxUnsupported as exc:
@@ -150,13 +153,16 @@ def _graph(folder: Path, content_sha256: str, cache: Path | None,
 
     A decoder is always a file (its weights beside it, over protobuf's 2 GB at 0.6B in
     float32): in the cache, or in ``scratch`` (deleted once the session has read it)."""
-    if _model_type(folder) in onnxdecoder.SUPPORTED:
+    model_type = _model_type(folder)
+    if model_type in onnxdecoder.SUPPORTED:
         return _decoder_graph(folder, content_sha256, cache, scratch)
+    nomic = model_type in onnxnomic.SUPPORTED
+    version = f"n{onnxnomic.GRAPH_VERSION}" if nomic else f"g{GRAPH_VERSION}"
     if cache is not None:
-        path = cache / f"{content_sha256[:32]}-g{GRAPH_VERSION}.onnx"
+        path = cache / f"{content_sha256[:32]}-{version}.onnx"
         if path.is_file() and not path.is_symlink():
             return str(path), path
-    built = onnxgraph.build(folder)
+    built = onnxnomic.build(folder) if nomic else onnxgraph.build(folder)
     if cache is None:
         return built, None
     try:
