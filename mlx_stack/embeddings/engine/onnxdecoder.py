@@ -280,7 +280,6 @@ def build_from(shape: DecoderShape, w: MutableMapping[str, np.ndarray],
                graph: Graph | None = None) -> Any:  # fmt: skip
     """The ``onnx.ModelProto`` for ``shape`` with weights ``w`` (keys without ``model.``),
     initialisers inside unless ``graph`` puts them elsewhere."""
-    from onnx import TensorProto, helper
 
     graph = graph if graph is not None else Graph({})
     graph.use(w)
@@ -310,34 +309,15 @@ def build_from(shape: DecoderShape, w: MutableMapping[str, np.ndarray],
             mixed = _rms_norm(graph, shape, mixed, f"{p}.post_feedforward_layernorm.weight")
         after = f"layers.{i + 1}.input_layernorm.weight" if i + 1 < shape.layers else "norm.weight"
         normed, x = _skip_rms_norm(graph, shape, mixed, x, after, f"{p}.out")
-    graph.node("Identity", [normed], ["last_hidden_state"])
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", "tokens"])
-              for n in ("input_ids", "attention_mask")]  # fmt: skip
-    output = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
-                                           ["batch", "tokens", shape.hidden])  # fmt: skip
-    proto = helper.make_graph(graph.nodes, f"mlx-stack {shape.model_type} embedder", inputs,
-                              [output], graph.inits)  # fmt: skip
-    model = helper.make_model(proto, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid(MS_DOMAIN, 1)])  # fmt: skip
-    model.ir_version = 10
-    model.producer_name = "mlx-stack"
-    return model
+    return graph.model(normed, shape.hidden, f"mlx-stack {shape.model_type} embedder",
+                       OPSET, ir_version=10)
 
 
 def _positions(graph: Graph, shape: DecoderShape) -> None:
     """``position_ids`` ``[batch, tokens]`` and per rotary base ``cos_<b>``/``sin_<b>``
     ``[tokens, head_dim / 2]``, computed in the graph for the batch's length."""
-    from onnx import TensorProto
 
-    graph.node("Shape", ["input_ids"], ["ids_shape"])
-    graph.node("Gather", ["ids_shape", graph.const("i_one", np.array(1, np.int64))], ["length"],
-               axis=0)  # fmt: skip
-    graph.node("Range", [graph.const("i_zero", np.array(0, np.int64)), "length", "i_one"],
-               ["pos"])  # fmt: skip
-    graph.node("Unsqueeze", ["pos", graph.const("ax0", np.array([0], np.int64))], ["pos_row"])
-    graph.node("Expand", ["pos_row", "ids_shape"], ["position_ids"])
-    graph.node("Cast", ["pos"], ["pos_f"], to=TensorProto.FLOAT)
-    graph.node("Unsqueeze", ["pos_f", graph.const("ax1", np.array([1], np.int64))], ["pos_col"])
+    graph.positions()
     half = np.arange(0, shape.head_dim, 2, dtype=np.float64) / shape.head_dim
     for b, theta in enumerate(sorted(set(shape.thetas))):
         inv = (theta**-half).astype(np.float32)[None, :]
@@ -354,21 +334,7 @@ def _rope_tables(shape: DecoderShape, layer: int) -> tuple[str, str]:
 def _masks(graph: Graph, shape: DecoderShape) -> None:
     """Additive float masks: ``mask_full`` ``[batch, 1, tokens, tokens]`` hides padding keys;
     ``mask_window_<n>`` ``[batch, 1, tokens, tokens]`` also hides keys more than n away."""
-    from onnx import TensorProto
-
-    graph.node("Cast", ["attention_mask"], ["keys_b"], to=TensorProto.BOOL)
-    graph.node("Unsqueeze", ["keys_b", graph.const("ax12", np.array([1, 2], np.int64))],
-               ["keys4"])  # fmt: skip
-    zero = graph.const("f_zero", np.array(0.0, np.float32))
-    lowest = graph.const("f_lowest", np.array(np.finfo(np.float32).min, np.float32))
-    graph.node("Where", ["keys4", zero, lowest], ["mask_keys"])
-    # opset 23 Attention wants the query axis spelt out: [batch, 1, tokens, tokens]
-    graph.node("Slice", ["ids_shape", graph.const("s0", np.array([0], np.int64)), "ax1"],
-               ["batch_1d"])  # fmt: skip
-    graph.node("Slice", ["ids_shape", "ax1", graph.const("s2", np.array([2], np.int64))],
-               ["length_1d"])  # fmt: skip
-    graph.node("Concat", ["batch_1d", "ax1", "length_1d", "length_1d"], ["mask_shape"], axis=0)
-    graph.node("Expand", ["mask_keys", "mask_shape"], ["mask_full"])
+    graph.key_padding_mask()
     windows = sorted({w for w in shape.windows if w is not None})
     if not windows:
         return
@@ -380,7 +346,7 @@ def _masks(graph: Graph, shape: DecoderShape) -> None:
         near = graph.const(f"window_{window}", np.array(window, np.int64))
         graph.node("LessOrEqual", ["pos_distance", near], [f"near_{window}"])
         graph.node("And", ["keys4", f"near_{window}"], [f"visible_{window}"])
-        graph.node("Where", [f"visible_{window}", zero, lowest], [f"mask_window_{window}"])
+        graph.node("Where", [f"visible_{window}", "f_zero", "f_lowest"], [f"mask_window_{window}"])
 
 
 def _norm_weight(graph: Graph, shape: DecoderShape, key: str, scale: float = 1.0) -> str:

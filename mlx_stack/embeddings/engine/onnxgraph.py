@@ -208,7 +208,7 @@ def build_from(shape: EncoderShape, w: dict[str, np.ndarray], attention: str = "
     ``attention``: ``fused`` (``com.microsoft.Attention``, the default) or ``standard`` (plain
     MatMul/Softmax ops, which ORT's CPU optimizer leaves unfused): the benchmark compares them.
     """
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
     graph = Graph(w)
     word = graph.weight("embeddings.word_embeddings.weight")
@@ -235,18 +235,9 @@ def build_from(shape: EncoderShape, w: dict[str, np.ndarray], attention: str = "
                    ["mask_bias"])  # fmt: skip
     for i in range(shape.layers):
         x = _layer(graph, shape, f"encoder.layer.{i}", x, attention)
-    graph.node("Identity", [x], ["last_hidden_state"])
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", "tokens"])
-              for n in ("input_ids", "attention_mask")]  # fmt: skip
-    output = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
-                                           ["batch", "tokens", shape.hidden])  # fmt: skip
-    proto = helper.make_graph(graph.nodes, f"mlx-stack {shape.model_type} encoder", inputs,
-                              [output], graph.inits)  # fmt: skip
-    model = helper.make_model(proto, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid(MS_DOMAIN, 1)])  # fmt: skip
-    model.ir_version = 8
-    model.producer_name = "mlx-stack"
-    return model  # onnx.checker would copy it whole; the tests run it
+    # no onnx.checker: it would copy the model whole; the tests run it
+    name = f"mlx-stack {shape.model_type} encoder"
+    return graph.model(x, shape.hidden, name, OPSET, ir_version=8)
 
 
 def _layer(graph: Graph, shape: EncoderShape, p: str, x: str, attention: str) -> str:
@@ -355,6 +346,60 @@ class Graph:
 
         self.nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0], domain=domain,
                                            **attrs))  # fmt: skip
+
+    def positions(self) -> None:
+        """``position_ids`` ``[batch, tokens]`` (0, 1, ... per row) and ``pos_col``
+        ``[tokens, 1]`` float, computed for the batch's length (for rotary tables)."""
+        from onnx import TensorProto
+
+        self.node("Shape", ["input_ids"], ["ids_shape"])
+        self.node("Gather", ["ids_shape", self.const("i_one", np.array(1, np.int64))],
+                  ["length"], axis=0)  # fmt: skip
+        self.node("Range", [self.const("i_zero", np.array(0, np.int64)), "length", "i_one"],
+                  ["pos"])  # fmt: skip
+        self.node("Unsqueeze", ["pos", self.const("ax0", np.array([0], np.int64))], ["pos_row"])
+        self.node("Expand", ["pos_row", "ids_shape"], ["position_ids"])
+        self.node("Cast", ["pos"], ["pos_f"], to=TensorProto.FLOAT)
+        self.node("Unsqueeze", ["pos_f", self.const("ax1", np.array([1], np.int64))],
+                  ["pos_col"])  # fmt: skip
+
+    def key_padding_mask(self) -> None:
+        """``mask_full`` ``[batch, 1, tokens, tokens]``: 0 for real keys, float32's lowest
+        finite value for padding (a padding row stays finite), the query axis spelt out as
+        opset 23's ``Attention`` wants. Needs :meth:`positions`' ``ids_shape``."""
+        from onnx import TensorProto
+
+        self.node("Cast", ["attention_mask"], ["keys_b"], to=TensorProto.BOOL)
+        self.node("Unsqueeze", ["keys_b", self.const("ax12", np.array([1, 2], np.int64))],
+                  ["keys4"])  # fmt: skip
+        lowest = self.const("f_lowest", np.array(np.finfo(np.float32).min, np.float32))
+        self.node("Where", ["keys4", self.const("f_zero", np.array(0.0, np.float32)), lowest],
+                  ["mask_keys"])  # fmt: skip
+        self.const("ax1", np.array([1], np.int64))
+        self.node("Slice", ["ids_shape", self.const("s0", np.array([0], np.int64)), "ax1"],
+                  ["batch_1d"])  # fmt: skip
+        self.node("Slice", ["ids_shape", "ax1", self.const("s2", np.array([2], np.int64))],
+                  ["length_1d"])  # fmt: skip
+        self.node("Concat", ["batch_1d", "ax1", "length_1d", "length_1d"], ["mask_shape"],
+                  axis=0)  # fmt: skip
+        self.node("Expand", ["mask_keys", "mask_shape"], ["mask_full"])
+
+    def model(self, last: str, hidden: int, name: str, opset: int, ir_version: int) -> Any:
+        """The finished model: int32 ``input_ids``/``attention_mask`` ``[batch, tokens]`` in,
+        ``last`` out as float32 ``last_hidden_state`` ``[batch, tokens, hidden]``."""
+        from onnx import TensorProto, helper
+
+        self.node("Identity", [last], ["last_hidden_state"])
+        inputs = [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", "tokens"])
+                  for n in ("input_ids", "attention_mask")]  # fmt: skip
+        output = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
+                                               ["batch", "tokens", hidden])  # fmt: skip
+        proto = helper.make_graph(self.nodes, name, inputs, [output], self.inits)
+        opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)]
+        model = helper.make_model(proto, opset_imports=opsets)
+        model.ir_version = ir_version
+        model.producer_name = "mlx-stack"
+        return model
 
     def layer_norm(self, x: str, p: str, eps: float) -> str:
         out = f"{p}.out"

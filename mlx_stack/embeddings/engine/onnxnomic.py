@@ -136,7 +136,6 @@ def build(folder: Path, attention: str = ATTENTION) -> bytes:
 def build_from(shape: NomicShape, w: MutableMapping[str, np.ndarray],
                attention: str = ATTENTION) -> Any:  # fmt: skip
     """The ``onnx.ModelProto`` for ``shape`` with weights ``w`` (keys without ``bert.``)."""
-    from onnx import TensorProto, helper
 
     if attention not in ("mha", "opset23"):
         raise ValueError(f"attention {attention!r}: mha or opset23")
@@ -153,18 +152,8 @@ def build_from(shape: NomicShape, w: MutableMapping[str, np.ndarray],
     _mask(graph, attention)
     for i in range(shape.layers):
         x = _layer(graph, shape, f"encoder.layers.{i}", x, attention)
-    graph.node("Identity", [x], ["last_hidden_state"])
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", "tokens"])
-              for n in ("input_ids", "attention_mask")]  # fmt: skip
-    output = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
-                                           ["batch", "tokens", shape.hidden])  # fmt: skip
-    proto = helper.make_graph(graph.nodes, "mlx-stack nomic_bert encoder", inputs, [output],
-                              graph.inits)  # fmt: skip
-    model = helper.make_model(proto, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid(MS_DOMAIN, 1)])  # fmt: skip
-    model.ir_version = 10
-    model.producer_name = "mlx-stack"
-    return model
+    return graph.model(x, shape.hidden, "mlx-stack nomic_bert encoder", OPSET,
+                       ir_version=10)
 
 
 def _rotary_tables(graph: Graph, shape: NomicShape) -> None:
@@ -177,15 +166,7 @@ def _rotary_tables(graph: Graph, shape: NomicShape) -> None:
     from onnx import TensorProto
 
     d = shape.rotary_dim
-    graph.node("Shape", ["input_ids"], ["ids_shape"])
-    graph.node("Gather", ["ids_shape", graph.const("i_one", np.array(1, np.int64))], ["length"],
-               axis=0)  # fmt: skip
-    graph.node("Range", [graph.const("i_zero", np.array(0, np.int64)), "length", "i_one"],
-               ["pos"])  # fmt: skip
-    graph.node("Unsqueeze", ["pos", graph.const("ax0", np.array([0], np.int64))], ["pos_row"])
-    graph.node("Expand", ["pos_row", "ids_shape"], ["position_ids"])
-    graph.node("Cast", ["pos"], ["pos_f"], to=TensorProto.FLOAT)
-    graph.node("Unsqueeze", ["pos_f", graph.const("ax1", np.array([1], np.int64))], ["pos_col"])
+    graph.positions()
     steps = np.arange(0, d, 2, dtype=np.float64) / d
     inv = (shape.base**-steps).astype(np.float32)[None, :]
     graph.init("inv_freq", inv)
@@ -213,22 +194,10 @@ def _mask(graph: Graph, attention: str) -> None:
     """``mha``: the int32 key padding mask as given. ``opset23``: an additive float mask
     ``[batch, 1, tokens, tokens]`` (the query axis spelt out, as that operator wants), masked
     keys at float32's lowest finite value so a padding row stays finite."""
-    from onnx import TensorProto
 
     if attention == "mha":
         return
-    graph.node("Cast", ["attention_mask"], ["keys_b"], to=TensorProto.BOOL)
-    graph.node("Unsqueeze", ["keys_b", graph.const("ax12", np.array([1, 2], np.int64))],
-               ["keys4"])  # fmt: skip
-    graph.node("Where", ["keys4", graph.const("f_zero", np.array(0.0, np.float32)),
-                         graph.const("f_lowest", np.array(np.finfo(np.float32).min,
-                                                          np.float32))], ["mask_keys"])  # fmt: skip
-    graph.node("Slice", ["ids_shape", graph.const("s0", np.array([0], np.int64)), "ax1"],
-               ["batch_1d"])  # fmt: skip
-    graph.node("Slice", ["ids_shape", "ax1", graph.const("s2", np.array([2], np.int64))],
-               ["length_1d"])  # fmt: skip
-    graph.node("Concat", ["batch_1d", "ax1", "length_1d", "length_1d"], ["mask_shape"], axis=0)
-    graph.node("Expand", ["mask_keys", "mask_shape"], ["mask_full"])
+    graph.key_padding_mask()
 
 
 def _linear(graph: Graph, x: str, key: str, bias: bool, out: str) -> str:
