@@ -225,6 +225,34 @@ def test_first_start_measures_the_next_reads_the_cache(model: Path, tmp_path: Pa
     assert len(timer.calls) == 2
 
 
+def test_a_choice_measured_on_a_busy_machine_is_measured_again_when_quiet(
+    model: Path, tmp_path: Path
+) -> None:
+    cache, timer = BlasCache(tmp_path / "cache"), FakeTimer()
+    busy = choose_library(model, "", [MKL, OPENBLAS], replace(HOST, load=1.7), cache, timer)
+    assert busy.busy == 1.7 and busy.card()["load_per_core"] == 1.7
+    still_busy = choose_library(model, "", [MKL, OPENBLAS], replace(HOST, load=1.2), cache, timer)
+    assert still_busy.cached and len(timer.calls) == 1  # no quieter moment yet: kept
+    quiet = choose_library(model, "", [MKL, OPENBLAS], replace(HOST, load=0.3), cache, timer)
+    assert not quiet.cached and quiet.busy == 0.3 and len(timer.calls) == 2
+    for load in (0.3, 1.9):  # measured quietly: final, whatever the load later
+        assert choose_library(model, "", [MKL, OPENBLAS], replace(HOST, load=load), cache,
+                              timer).cached  # fmt: skip
+    assert len(timer.calls) == 2
+
+
+def test_an_entry_without_its_load_is_kept(model: Path, tmp_path: Path) -> None:
+    """Entries written before the load was recorded are not measured again."""
+    cache, timer = BlasCache(tmp_path / "cache"), FakeTimer()
+    first = choose_library(model, "", [MKL, OPENBLAS], HOST, cache, timer)
+    stored = tmp_path / "cache" / f"{first.key}.json"
+    data = json.loads(stored.read_text())
+    del data["load_per_core"]
+    stored.write_text(json.dumps(data))
+    again = choose_library(model, "", [MKL, OPENBLAS], replace(HOST, load=0.1), cache, timer)
+    assert again.cached and again.busy is None and len(timer.calls) == 1
+
+
 def test_the_explicit_library_wins_without_measuring(model: Path, tmp_path: Path) -> None:
     timer = FakeTimer()
     choice = choose_library(model, "/opt/my/libblas.so", [MKL, OPENBLAS], HOST,

@@ -36,6 +36,8 @@ time within the start budget; its rows shrink, never below 32."""
 MAX_WEIGHT_FLOATS = 1 << 26
 """One product's weight matrix is capped at 256 MB of float32 (its width is cut): the timing
 child must not take a large model's memory."""
+BUSY = 0.75
+"""Load average per core above which a measurement is provisional (see ``BlasChoice.busy``)."""
 CACHE_VERSION = 1
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "KMP_BLOCKTIME",
               "OPENBLAS_CORETYPE", "MKL_DEBUG_CPU_TYPE", "MKL_ENABLE_INSTRUCTIONS")  # fmt: skip
@@ -157,6 +159,9 @@ class BlasChoice:
     cached: bool = False
     key: str | None = None
     shapes: str = ""
+    busy: float | None = None
+    """The 1-minute load average per core when measured: above :data:`BUSY` the figures are
+    provisional (a busy moment can flip a close call) and a quieter start measures again."""
 
     def card(self) -> dict[str, Any]:
         """What ``/v1/models`` shows under ``blas_choice`` (keys like ``engine_choice``)."""
@@ -171,6 +176,7 @@ class BlasChoice:
             "shapes": self.shapes,
             "from_cache": self.cached,
             "key": self.key,
+            "load_per_core": self.busy,
         }
 
 
@@ -206,6 +212,8 @@ class Host:
     flags: tuple[str, ...]
     cores: int
     threads: Mapping[str, str] = field(default_factory=dict)
+    load: float = 0.0
+    """The 1-minute load average per core now; not part of the cache key."""
 
     @classmethod
     def here(cls, env: Mapping[str, str]) -> Host:
@@ -216,8 +224,12 @@ class Host:
             cores = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             cores = os.cpu_count() or 1
+        try:
+            load = os.getloadavg()[0] / cores
+        except OSError:
+            load = 0.0
         return cls(machine.cpu, machine.flags, cores,
-                   {name: env[name] for name in THREAD_ENV if name in env})  # fmt: skip
+                   {name: env[name] for name in THREAD_ENV if name in env}, load)  # fmt: skip
 
     def describe(self) -> str:
         return f"{self.cpu} ({'/'.join(self.flags) or 'no vector flags read'}), {self.cores} cores"
@@ -251,9 +263,11 @@ class BlasCache:
             chosen = str(data["path"])
             if chosen not in measured:
                 raise ValueError(f"the chosen {chosen} was not measured")
+            busy = data.get("load_per_core")
             return BlasChoice(chosen, str(data["library"]), str(data["reason"]), measured,
                               {str(p): str(r) for p, r in data.get("skipped", {}).items()},
-                              cached=True, key=key, shapes=str(data.get("shapes", "")))  # fmt: skip
+                              cached=True, key=key, shapes=str(data.get("shapes", "")),
+                              busy=None if busy is None else float(busy))  # fmt: skip
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError,
@@ -300,6 +314,13 @@ class Measurement:
 Timer = Callable[[list[str], Shapes], Measurement]
 
 
+def remeasure(cached: BlasChoice, host: Host) -> bool:
+    """A choice measured on a busy machine is measured again at the first quiet start: on 2
+    cores under load a library's timings swung 2-4x and one such start picked MKL (7.49 vs
+    10.92 ms) where quiet runs pick OpenBLAS (2.55 vs 3.06 ms), and kept it."""
+    return cached.busy is not None and cached.busy > BUSY and host.load <= BUSY
+
+
 def choose_library(model: Path | None, explicit: str, found: Sequence[Candidate], host: Host,
                    cache: BlasCache, timer: Timer) -> BlasChoice:  # fmt: skip
     """The rules in order: ``MLX_STACK_BLAS``, none or one found, no readable shapes (the
@@ -319,14 +340,18 @@ def choose_library(model: Path | None, explicit: str, found: Sequence[Candidate]
         return replace(generic, reason=f"generic order ({exc})")
     key = choice_key(host, found, shapes)
     cached = cache.read(key)
-    if cached is not None and cached.path in paths:
+    if cached is not None and cached.path in paths and not remeasure(cached, host):
         return cached
+    if cached is not None and cached.busy is not None:
+        log.info("BLAS: measuring again: the cached choice was measured at load %.2f per core, "
+                 "now %.2f", cached.busy, host.load)  # fmt: skip
     result = timer(paths, shapes)
     if not result.timings:
         why = "; ".join(f"{label(p)}: {r}" for p, r in result.skipped.items())
         return replace(generic, reason=f"generic order (no library could be timed: {why})",
                        skipped=dict(result.skipped))  # fmt: skip
-    choice = replace(decide(result.timings, shapes), skipped=dict(result.skipped), key=key)
+    choice = replace(decide(result.timings, shapes), skipped=dict(result.skipped), key=key,
+                     busy=round(host.load, 2))  # fmt: skip
     log.info("BLAS: %s for %s (%s; %d rounds in %.1f s on %s)", choice.name, model,
              choice.reason, result.rounds, result.seconds, host.describe())  # fmt: skip
     cache.write(choice, host)
