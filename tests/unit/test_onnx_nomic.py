@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxrun
 import pytest
+from onnxrun import run, session
 
 from mlx_stack.embeddings.engine import onnxencoder
 from mlx_stack.embeddings.engine.onnxnomic import NomicShape, OnnxUnsupported, build, build_from
@@ -140,26 +142,8 @@ def reference(shape: NomicShape, w: dict[str, np.ndarray], ids: np.ndarray) -> n
     return x
 
 
-def session(model: Any) -> Any:
-    import onnxruntime as ort
-
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
-def run(sess: Any, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    (hidden,) = sess.run(None, {"input_ids": ids.astype(np.int32),
-                                "attention_mask": mask.astype(np.int32)})  # fmt: skip
-    return np.asarray(hidden)
-
-
 def right_padded(seed: int, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    ids = np.zeros((len(lengths), max(lengths)), np.int64)
-    mask = np.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = rng.integers(1, VOCAB, n)
-        mask[row, :n] = 1
-    return ids, mask
+    return onnxrun.right_padded(seed, lengths, VOCAB)
 
 
 @pytest.mark.parametrize("attention", ["mha", "opset23"])
